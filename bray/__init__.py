@@ -1,0 +1,40 @@
+"""bray-serve: Bray's RemoteModel (publish, forward, clone) on TorchServe.
+
+``from bray import RemoteModel`` is the front door. Names are resolved lazily so that
+``import bray`` stays cheap (no torch, no HTTP client) and has no side effects.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "BrayError": "bray.errors",
+    "CheckpointStore": "bray.store",
+    "Locations": "bray.config",
+    "RemoteModel": "bray.bridge.remote_model",
+    "init": "bray.bridge.remote_model",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.bridge.remote_model import RemoteModel, init
+    from bray.config import Locations
+    from bray.errors import BrayError
+    from bray.store import CheckpointStore
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bray' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
