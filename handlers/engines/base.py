@@ -1,0 +1,115 @@
+"""The engine contract: load, set_weights, forward, close.
+
+An engine runs one exported model on one device. The handler and local mode only
+talk to this interface; each backend is one module beside this one. Weights change in
+two phases so the expensive part stays off the request path:
+
+- :meth:`Engine.prepare_weights` (background thread): convert, copy to the device,
+  build a session or refit; returns an opaque object;
+- :meth:`Engine.swap` (between batches): install what was prepared; cheap.
+
+``set_weights`` does both, for callers that do not care.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from bray.errors import ConfigError
+from bray.export import ModelSpec
+
+__all__ = ["Engine", "EngineOptions"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings from the archive's model-config.yaml (or RemoteModel's local mode).
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda:N"``.
+        threads: intra-op threads per worker (``None`` leaves the library default).
+        onnx_weights: ``"initializers"`` (a new ONNX Runtime session per step, weights
+            baked in as initializers) or ``"inputs"`` (weights fed as graph inputs).
+        quantize: dynamic int8 quantization (ONNX Runtime only).
+        extra: anything engine-specific.
+    """
+
+    device: str = "cpu"
+    threads: int | None = None
+    onnx_weights: str = "initializers"
+    quantize: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be an integer >= 1 or None, got {self.threads!r}")
+        if self.onnx_weights not in ("initializers", "inputs"):
+            raise ConfigError(f"onnx_weights must be 'initializers' or 'inputs', got {self.onnx_weights!r}")
+
+
+class Engine(abc.ABC):
+    """One exported model on one device. Not thread-safe: one forward at a time."""
+
+    name: ClassVar[str]
+
+    def __init__(self, export_dir: Path, spec: ModelSpec, options: EngineOptions) -> None:
+        self.export_dir = export_dir
+        self.spec = spec
+        self.options = options
+
+    @classmethod
+    def load(cls, export_dir: str | Path, spec: ModelSpec, options: EngineOptions | None = None) -> "Engine":
+        """Build the engine from an export directory (its weights are the export's own).
+
+        Raises:
+            EngineError: the export does not load on this engine.
+            EngineUnavailableError: the engine's package or device is missing.
+        """
+        return cls(Path(export_dir), spec, options or EngineOptions())
+
+    def check_weights(self, weights: Mapping[str, Any]) -> None:
+        """Refuse weights whose keys or shapes do not match the model's state dict."""
+        from bray.errors import EngineError
+
+        want = set(self.spec.param_names)
+        got = set(weights)
+        if want != got:
+            missing = sorted(want - got)[:5]
+            extra = sorted(got - want)[:5]
+            raise EngineError(
+                f"weights do not match the model: missing {missing}, unexpected {extra}; "
+                "publish the model's full state_dict()"
+            )
+        for key, want_shape in (self.spec.param_shapes or {}).items():
+            got_shape = tuple(weights[key].shape)
+            if got_shape != tuple(want_shape):
+                raise EngineError(
+                    f"weight {key!r} has shape {list(got_shape)}, the model needs {list(want_shape)}; "
+                    "was the architecture changed? re-export the model"
+                )
+
+    @abc.abstractmethod
+    def prepare_weights(self, weights: Mapping[str, np.ndarray]) -> Any:
+        """Convert and stage new weights (slow part; off the request path)."""
+
+    @abc.abstractmethod
+    def swap(self, prepared: Any) -> None:
+        """Install staged weights (fast; called between batches)."""
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Prepare and install ``weights`` (a flat state dict of arrays)."""
+        self.swap(self.prepare_weights(weights))
+
+    @abc.abstractmethod
+    def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run one batch: flat input arrays (spec leaf order) -> flat output arrays."""
+
+    def close(self) -> None:
+        """Release sessions and device memory."""

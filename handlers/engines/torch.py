@@ -1,0 +1,65 @@
+"""The torch engine: the ``torch.export`` program, run eagerly under inference_mode."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bray.errors import EngineError
+from bray.export import load_torch_module
+from bray.handlers.engines.base import Engine, EngineOptions
+
+__all__ = ["TorchEngine"]
+
+
+class TorchEngine(Engine):
+    """Runs ``model.pt2`` on CPU or the GPU TorchServe assigned; weights swap by reference."""
+
+    name = "torch"
+
+    def __init__(self, export_dir: Any, spec: Any, options: EngineOptions) -> None:
+        super().__init__(export_dir, spec, options)
+        import torch
+
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            from bray.errors import EngineUnavailableError
+
+            raise EngineUnavailableError(f"device {options.device} asked for, but torch sees no CUDA GPU")
+        self._torch = torch
+        self._device = torch.device(options.device)
+        self._module = load_torch_module(export_dir).to(self._device)
+
+    def prepare_weights(self, weights: Mapping[str, Any]) -> dict[str, Any]:
+        self.check_weights(weights)
+        torch = self._torch
+        out = {}
+        for key, value in weights.items():
+            t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            out[key] = t.to(self._device, non_blocking=True)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return out
+
+    def swap(self, prepared: dict[str, Any]) -> None:
+        # assign=True swaps parameter references instead of copying into them, so a
+        # swap costs microseconds and never mixes old and new values inside a batch.
+        try:
+            self._module.load_state_dict(prepared, strict=True, assign=True)
+        except RuntimeError as err:
+            raise EngineError(f"weights do not fit the model: {err}") from err
+
+    def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        from torch.utils import _pytree as pytree
+
+        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self._device) for a in inputs]
+        args, kwargs = self.spec.build_inputs(tensors)
+        with torch.inference_mode():
+            out = self._module(*args, **kwargs)
+        return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out)]
+
+    def close(self) -> None:
+        self._module = None  # type: ignore[assignment]

@@ -1,0 +1,289 @@
+"""EngineHandler: the TorchServe handler that serves a bray model and hot-reloads its weights.
+
+What a TorchServe worker runs. It rebuilds the model from the export (no trainer
+source), serves the pinned step or follows the latest one, and:
+
+- decodes each request on its own, so a bad one gets its own 4xx and its neighbours
+  are answered normally (the worker never dies of a request);
+- concatenates the good requests into one forward, splits the outputs back;
+- loads new weights on the store watcher's thread and swaps them in *between*
+  batches, never inside one; a step that fails to load is refused with a logged
+  reason and the old weights keep serving;
+- answers with ``X-Bray-Step`` (the step that produced the answer) and
+  ``X-Bray-Worker`` (the worker's pid);
+- writes ``<store>/<name>/.serving/<pid>.json`` when a step is staged, which is how
+  ``RemoteModel.publish_weights(...).wait()`` knows every worker has it.
+
+TorchServe wants exactly one class in the handler module it imports; archives ship a
+one-class shim (``bray_handler.py``) that subclasses this one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ts.torch_handler.base_handler import BaseHandler
+
+from bray import wire
+from bray.errors import BrayError, EngineError, InputError, StepNotFoundError, WireError
+from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
+from bray.handlers.config import ServingConfig
+from bray.handlers.engines import EngineOptions, get_engine
+from bray.handlers.request import encode_outputs, parse_request, split_outputs
+from bray.store import CheckpointStore
+
+__all__ = ["EngineHandler"]
+
+log = logging.getLogger(__name__)
+
+STEP_HEADER = "X-Bray-Step"
+WORKER_HEADER = "X-Bray-Worker"
+SERVING_DIRNAME = ".serving"
+MAR_WEIGHTS = "weights.safetensors"
+
+
+class EngineHandler(BaseHandler):
+    """Serves one model version on the engine its archive names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: ServingConfig | None = None
+        self.engine: Any = None
+        self.spec: Any = None
+        self.step = -1
+        self._store: CheckpointStore | None = None
+        self._watch: Any = None
+        self._pending: tuple[int, Any, float] | None = None
+        self._pending_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._staged_step = -1
+        self._refused: set[int] = set()
+        self._limits = wire.DEFAULT_LIMITS
+        self._metrics: Any = None
+        self._serving_file: Path | None = None
+
+    # --- start-up ----------------------------------------------------------------------
+
+    def initialize(self, context: Any) -> None:
+        """Build the engine, load the first weights and start following the store."""
+        props = context.system_properties
+        model_dir = Path(props.get("model_dir") or ".")
+        cfg = ServingConfig.from_yaml_dict(getattr(context, "model_yaml_config", None))
+        self.config = cfg
+        self._metrics = getattr(context, "metrics", None)
+        self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
+        self._store = CheckpointStore(cfg.store)
+        export_dir = self._find_export(model_dir, cfg)
+        self.spec = load_spec(export_dir)
+        options = EngineOptions(
+            device=self._device(cfg, props.get("gpu_id")),
+            threads=cfg.threads,
+            onnx_weights=cfg.onnx_weights,
+            quantize=cfg.quantize,
+            extra={"max_batch": cfg.max_batch, **dict(cfg.extra)},
+        )
+        self.engine = get_engine(cfg.engine).load(export_dir, self.spec, options)
+        started = time.perf_counter()
+        step, weights = self._first_weights(model_dir, cfg)
+        if weights is not None:
+            self.engine.set_weights(weights)
+        self.step = self._staged_step = step
+        log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
+                 options.device, (time.perf_counter() - started) * 1e3)
+        if not cfg.pinned:
+            self._serving_file = self._store.model_dir(cfg.name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json"
+            self._announce(step)
+            self._watch = self._store.watch(cfg.name, self._on_step)
+            latest = self._store.latest(cfg.name)
+            if latest is not None and latest > step:  # published while we were starting
+                self._on_step(latest)
+        self.initialized = True
+
+    @staticmethod
+    def _device(cfg: ServingConfig, gpu_id: Any) -> str:
+        if cfg.device == "cpu":
+            return "cpu"
+        if cfg.device.startswith("cuda:"):
+            return cfg.device
+        import torch
+
+        if torch.cuda.is_available() and (gpu_id is not None or cfg.device == "cuda"):
+            return f"cuda:{int(gpu_id or 0)}"
+        return "cpu"
+
+    def _find_export(self, model_dir: Path, cfg: ServingConfig) -> Path:
+        for candidate in (model_dir / EXPORT_DIRNAME, model_dir):
+            if (candidate / SPEC_FILE).is_file():
+                return candidate
+        assert self._store is not None
+        return self._store.model_dir(cfg.name) / EXPORT_DIRNAME
+
+    def _first_weights(self, model_dir: Path, cfg: ServingConfig) -> tuple[int, Any]:
+        assert self._store is not None
+        if cfg.pinned:
+            packed = model_dir / MAR_WEIGHTS
+            if packed.is_file():
+                # The archive carries its step's weights: it serves even after the
+                # store's retention has removed that step.
+                from safetensors.numpy import load_file
+
+                return cfg.step, load_file(str(packed))
+            ckpt = self._store.load(cfg.name, cfg.step)
+            return ckpt.step, ckpt.weights
+        try:
+            ckpt = self._store.load(cfg.name, -1)
+        except StepNotFoundError:
+            log.warning("bray: no step of %s published yet; serving the export's own weights", cfg.name)
+            return -1, None
+        return ckpt.step, ckpt.weights
+
+    # --- hot reload (watcher thread) ---------------------------------------------------
+
+    def _on_step(self, step: int) -> None:
+        """Load and stage ``step`` off the request path; refuse it if it does not load."""
+        assert self._store is not None and self.config is not None
+        with self._load_lock:
+            if step <= self._staged_step or step in self._refused:
+                return
+            started = time.perf_counter()
+            try:
+                ckpt = self._store.load(self.config.name, step)
+                prepared = self.engine.prepare_weights(ckpt.weights)
+            except BrayError as err:
+                self._refused.add(step)
+                log.error("bray: refusing step %d of %s, still serving step %d: %s",
+                          step, self.config.name, self._staged_step, err)
+                return
+            except Exception as err:  # a broken step must never take the worker down
+                self._refused.add(step)
+                log.exception("bray: refusing step %d of %s (%s), still serving step %d",
+                              step, self.config.name, err, self._staged_step)
+                return
+            load_ms = (time.perf_counter() - started) * 1e3
+            with self._pending_lock:
+                self._pending = (ckpt.step, prepared, load_ms)
+            self._staged_step = ckpt.step
+            self._announce(ckpt.step)
+            log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.config.name, load_ms)
+
+    def _announce(self, step: int) -> None:
+        """Tell waiting publishers which step this worker serves from its next batch."""
+        if self._serving_file is None:
+            return
+        try:
+            self._serving_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._serving_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+            os.replace(tmp, self._serving_file)
+        except OSError as err:  # advisory only; serving goes on
+            log.warning("bray: cannot write %s: %s", self._serving_file, err)
+
+    def _swap_if_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, prepared, load_ms = pending
+        self.engine.swap(prepared)
+        self.step = step
+        self._metric("BrayWeightReloadMs", load_ms, "ms")
+        self._metric("BrayServedStep", step, "count")
+
+    def _metric(self, name: str, value: float, unit: str) -> None:
+        if self._metrics is None:
+            return
+        try:
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            self._metrics.add_metric(name, value, unit, metric_type=MetricTypes.GAUGE)
+        except Exception:  # metrics must never fail a batch
+            log.debug("bray: metric %s not recorded", name, exc_info=True)
+
+    # --- requests --------------------------------------------------------------------
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        """Answer every request of the batch: outputs, or a 4xx/5xx of its own."""
+        self._swap_if_pending()
+        assert self.config is not None
+        results: list[Any] = [None] * len(data)
+        good: list[tuple[int, Any]] = []
+        for idx, request in enumerate(data):
+            body = request.get("data")
+            if body is None:
+                body = request.get("body")
+            try:
+                good.append((idx, parse_request(body, self.spec, limits=self._limits,
+                                                reject_nonfinite=self.config.reject_nonfinite)))
+            except (InputError, WireError) as err:
+                results[idx] = self._error(context, idx, 400, err)
+        if good:
+            try:
+                outputs = self._forward([p.leaves for _, p in good], [p.batch for _, p in good])
+                for (idx, parsed), leaves in zip(good, outputs):
+                    results[idx] = encode_outputs(leaves, self.spec, binary=parsed.binary)
+                    context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
+            except Exception as err:  # an engine failure fails this batch, not the worker
+                log.exception("bray: forward failed for a batch of %d request(s)", len(good))
+                for idx, _ in good:
+                    results[idx] = self._error(context, idx, 500, err)
+            self._metric("BrayBatchSize", sum(p.batch for _, p in good), "count")
+        for idx in range(len(data)):
+            context.set_response_header(idx, STEP_HEADER, str(self.step))
+            context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
+        return results
+
+    def _forward(self, requests: list[list[np.ndarray]], sizes: list[int]) -> list[list[np.ndarray]]:
+        """One forward over all requests (chunked and padded for a fixed batch size)."""
+        n_inputs = len(requests[0])
+        if len(requests) == 1:
+            batched = requests[0]
+        else:
+            batched = [np.concatenate([r[i] for r in requests]) for i in range(n_inputs)]
+        total = int(sum(sizes))
+        fixed = self.config.fixed_batch_size if self.config else 0
+        if not fixed:
+            outputs = self.engine.forward(batched)
+        else:
+            chunks = []
+            for start in range(0, total, fixed):
+                part = [a[start:start + fixed] for a in batched]
+                short = fixed - part[0].shape[0]
+                if short:
+                    part = [np.concatenate([a, np.zeros((short, *a.shape[1:]), dtype=a.dtype)]) for a in part]
+                out = self.engine.forward(part)
+                chunks.append([o[: fixed - short] for o in out])
+            outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        for o in outputs:
+            if o.shape[:1] != (total,):
+                raise EngineError(f"the model returned {o.shape[0] if o.ndim else 'no'} rows for a batch of {total}")
+        return split_outputs(outputs, sizes)
+
+    @staticmethod
+    def _error(context: Any, idx: int, status: int, err: Exception) -> str:
+        message = str(err) or type(err).__name__
+        context.set_response_status(status, message[:200], idx)
+        context.set_response_content_type(idx, "application/json")
+        return json.dumps({"code": status, "type": type(err).__name__, "message": message})
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop following the store and release the engine (tests and local mode)."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._serving_file is not None:
+            try:
+                self._serving_file.unlink()
+            except OSError:
+                pass
+        if self.engine is not None:
+            self.engine.close()

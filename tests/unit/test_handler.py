@@ -1,0 +1,243 @@
+"""EngineHandler with a tiny real model, a real store and TorchServe's own Context."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+
+from bray import wire
+from bray.export import export_model
+from bray.handlers.config import ServingConfig
+from bray.handlers.handler import STEP_HEADER, EngineHandler
+from bray.store import CheckpointStore
+from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
+
+
+def make_context(model_dir: Path, cfg: ServingConfig) -> Context:
+    return Context("m", str(model_dir), {}, 32, None, "0.12.0", model_yaml_config={"handler": cfg.to_yaml_dict()})
+
+
+def run(handler: EngineHandler, ctx: Context, bodies: list[object]) -> list[tuple[int, dict[str, str], object]]:
+    """One TorchServe batch: returns (status, headers, decoded body) per request."""
+    ctx.request_processor = [RequestProcessor({}) for _ in bodies]
+    out = handler.handle([{"body": b} for b in bodies], ctx)
+    assert len(out) == len(bodies)
+    answers = []
+    for idx, body in enumerate(out):
+        status, _ = ctx.get_response_status(idx)
+        headers = ctx.get_response_headers(idx)
+        if isinstance(body, (bytes, bytearray)):
+            value = wire.decode(body)
+        else:
+            value = json.loads(body)
+        answers.append((status or 200, headers, value))
+    return answers
+
+
+@pytest.fixture()
+def probe_store(tmp_path: Path) -> CheckpointStore:
+    store = CheckpointStore(tmp_path / "store", keep_last=3)
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.model_dir("probe") / "export", onnx=True)
+    store.publish("probe", probe_weights(1), step=1)
+    return store
+
+
+def probe_handler(store: CheckpointStore, tmp_path: Path, **cfg: object) -> tuple[EngineHandler, Context]:
+    config = ServingConfig(name="probe", store=str(store.root), **cfg)  # type: ignore[arg-type]
+    ctx = make_context(tmp_path / "mar", config)
+    (tmp_path / "mar").mkdir(exist_ok=True)
+    handler = EngineHandler()
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def expected_probe(step: int, x: np.ndarray) -> np.ndarray:
+    return np.repeat(step * (x.sum(-1, keepdims=True) + 1), 2, axis=-1)
+
+
+def wait_for_step(handler: EngineHandler, step: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while handler._staged_step < step and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+ENGINES = [
+    pytest.param({"engine": "torch"}, id="torch"),
+    pytest.param({"engine": "onnx"}, id="onnx-initializers"),
+    pytest.param({"engine": "onnx", "onnx_weights": "inputs"}, id="onnx-inputs"),
+]
+
+
+@pytest.mark.parametrize("cfg", ENGINES)
+def test_binary_and_json_requests_in_one_batch(probe_store: CheckpointStore, tmp_path: Path, cfg: dict) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path, **cfg)
+    try:
+        x1 = np.arange(8, dtype=np.float32).reshape(2, 4)
+        x2 = np.ones((3, 4), dtype=np.float32)
+        answers = run(handler, ctx, [bytearray(wire.encode({"args": [x1]})), x2.tolist(), {"args": [x1[:1].tolist()]}])
+        (s1, h1, y1), (s2, _, y2), (s3, _, y3) = answers
+        assert (s1, s2, s3) == (200, 200, 200)
+        assert h1[STEP_HEADER] == "1"
+        np.testing.assert_allclose(y1, expected_probe(1, x1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(y2), expected_probe(1, x2), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(y3), expected_probe(1, x1[:1]), rtol=1e-5)
+    finally:
+        handler.close()
+
+
+BAD = [
+    pytest.param(b"", "empty", id="empty-body"),
+    pytest.param(bytearray(b"\x80\x04not-json-nor-bray"), "neither", id="pickle-like-bytes"),
+    pytest.param([[1.0, 2.0]], "shape", id="wrong-shape"),
+    pytest.param([["a", "b", "c", "d"]], "numbers", id="strings"),
+    pytest.param(bytearray(wire.encode({"args": [np.zeros((1, 4), np.float64)]})), "dtype float64, expected float32", id="wrong-dtype"),
+    pytest.param({"args": [[[0, 0, 0, 0]], [[1, 1, 1, 1]]]}, "expected a list of 1", id="too-many-inputs"),
+    pytest.param(bytearray(wire.encode({"args": [np.zeros((1, 4), np.float32)]})[:-3]), "", id="truncated-binary"),
+]
+
+
+@pytest.mark.parametrize(("bad", "says"), BAD)
+def test_bad_request_gets_its_own_400_and_neighbours_are_answered(probe_store: CheckpointStore, tmp_path: Path, bad: object, says: str) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path)
+    try:
+        x = np.ones((1, 4), dtype=np.float32)
+        good = bytearray(wire.encode({"args": [x]}))
+        (s0, _, y0), (s1, _, err), (s2, _, y2) = run(handler, ctx, [good, bad, good])
+        assert s0 == s2 == 200 and s1 == 400
+        assert says in err["message"]
+        np.testing.assert_allclose(y0, expected_probe(1, x))
+        np.testing.assert_allclose(y2, expected_probe(1, x))
+    finally:
+        handler.close()
+
+
+def test_nonfinite_inputs_refused_when_configured(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path, reject_nonfinite=True)
+    try:
+        ((status, _, err),) = run(handler, ctx, [[[float("nan"), 0, 0, 0]]])
+        assert status == 400 and "NaN" in err["message"]
+    finally:
+        handler.close()
+
+
+@pytest.mark.parametrize("cfg", ENGINES)
+def test_hot_reload_swaps_between_batches_and_refuses_bad_steps(probe_store: CheckpointStore, tmp_path: Path, cfg: dict) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path, **cfg)
+    try:
+        x = np.ones((1, 4), dtype=np.float32)
+        probe_store.publish("probe", probe_weights(2), step=2)
+        wait_for_step(handler, 2)
+        ((_, headers, y),) = run(handler, ctx, [bytearray(wire.encode({"args": [x]}))])
+        assert headers[STEP_HEADER] == "2"
+        np.testing.assert_allclose(y, expected_probe(2, x))
+        # A wrong-shaped step is refused; the worker keeps serving step 2.
+        probe_store.publish("probe", {"lin.weight": torch.zeros(3, 3), "lin.bias": torch.zeros(3)}, step=3)
+        time.sleep(0.5)
+        ((status, headers, y),) = run(handler, ctx, [bytearray(wire.encode({"args": [x]}))])
+        assert status == 200 and headers[STEP_HEADER] == "2"
+        np.testing.assert_allclose(y, expected_probe(2, x))
+        probe_store.publish("probe", probe_weights(4), step=4)
+        wait_for_step(handler, 4)
+        ((_, headers, y),) = run(handler, ctx, [bytearray(wire.encode({"args": [x]}))])
+        assert headers[STEP_HEADER] == "4"
+        np.testing.assert_allclose(y, expected_probe(4, x))
+    finally:
+        handler.close()
+
+
+def test_corrupt_step_is_refused_and_old_weights_serve(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path)
+    try:
+        handler._watch.stop()  # deliver the step by hand, after damaging it on disk
+        probe_store.publish("probe", probe_weights(2), step=2)
+        weights_file = max(probe_store.model_dir("probe").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        data = bytearray(weights_file.read_bytes())
+        data[-1] ^= 0xFF
+        weights_file.write_bytes(bytes(data))
+        handler._on_step(2)
+        x = np.ones((1, 4), dtype=np.float32)
+        ((status, headers, y),) = run(handler, ctx, [x.tolist()])
+        assert status == 200 and headers[STEP_HEADER] == "1"
+        np.testing.assert_allclose(np.asarray(y), expected_probe(1, x))
+        assert 2 in handler._refused
+    finally:
+        handler.close()
+
+
+def test_pinned_step_ignores_newer_steps(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    probe_store.publish("probe", probe_weights(2), step=2)
+    handler, ctx = probe_handler(probe_store, tmp_path, step=1)
+    try:
+        probe_store.publish("probe", probe_weights(3), step=3)
+        time.sleep(0.3)
+        x = np.ones((2, 4), dtype=np.float32)
+        ((_, headers, y),) = run(handler, ctx, [x.tolist()])
+        assert headers[STEP_HEADER] == "1"
+        np.testing.assert_allclose(np.asarray(y), expected_probe(1, x))
+    finally:
+        handler.close()
+
+
+def test_fixed_batch_size_pads_and_trims(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    handler, ctx = probe_handler(probe_store, tmp_path, fixed_batch_size=4)
+    try:
+        xs = [np.full((n, 4), n, dtype=np.float32) for n in (1, 2, 3)]
+        answers = run(handler, ctx, [bytearray(wire.encode({"args": [x]})) for x in xs])
+        for x, (status, _, y) in zip(xs, answers):
+            assert status == 200 and y.shape == (x.shape[0], 2)
+            np.testing.assert_allclose(y, expected_probe(1, x))
+    finally:
+        handler.close()
+
+
+@pytest.mark.parametrize("cfg", ENGINES)
+def test_policy_mlp_engines_match_torch(tmp_path: Path, cfg: dict) -> None:
+    torch.manual_seed(0)
+    model = PolicyMLP().eval()
+    store = CheckpointStore(tmp_path / "store")
+    export_model(model, (torch.zeros(4, 64),), dest=store.model_dir("policy") / "export", onnx=True)
+    store.publish("policy", model.state_dict(), step=0)
+    handler = EngineHandler()
+    ctx = make_context(tmp_path, ServingConfig(name="policy", store=str(store.root), **cfg))
+    handler.initialize(ctx)
+    try:
+        x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+        ((status, _, y),) = run(handler, ctx, [bytearray(wire.encode({"args": [x]}))])
+        assert status == 200
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        handler.close()
+
+
+def test_nested_inputs_outputs_and_keywords(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DictPolicy().eval()
+    store = CheckpointStore(tmp_path / "store")
+    obs = {"x": torch.randn(3, 4), "y": torch.randn(3, 2)}
+    mask = torch.ones(3, 3)
+    export_model(model, (obs,), {"mask": mask}, dest=store.model_dir("dict") / "export", onnx=False)
+    store.publish("dict", model.state_dict(), step=0)
+    handler = EngineHandler()
+    ctx = make_context(tmp_path, ServingConfig(name="dict", store=str(store.root)))
+    handler.initialize(ctx)
+    try:
+        np_obs = {k: v.numpy() for k, v in obs.items()}
+        payload = {"args": [np_obs], "kwargs": {"mask": mask.numpy()}}
+        ((status, _, out), (s2, _, out_json)) = run(handler, ctx, [bytearray(wire.encode(payload)), wire.to_jsonable(payload)])
+        assert status == s2 == 200
+        with torch.no_grad():
+            ref = model(obs, mask=mask)
+        assert set(out) == {"logits", "value"} and isinstance(out["value"], tuple)
+        np.testing.assert_allclose(out["logits"], ref["logits"].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(out["value"][0], ref["value"][0].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(out_json["logits"]), ref["logits"].numpy(), rtol=1e-5)
+    finally:
+        handler.close()
