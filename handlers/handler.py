@@ -11,8 +11,8 @@ source), serves the pinned step or follows the latest one, and:
   reason and the old weights keep serving;
 - answers with ``X-Bray-Step`` (the step that produced the answer) and
   ``X-Bray-Worker`` (the worker's pid);
-- writes ``<store>/<name>/.serving/<pid>.json`` when a step is staged, which is how
-  ``RemoteModel.publish_weights(...).wait()`` knows every worker has it.
+- announces each staged step in ``<store>/<name>/.serving/`` (``follower.py``), which is
+  how ``RemoteModel.publish_weights(...).wait()`` knows every worker has it.
 
 TorchServe wants exactly one class in the handler module it imports; archives ship a
 one-class shim (``bray_handler.py``) that subclasses this one.
@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,11 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 from bray import wire
-from bray.errors import BrayError, EngineError, InputError, StepNotFoundError, WireError
+from bray.errors import EngineError, InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.config import ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
+from bray.handlers.follower import StepFollower
 from bray.handlers.request import encode_outputs, parse_request, split_outputs
 from bray.store import CheckpointStore
 
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 
 STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
-SERVING_DIRNAME = ".serving"
 MAR_WEIGHTS = "weights.safetensors"
 
 
@@ -58,17 +56,10 @@ class EngineHandler(BaseHandler):
         self.config: ServingConfig | None = None
         self.engine: Any = None
         self.spec: Any = None
-        self.step = -1
+        self.follower: StepFollower | None = None
         self._store: CheckpointStore | None = None
-        self._watch: Any = None
-        self._pending: tuple[int, Any, float] | None = None
-        self._pending_lock = threading.Lock()
-        self._load_lock = threading.Lock()
-        self._staged_step = -1
-        self._refused: set[int] = set()
         self._limits = wire.DEFAULT_LIMITS
         self._metrics: Any = None
-        self._serving_file: Path | None = None
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -92,20 +83,17 @@ class EngineHandler(BaseHandler):
         )
         self.engine = get_engine(cfg.engine).load(export_dir, self.spec, options)
         started = time.perf_counter()
-        step, weights = self._first_weights(model_dir, cfg)
-        if weights is not None:
-            self.engine.set_weights(weights)
-        self.step = self._staged_step = step
+        self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
+                                     announce=not cfg.pinned, on_swap=self._on_swap)
+        step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
-        if not cfg.pinned:
-            self._serving_file = self._store.model_dir(cfg.name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json"
-            self._announce(step)
-            self._watch = self._store.watch(cfg.name, self._on_step)
-            latest = self._store.latest(cfg.name)
-            if latest is not None and latest > step:  # published while we were starting
-                self._on_step(latest)
         self.initialized = True
+
+    @property
+    def step(self) -> int:
+        """The step the next batch is served with."""
+        return self.follower.step if self.follower is not None else -1
 
     @staticmethod
     def _device(cfg: ServingConfig, gpu_id: Any) -> str:
@@ -126,74 +114,17 @@ class EngineHandler(BaseHandler):
         assert self._store is not None
         return self._store.model_dir(cfg.name) / EXPORT_DIRNAME
 
-    def _first_weights(self, model_dir: Path, cfg: ServingConfig) -> tuple[int, Any]:
-        assert self._store is not None
-        if cfg.pinned:
-            packed = model_dir / MAR_WEIGHTS
-            if packed.is_file():
-                # The archive carries its step's weights: it serves even after the
-                # store's retention has removed that step.
-                from safetensors.numpy import load_file
+    @staticmethod
+    def _packed_weights(model_dir: Path, cfg: ServingConfig) -> tuple[int, Any] | None:
+        """A pinned archive carries its step's weights: it serves even after retention."""
+        packed = model_dir / MAR_WEIGHTS
+        if not (cfg.pinned and packed.is_file()):
+            return None
+        from safetensors.numpy import load_file
 
-                return cfg.step, load_file(str(packed))
-            ckpt = self._store.load(cfg.name, cfg.step)
-            return ckpt.step, ckpt.weights
-        try:
-            ckpt = self._store.load(cfg.name, -1)
-        except StepNotFoundError:
-            log.warning("bray: no step of %s published yet; serving the export's own weights", cfg.name)
-            return -1, None
-        return ckpt.step, ckpt.weights
+        return cfg.step, load_file(str(packed))
 
-    # --- hot reload (watcher thread) ---------------------------------------------------
-
-    def _on_step(self, step: int) -> None:
-        """Load and stage ``step`` off the request path; refuse it if it does not load."""
-        assert self._store is not None and self.config is not None
-        with self._load_lock:
-            if step <= self._staged_step or step in self._refused:
-                return
-            started = time.perf_counter()
-            try:
-                ckpt = self._store.load(self.config.name, step)
-                prepared = self.engine.prepare_weights(ckpt.weights)
-            except BrayError as err:
-                self._refused.add(step)
-                log.error("bray: refusing step %d of %s, still serving step %d: %s",
-                          step, self.config.name, self._staged_step, err)
-                return
-            except Exception as err:  # a broken step must never take the worker down
-                self._refused.add(step)
-                log.exception("bray: refusing step %d of %s (%s), still serving step %d",
-                              step, self.config.name, err, self._staged_step)
-                return
-            load_ms = (time.perf_counter() - started) * 1e3
-            with self._pending_lock:
-                self._pending = (ckpt.step, prepared, load_ms)
-            self._staged_step = ckpt.step
-            self._announce(ckpt.step)
-            log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.config.name, load_ms)
-
-    def _announce(self, step: int) -> None:
-        """Tell waiting publishers which step this worker serves from its next batch."""
-        if self._serving_file is None:
-            return
-        try:
-            self._serving_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._serving_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
-            os.replace(tmp, self._serving_file)
-        except OSError as err:  # advisory only; serving goes on
-            log.warning("bray: cannot write %s: %s", self._serving_file, err)
-
-    def _swap_if_pending(self) -> None:
-        with self._pending_lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        step, prepared, load_ms = pending
-        self.engine.swap(prepared)
-        self.step = step
+    def _on_swap(self, step: int, load_ms: float) -> None:
         self._metric("BrayWeightReloadMs", load_ms, "ms")
         self._metric("BrayServedStep", step, "count")
 
@@ -211,8 +142,8 @@ class EngineHandler(BaseHandler):
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """Answer every request of the batch: outputs, or a 4xx/5xx of its own."""
-        self._swap_if_pending()
-        assert self.config is not None
+        assert self.config is not None and self.follower is not None
+        step = self.follower.swap_if_pending()
         results: list[Any] = [None] * len(data)
         good: list[tuple[int, Any]] = []
         for idx, request in enumerate(data):
@@ -236,7 +167,7 @@ class EngineHandler(BaseHandler):
                     results[idx] = self._error(context, idx, 500, err)
             self._metric("BrayBatchSize", sum(p.batch for _, p in good), "count")
         for idx in range(len(data)):
-            context.set_response_header(idx, STEP_HEADER, str(self.step))
+            context.set_response_header(idx, STEP_HEADER, str(step))
             context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
         return results
 
@@ -276,14 +207,8 @@ class EngineHandler(BaseHandler):
     # --- shutdown ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop following the store and release the engine (tests and local mode)."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        if self._serving_file is not None:
-            try:
-                self._serving_file.unlink()
-            except OSError:
-                pass
+        """Stop following the store and release the engine."""
+        if self.follower is not None:
+            self.follower.close()
         if self.engine is not None:
             self.engine.close()

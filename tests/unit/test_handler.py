@@ -63,7 +63,7 @@ def expected_probe(step: int, x: np.ndarray) -> np.ndarray:
 
 def wait_for_step(handler: EngineHandler, step: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while handler._staged_step < step and time.monotonic() < deadline:
+    while handler.follower.staged_step < step and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -154,18 +154,18 @@ def test_hot_reload_swaps_between_batches_and_refuses_bad_steps(probe_store: Che
 def test_corrupt_step_is_refused_and_old_weights_serve(probe_store: CheckpointStore, tmp_path: Path) -> None:
     handler, ctx = probe_handler(probe_store, tmp_path)
     try:
-        handler._watch.stop()  # deliver the step by hand, after damaging it on disk
+        handler.follower._watch.stop()  # deliver the step by hand, after damaging it on disk
         probe_store.publish("probe", probe_weights(2), step=2)
         weights_file = max(probe_store.model_dir("probe").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         data = bytearray(weights_file.read_bytes())
         data[-1] ^= 0xFF
         weights_file.write_bytes(bytes(data))
-        handler._on_step(2)
+        handler.follower.on_step(2)
         x = np.ones((1, 4), dtype=np.float32)
         ((status, headers, y),) = run(handler, ctx, [x.tolist()])
         assert status == 200 and headers[STEP_HEADER] == "1"
         np.testing.assert_allclose(np.asarray(y), expected_probe(1, x))
-        assert 2 in handler._refused
+        assert 2 in handler.follower.refused
     finally:
         handler.close()
 

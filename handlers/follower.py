@@ -1,0 +1,180 @@
+"""Follow a model's steps in the store: load off the request path, swap between batches.
+
+Shared by the TorchServe handler and by ``RemoteModel(local_mode=True)``, so both serve
+steps the same way: the store's watcher thread loads and *prepares* a new step (the
+slow part), :meth:`StepFollower.swap_if_pending` installs it at the start of the next
+batch (the fast part). A step that fails to load is refused with a logged reason and
+the old weights keep serving. Steps only move forward; ones that arrive faster than a
+load may be skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bray.errors import BrayError, StepNotFoundError
+from bray.handlers.engines.base import Engine
+from bray.store import CheckpointStore
+
+__all__ = ["SERVING_DIRNAME", "StepFollower"]
+
+log = logging.getLogger(__name__)
+
+SERVING_DIRNAME = ".serving"
+
+
+class StepFollower:
+    """Keeps an engine on the latest step of ``name`` (or on one pinned step).
+
+    Args:
+        store: the checkpoint store.
+        name: model name in the store.
+        engine: the engine whose weights are swapped.
+        step: ``-1`` follows the latest step; ``N`` loads step N once and stays there.
+        announce: write ``<store>/<name>/.serving/<host>-<pid>.json`` on every staged step
+            (how ``publish_weights(...).wait()`` sees that a worker has it).
+        on_swap: called as ``on_swap(step, load_ms)`` after each swap (metrics).
+    """
+
+    def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
+                 announce: bool = False, on_swap: Callable[[int, float], None] | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.engine = engine
+        self.pinned = step >= 0
+        self._want = step
+        self.step = -1  # what the next batch is served with
+        self.staged_step = -1  # newest step loaded (maybe not yet swapped in)
+        self.refused: set[int] = set()
+        self._pending: tuple[int, Any, float] | None = None
+        self._pending_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._watch: Any = None
+        self._on_swap = on_swap
+        self._serving_file = (
+            store.model_dir(name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
+        )
+
+    def start(self, initial: tuple[int, Any] | None = None) -> int:
+        """Install the first weights and, unless pinned, start watching. Returns the step.
+
+        Args:
+            initial: ``(step, weights)`` to use instead of loading from the store
+                (an archive that carries its own step).
+
+        Raises:
+            StoreError: a pinned step that cannot be loaded.
+            EngineError: weights that do not fit the model.
+        """
+        if initial is not None:
+            step, weights = initial
+        elif self.pinned:
+            ckpt = self.store.load(self.name, self._want)
+            step, weights = ckpt.step, ckpt.weights
+        else:
+            try:
+                ckpt = self.store.load(self.name, -1)
+                step, weights = ckpt.step, ckpt.weights
+            except StepNotFoundError:
+                log.warning("bray: no step of %s published yet; serving the export's own weights", self.name)
+                step, weights = -1, None
+        if weights is not None:
+            self.engine.set_weights(weights)
+        self.step = self.staged_step = step
+        if not self.pinned:
+            self._announce(step)
+            self._watch = self.store.watch(self.name, self.on_step)
+            latest = self.store.latest(self.name)
+            if latest is not None and latest > step:  # published while we were starting
+                self.on_step(latest)
+        return step
+
+    def on_step(self, step: int) -> None:
+        """Load and stage ``step`` (watcher thread); refuse it if it does not load."""
+        with self._load_lock:
+            if step <= self.staged_step or step in self.refused:
+                return
+            started = time.perf_counter()
+            try:
+                ckpt = self.store.load(self.name, step)
+                prepared = self.engine.prepare_weights(ckpt.weights)
+            except BrayError as err:
+                self.refused.add(step)
+                log.error("bray: refusing step %d of %s, still serving step %d: %s", step, self.name, self.staged_step, err)
+                return
+            except Exception as err:  # a broken step must never take the worker down
+                self.refused.add(step)
+                log.exception("bray: refusing step %d of %s (%s), still serving step %d", step, self.name, err, self.staged_step)
+                return
+            load_ms = (time.perf_counter() - started) * 1e3
+            with self._pending_lock:
+                self._pending = (ckpt.step, prepared, load_ms)
+            self.staged_step = ckpt.step
+            self._announce(ckpt.step)
+            log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.name, load_ms)
+
+    def swap_if_pending(self) -> int:
+        """Install a staged step, if any (call between batches). Returns the step served."""
+        if self._pending is None:  # fast path, no lock: a racing stage is taken next batch
+            return self.step
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            step, prepared, load_ms = pending
+            self.engine.swap(prepared)
+            self.step = step
+            if self._on_swap is not None:
+                self._on_swap(step, load_ms)
+        return self.step
+
+    def wait_staged(self, step: int, *, timeout_s: float) -> bool:
+        """Block until ``step`` (or a later one) is staged; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.staged_step < step:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def _announce(self, step: int) -> None:
+        if self._serving_file is None:
+            return
+        try:
+            self._serving_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._serving_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+            os.replace(tmp, self._serving_file)
+        except OSError as err:  # advisory only; serving goes on
+            log.warning("bray: cannot write %s: %s", self._serving_file, err)
+
+    def close(self) -> None:
+        """Stop watching and withdraw this worker's serving announcement."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._serving_file is not None:
+            try:
+                self._serving_file.unlink()
+            except OSError:
+                pass
+
+
+def read_serving(store_dir: Path) -> dict[str, dict[str, Any]]:
+    """What every announcing worker of a model serves: ``{"<host>-<pid>": {"step", "pid", ...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    folder = store_dir / SERVING_DIRNAME
+    if not folder.is_dir():
+        return out
+    for path in folder.glob("*.json"):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now
+    return out
