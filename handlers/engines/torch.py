@@ -18,7 +18,7 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, export_dir: Any, spec: Any, options: EngineOptions) -> None:
+    def __init__(self, export_dir: Any, spec: Any, options: EngineOptions, module: Any = None) -> None:
         super().__init__(export_dir, spec, options)
         import torch
 
@@ -30,7 +30,15 @@ class TorchEngine(Engine):
             raise EngineUnavailableError(f"device {options.device} asked for, but torch sees no CUDA GPU")
         self._torch = torch
         self._device = torch.device(options.device)
-        self._module = load_torch_module(export_dir).to(self._device)
+        if module is not None:
+            self._module = module.to(self._device).eval()
+        else:  # an exported graph has no train/eval modes
+            self._module = load_torch_module(export_dir).to(self._device)
+
+    @classmethod
+    def from_module(cls, module: Any, export_dir: Any, spec: Any, options: EngineOptions) -> "TorchEngine":
+        """Run the trainer's own module (local mode) instead of the exported graph."""
+        return cls(export_dir, spec, options, module=module)
 
     def prepare_weights(self, weights: Mapping[str, Any]) -> dict[str, Any]:
         self.check_weights(weights)

@@ -1,0 +1,50 @@
+"""One background event loop per process for the bridge's HTTP traffic.
+
+``RemoteModel.__call__`` (sync, any thread) and ``await RemoteModel.forward`` (any event
+loop) both run their request on this loop, so every caller in the process shares one
+connection pool and one client-side batcher. Started on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Coroutine, TypeVar
+
+__all__ = ["in_loop_thread", "run_async", "run_sync"]
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop, _thread
+    with _lock:
+        if _loop is None or not _thread or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="bray-bridge-loop", daemon=True)
+            thread.start()
+            _loop, _thread = loop, thread
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+    """Run ``coro`` on the bridge loop and wait for it from this (non-loop) thread."""
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("a synchronous RemoteModel call was made from the bridge's own loop; use 'await forward(...)'")
+    return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result(timeout_s)
+
+
+async def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` on the bridge loop from any other event loop."""
+    if in_loop_thread():
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _get_loop()))

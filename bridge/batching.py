@@ -1,0 +1,130 @@
+"""Client-side batching (Bray's proxy mode): concurrent forwards become one request.
+
+Calls made at the same time in one process (from coroutines or threads) are coalesced
+into one HTTP request, which TorchServe then batches again across processes. There is
+no timer: a call goes out at once when a request slot is free, and calls that arrive
+while ``max_inflight`` requests are on the wire wait for the next slot and leave
+together. A lone caller therefore pays no batching delay.
+
+As in Ray Serve's ``batching.py``, what comes back is checked: a reply whose batch
+size does not match what was sent fails every caller of that request with
+:class:`BatchMismatchError`, and a failed request fails every caller's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from bray import wire
+from bray.errors import BrayError, ConfigError
+
+__all__ = ["BatchMismatchError", "ForwardBatcher"]
+
+
+class BatchMismatchError(BrayError, RuntimeError):
+    """The server answered a coalesced request with the wrong number of rows."""
+
+
+@dataclass
+class _Call:
+    key: str
+    payload: Any
+    n: int
+    future: asyncio.Future[Any]
+
+
+Send = Callable[[Any], Awaitable[tuple[Any, int]]]
+
+
+class ForwardBatcher:
+    """Coalesces concurrent ``submit`` calls (on one event loop) into batched ``send`` calls.
+
+    Args:
+        send: ``await send(payload) -> (outputs, step)`` for one batched payload.
+        max_batch_samples: most samples in one request; ``0`` disables coalescing.
+        max_inflight: requests on the wire at once (keep every server worker busy).
+    """
+
+    def __init__(self, send: Send, *, max_batch_samples: int, max_inflight: int) -> None:
+        if max_batch_samples < 0:
+            raise ConfigError(f"max_batch_samples must be an integer >= 0, got {max_batch_samples}")
+        if max_inflight < 1:
+            raise ConfigError(f"max_inflight must be an integer >= 1, got {max_inflight}")
+        self._send = send
+        self.max_batch_samples = max_batch_samples
+        self.max_inflight = max_inflight
+        self._pending: deque[_Call] = deque()
+        self._inflight = 0
+        self.requests_sent = 0
+        self.calls = 0
+
+    async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
+        """Queue one call of ``n`` samples; returns its own slice of the outputs and the step."""
+        self.calls += 1
+        if self.max_batch_samples == 0:
+            self.requests_sent += 1
+            return await self._send(payload)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Call(wire.structure(payload, batch_dim=False), payload, n, future))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        while self._pending and self._inflight < self.max_inflight:
+            first = self._pending.popleft()
+            group, total, rest = [first], first.n, deque()
+            while self._pending:
+                call = self._pending.popleft()
+                if call.key == first.key and total + call.n <= self.max_batch_samples:
+                    group.append(call)
+                    total += call.n
+                else:
+                    rest.append(call)
+            rest.extend(self._pending)
+            self._pending = rest
+            self._inflight += 1
+            self.requests_sent += 1
+            asyncio.get_running_loop().create_task(self._run(group, total))
+
+    async def _run(self, group: list[_Call], total: int) -> None:
+        try:
+            if len(group) == 1:
+                payload = group[0].payload
+            else:
+                columns = zip(*(wire.leaves(c.payload) for c in group))
+                payload = wire.unflatten(group[0].payload, [np.concatenate(col) for col in columns])
+            outputs, step = await self._send(payload)
+            if len(group) == 1:
+                _settle(group[0].future, (outputs, step))
+                return
+            out_leaves = wire.leaves(outputs)
+            for leaf in out_leaves:
+                if leaf.ndim == 0 or leaf.shape[0] != total:
+                    raise BatchMismatchError(
+                        f"the server answered a batch of {total} samples with an output of shape "
+                        f"{list(leaf.shape)}; every output needs a leading batch dimension of {total}"
+                    )
+            start = 0
+            for call in group:
+                part = [leaf[start:start + call.n] for leaf in out_leaves]
+                _settle(call.future, (wire.unflatten(outputs, part), step))
+                start += call.n
+        except BaseException as err:  # fail every caller, never leave a future hanging
+            for call in group:
+                if not call.future.done():
+                    call.future.set_exception(err if isinstance(err, Exception) else RuntimeError(repr(err)))
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            self._inflight -= 1
+            self._kick()
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # the caller may have been cancelled
+        future.set_result(value)

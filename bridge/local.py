@@ -1,0 +1,70 @@
+"""Local mode: the engine runs in this process, following the same store as the server.
+
+``RemoteModel(..., local_mode=True)`` uses this instead of HTTP: the same export, the
+same engines, the same :class:`~bray.handlers.follower.StepFollower` (steps are loaded
+off the caller's path and swapped between forwards), the same input checks.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from bray.export import EXPORT_DIRNAME, load_spec
+from bray.handlers.engines import EngineOptions, get_engine
+from bray.handlers.follower import StepFollower
+from bray.handlers.request import parse_request
+from bray.store import CheckpointStore
+from bray import wire
+
+__all__ = ["LocalRunner"]
+
+
+class LocalRunner:
+    """An engine plus a store follower, callable from any thread (one forward at a time).
+
+    Args:
+        store: the checkpoint store.
+        name: model name in the store.
+        engine: engine name (``torch``, ``onnx``, ``tensorrt``).
+        options: engine options.
+        step: ``-1`` follows the latest step, ``N`` pins it.
+        module: for the torch engine, the trainer's own module to run eagerly (faster
+            than the exported graph's calling convention); weights still come from the store.
+        fixed_batch_size: pad every forward to this many samples (0: off).
+    """
+
+    def __init__(self, store: CheckpointStore, name: str, *, engine: str, options: EngineOptions,
+                 step: int = -1, module: Any = None, fixed_batch_size: int = 0) -> None:
+        export_dir = store.model_dir(name) / EXPORT_DIRNAME
+        self.spec = load_spec(export_dir)
+        cls = get_engine(engine)
+        if module is not None and hasattr(cls, "from_module"):
+            self.engine = cls.from_module(module, export_dir, self.spec, options)
+        else:
+            self.engine = cls.load(export_dir, self.spec, options)
+        self.fixed_batch_size = fixed_batch_size
+        self._lock = threading.Lock()
+        self.follower = StepFollower(store, name, self.engine, step=step)
+        self.follower.start()
+
+    def forward(self, payload: Any) -> tuple[Any, int]:
+        """Run one batched payload (``{"args": [...], "kwargs": {...}}``); returns (outputs, step)."""
+        parsed = parse_request(payload, self.spec, limits=wire.DEFAULT_LIMITS)
+        with self._lock:
+            step = self.follower.swap_if_pending()
+            leaves = parsed.leaves
+            n = parsed.batch
+            if self.fixed_batch_size and n % self.fixed_batch_size:
+                short = self.fixed_batch_size - n % self.fixed_batch_size
+                leaves = [np.concatenate([a, np.zeros((short, *a.shape[1:]), a.dtype)]) for a in leaves]
+            outputs = self.engine.forward(leaves)
+        if len(outputs) and outputs[0].shape[0] != n:
+            outputs = [o[:n] for o in outputs]
+        return self.spec.build_outputs(outputs), step
+
+    def close(self) -> None:
+        self.follower.close()
+        self.engine.close()

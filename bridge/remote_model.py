@@ -1,0 +1,528 @@
+"""``bray.RemoteModel``: Bray's forward / publish / clone semantics on TorchServe.
+
+::
+
+    import bray
+    bray.init(project="pong", trial="run1")
+    rm = bray.RemoteModel("policy", model=Policy(), forward_args=(obs_batch,), max_batch_size=32)
+    out = rm(obs_batch)                       # sync, batch=True
+    out = await rm.forward(obs, batch=False)  # async; adds and removes the batch dim
+    rm.publish_weights(net.state_dict()).wait(timeout_s=5)
+    opp = rm.clone(step=120)                  # snaps down to a kept step
+
+How Bray's constructor arguments map onto TorchServe:
+
+=====================  =====================================================================
+argument               meaning here
+=====================  =====================================================================
+``max_batch_size``     ``0``: no batching (each call is one request, TorchServe batch 1);
+                       ``> 0``: calls in this process are coalesced up to this many samples
+                       per request and TorchServe batches up to this many requests
+                       (``batchSize``) waiting ``max_batch_delay_ms`` (``maxBatchDelay``);
+                       ``< 0``: the same with every forward padded to exactly ``-n`` samples
+num_workers            TorchServe workers (processes) of the model
+cpus_per_worker        intra-op threads per worker (``torch.set_num_threads`` / ORT threads)
+gpus_per_worker        ``> 0`` serves on the GPU TorchServe assigns each worker, ``0`` on CPU;
+                       fractions are not applied (TorchServe gives each worker one GPU)
+memory_per_worker      not applicable: TorchServe has no per-worker memory limit; accepted
+                       for Bray compatibility and ignored (a warning says so)
+use_onnx               ``None`` torch engine, ``"infer"`` ONNX Runtime, ``"quantize"`` ONNX
+                       Runtime with dynamic int8 quantization
+use_tensorrt           TensorRT engine (refitted per step; needs a GPU)
+checkpoint_interval    every N-th step is kept for cloning by the store's retention
+local_mode             the engine runs in this process, following the same store; no server
+override_model         ``True``: re-export, publish the given weights as a new step and
+                       re-register; ``False``: reuse what the store and server already have
+namespace              prefixes the model name (store folder and TorchServe name)
+=====================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bray import wire
+from bray.config import Locations
+from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, StepNotFoundError
+from bray.export import EXPORT_DIRNAME, export_model, load_spec, load_torch_module
+from bray.store import CheckpointStore
+
+__all__ = ["PublishHandle", "RemoteModel", "init"]
+
+log = logging.getLogger(__name__)
+
+LIVE_VERSION = "latest"
+
+
+@dataclass(frozen=True)
+class _Session:
+    locations: Locations
+    store_root: Path
+
+
+_session: _Session | None = None
+_session_lock = threading.Lock()
+
+
+def init(project: str | None = None, trial: str | None = None, *, store: str | os.PathLike[str] | None = None,
+         model_store: str | os.PathLike[str] | None = None, inference_url: str | Sequence[str] | None = None,
+         management_url: str | None = None, key_file: str | os.PathLike[str] | None = None) -> Locations:
+    """Say where the checkpoint store lives and which TorchServe to use.
+
+    Keyword arguments win over the ``BRAY_*`` environment variables, which win over the
+    defaults (the bundled config started as the README says). ``project`` and ``trial``
+    give the store a sub-folder each (``<store>/<project>/<trial>``), as in Bray.
+
+    Returns:
+        The resolved locations.
+
+    Raises:
+        ConfigError: a malformed address.
+    """
+    global _session
+    locations = Locations.from_env(store=store, model_store=model_store, inference_url=inference_url,
+                                   management_url=management_url, key_file=key_file)
+    root = locations.store
+    for part in (project, trial):
+        if part:
+            root = root / str(part)
+    with _session_lock:
+        _session = _Session(locations=locations, store_root=root)
+    return locations
+
+
+def _current() -> _Session:
+    with _session_lock:
+        session = _session
+    if session is None:
+        locations = Locations.from_env()
+        return _Session(locations=locations, store_root=locations.store)
+    return session
+
+
+class PublishHandle(int):
+    """The published step (an ``int``), with :meth:`wait` for it to be served."""
+
+    _model: "RemoteModel"
+
+    def __new__(cls, step: int, model: "RemoteModel") -> "PublishHandle":
+        obj = super().__new__(cls, step)
+        obj._model = model
+        return obj
+
+    @property
+    def step(self) -> int:
+        return int(self)
+
+    def wait(self, timeout_s: float = 30.0) -> float:
+        """Block until every worker of the model serves this step (or a later one).
+
+        Returns:
+            Seconds waited.
+
+        Raises:
+            BrayTimeoutError: not every worker had the step within ``timeout_s``.
+        """
+        return self._model._wait_served(int(self), timeout_s=timeout_s)
+
+
+def _to_numpy(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v) for v in obj)
+    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch tensor
+        return obj.detach().cpu().numpy()
+    return np.asarray(obj)
+
+
+def _add_batch(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj[None]
+    if isinstance(obj, dict):
+        return {k: _add_batch(v) for k, v in obj.items()}
+    return type(obj)(_add_batch(v) for v in obj)
+
+
+def _drop_batch(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj[0]
+    if isinstance(obj, dict):
+        return {k: _drop_batch(v) for k, v in obj.items()}
+    return type(obj)(_drop_batch(v) for v in obj)
+
+
+def _batch_of(payload: Any) -> int:
+    leaves = wire.leaves(payload)
+    if not leaves or leaves[0].ndim == 0:
+        raise ConfigError("forward inputs need a leading batch dimension; pass batch=False for a single sample")
+    return int(leaves[0].shape[0])
+
+
+class RemoteModel:
+    """A policy served by TorchServe (or in-process in local mode), with Bray's API.
+
+    Args:
+        name: model name (letters, digits, ``_ . -``).
+        model: the ``torch.nn.Module``; given, it is exported and its weights published
+            (see ``override_model``); omitted, the model must already be in the store.
+        forward_args / forward_kwargs: example inputs with a batch dimension (needed with
+            ``model``), as in Bray.
+        checkpoint_interval: keep every N-th step for cloning (``None``: Bray's default 0,
+            only the newest few steps are kept).
+        max_batch_size, num_workers, cpus_per_worker, gpus_per_worker, memory_per_worker,
+        use_onnx, use_tensorrt, local_mode, override_model, namespace: see the module
+            docstring's table.
+        max_batch_delay_ms: TorchServe's ``maxBatchDelay`` when batching.
+        keep_last: newest steps the store keeps besides checkpoint steps.
+        timeout_s: limit for one forward (and for registration waits, x10).
+
+    Raises:
+        ConfigError: invalid arguments (the message says which and why).
+        ServerError: TorchServe refused the registration (see the message).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: Any = None,
+        forward_args: Sequence[Any] = (),
+        forward_kwargs: Mapping[str, Any] | None = None,
+        checkpoint_interval: int | None = None,
+        max_batch_size: int = 1,
+        num_workers: int | None = None,
+        cpus_per_worker: float | None = None,
+        gpus_per_worker: float | None = None,
+        memory_per_worker: int | None = None,
+        use_onnx: str | None = None,
+        local_mode: bool = False,
+        override_model: bool = True,
+        namespace: str | None = None,
+        *,
+        use_tensorrt: bool = False,
+        max_batch_delay_ms: int = 2,
+        keep_last: int = 5,
+        timeout_s: float = 60.0,
+        _pinned_step: int | None = None,
+    ) -> None:
+        if use_onnx not in (None, "infer", "quantize"):
+            raise ConfigError(f"use_onnx must be None, 'infer' or 'quantize', got {use_onnx!r}")
+        if not isinstance(max_batch_size, int):
+            raise ConfigError(f"max_batch_size must be an integer, got {max_batch_size!r}")
+        if num_workers is not None and num_workers < 1:
+            raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers}")
+        if max_batch_delay_ms < 0:
+            raise ConfigError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
+        if memory_per_worker:
+            log.warning("bray: memory_per_worker=%s is not applied: TorchServe has no per-worker memory limit",
+                        memory_per_worker)
+        if model is not None and not forward_args and not forward_kwargs:
+            raise ConfigError("a model needs example inputs to be exported: pass forward_args=(obs_batch,)")
+        session = _current()
+        self.locations = session.locations
+        self.name = f"{namespace}.{name}" if namespace else name
+        self.local_mode = local_mode
+        self.max_batch_size = max_batch_size
+        self.num_workers = num_workers or 1
+        self.timeout_s = timeout_s
+        self._model = model
+        self._forward_args = tuple(forward_args)
+        self._forward_kwargs = dict(forward_kwargs or {})
+        self._init_kwargs = dict(
+            checkpoint_interval=checkpoint_interval, max_batch_size=max_batch_size, num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
+            local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
+            keep_last=keep_last, timeout_s=timeout_s,
+        )
+        self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
+        self._quantize = use_onnx == "quantize"
+        self._threads = max(1, int(cpus_per_worker or 1))
+        self._device = "cuda" if (gpus_per_worker or 0) > 0 else "cpu"
+        self._fixed = -max_batch_size if max_batch_size < 0 else 0
+        self._server_batch = abs(max_batch_size) if max_batch_size else 1
+        self._delay_ms = max_batch_delay_ms if max_batch_size else 0
+        self._pinned = _pinned_step
+        self.store = CheckpointStore(session.store_root, keep_last=keep_last,
+                                     checkpoint_interval=checkpoint_interval or 0)
+        self._lock = threading.Lock()
+        self._local: Any = None
+        self._client: Any = None
+        self._batcher: Any = None
+        self._mgmt: Any = None
+        self._worker_pids: tuple[int, ...] = ()
+
+        export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
+        has_export = (export_dir / "spec.json").is_file()
+        if model is not None and (override_model or not has_export):
+            export_model(model, self._forward_args, self._forward_kwargs, dest=export_dir,
+                         onnx=self.engine_name != "torch")
+        elif not has_export:
+            raise StepNotFoundError(
+                f"no model named {self.name!r} in the store {self.store.root}; create it once with "
+                f"RemoteModel({name!r}, model=..., forward_args=...)"
+            )
+        elif self.engine_name != "torch" and not load_spec(export_dir).has_onnx:
+            raise ConfigError(f"{self.name!r} was exported without ONNX; construct it with model=... to re-export")
+        if model is not None and (override_model or self.store.latest(self.name) is None):
+            self.store.publish(self.name, model.state_dict())
+        if local_mode:
+            self._start_local()
+        else:
+            self._register(override=model is not None and override_model)
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def _engine_options(self) -> Any:
+        from bray.handlers.engines import EngineOptions
+
+        device = "cuda:0" if self._device == "cuda" else "cpu"
+        return EngineOptions(device=device, threads=self._threads, quantize=self._quantize)
+
+    def _start_local(self) -> None:
+        from bray.bridge.local import LocalRunner
+
+        self._local = LocalRunner(self.store, self.name, engine=self.engine_name, options=self._engine_options(),
+                                  step=self._pinned if self._pinned is not None else -1,
+                                  module=copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None,
+                                  fixed_batch_size=self._fixed)
+
+    def _management(self) -> Any:
+        if self._mgmt is None:
+            from bray.archiver.management import ManagementClient
+
+            self._mgmt = ManagementClient(self.locations.management_url, key_file=self.locations.key_file,
+                                          timeout_s=max(self.timeout_s * 10, 300))
+        return self._mgmt
+
+    def _register(self, *, override: bool) -> None:
+        from bray.archiver.publish import publish_version
+
+        client = self._management()
+        version = LIVE_VERSION if self._pinned is None else str(self._pinned)
+        try:
+            existing = client.describe(self.name, version)
+        except ModelNotFoundError:
+            existing = []
+        if existing and override:
+            client.unregister(self.name, version)
+            existing = []
+        if not existing:
+            publish_version(
+                self.store, self.name, step=self._pinned, client=client, model_store=self.locations.model_store,
+                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
+                batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
+                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
+                force=True,
+            )
+        self._version = version
+
+    # --- forward ----------------------------------------------------------------------
+
+    def _transport(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from bray.archiver.management import TokenAuth
+                    from bray.bridge.batching import ForwardBatcher
+                    from bray.bridge.transport import InferenceClient
+
+                    auth = TokenAuth(self.locations.key_file, management_url=self.locations.management_url)
+                    self._client = InferenceClient(self.locations.inference_urls, auth=auth, timeout_s=self.timeout_s)
+                    samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size else 0
+                    self._batcher = ForwardBatcher(self._send, max_batch_samples=samples,
+                                                   max_inflight=max(2, 2 * self.num_workers * len(self.locations.inference_urls)))
+        return self._batcher
+
+    async def _send(self, payload: Any) -> tuple[Any, int]:
+        reply = await self._client.predict(self.name, wire.encode(payload), version=self._version)
+        return wire.decode(bytearray(reply.body)), reply.step
+
+    async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
+        return await self._transport().submit(payload, n)
+
+    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
+        payload: dict[str, Any] = {"args": [_to_numpy(a) for a in args]}
+        if kwargs:
+            payload["kwargs"] = {k: _to_numpy(v) for k, v in kwargs.items()}
+        if not batch:
+            payload = _add_batch(payload)
+        return payload, _batch_of(payload)
+
+    async def forward(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
+        """Run the policy on NestedArray inputs (async).
+
+        Args:
+            *args / **kwargs: the model's inputs (numpy arrays or tensors, nested in
+                lists, tuples and dicts as the model takes them).
+            batch: ``True``: inputs carry a leading batch dimension; ``False``: one
+                sample, the batch dimension is added and removed here.
+            return_step: also return the step whose weights answered.
+
+        Returns:
+            The outputs as NestedArrays of numpy arrays (and the step).
+
+        Raises:
+            InputError: the server refused the inputs (its message says what it expects).
+            ServerUnreachableError / ServerError: the call could not be served.
+        """
+        from bray.bridge._loop import run_async
+
+        payload, n = self._payload(args, kwargs, batch)
+        if self._local is not None:
+            outputs, step = self._local.forward(payload)
+        else:
+            outputs, step = await run_async(self._forward_on_loop(payload, n))
+        if not batch:
+            outputs = _drop_batch(outputs)
+        return (outputs, step) if return_step else outputs
+
+    def __call__(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
+        """Synchronous :meth:`forward` (safe from any thread; calls are coalesced)."""
+        from bray.bridge._loop import run_sync
+
+        payload, n = self._payload(args, kwargs, batch)
+        if self._local is not None:
+            outputs, step = self._local.forward(payload)
+        else:
+            outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
+        if not batch:
+            outputs = _drop_batch(outputs)
+        return (outputs, step) if return_step else outputs
+
+    # --- weights ----------------------------------------------------------------------
+
+    def publish_weights(self, weights: Any, step: int | None = None) -> PublishHandle:
+        """Publish new weights (a state dict, or a NestedArray of numpy arrays).
+
+        Args:
+            weights: the new weights; keys must match the model's state dict.
+            step: explicit step (must be above the latest); default latest + 1.
+
+        Returns:
+            The step, as a handle whose ``wait(timeout_s)`` returns once every worker
+            serves it.
+
+        Raises:
+            StepConflictError: ``step`` is not above the latest.
+            StoreWriteError: the disk refused the write; nothing was published.
+        """
+        if self._pinned is not None:
+            raise ConfigError(f"{self.name!r} serves pinned step {self._pinned}; publish to the model it was cloned from")
+        return PublishHandle(self.store.publish(self.name, weights, step), self)
+
+    @property
+    def step(self) -> int:
+        """The latest published step (``-1`` before any)."""
+        if self._pinned is not None:
+            return self._pinned
+        latest = self.store.latest(self.name)
+        return -1 if latest is None else latest
+
+    def _wait_served(self, step: int, *, timeout_s: float) -> float:
+        started = time.monotonic()
+        if self._local is not None:
+            if not self._local.follower.wait_staged(step, timeout_s=timeout_s):
+                raise BrayTimeoutError(f"local engine of {self.name!r} did not load step {step} within {timeout_s} s")
+            return time.monotonic() - started
+        from bray.handlers.follower import read_serving
+
+        deadline = started + timeout_s
+        model_dir = self.store.model_dir(self.name)
+        while True:
+            pids = self._worker_pids or self._refresh_pids()
+            serving = {int(v["pid"]): int(v["step"]) for v in read_serving(model_dir).values() if "pid" in v}
+            if pids and all(serving.get(pid, -1) >= step for pid in pids):
+                return time.monotonic() - started
+            if time.monotonic() > deadline:
+                behind = {pid: serving.get(pid) for pid in pids if serving.get(pid, -1) < step}
+                raise BrayTimeoutError(f"step {step} of {self.name!r} not served by every worker within {timeout_s} s; "
+                                       f"workers behind (pid: step): {behind}")
+            if any(pid not in serving for pid in pids):
+                self._refresh_pids()  # a restarted worker has a new pid
+            time.sleep(0.002)
+
+    def _refresh_pids(self) -> tuple[int, ...]:
+        try:
+            (desc,) = self._management().describe(self.name, self._version)
+        except (ModelNotFoundError, ValueError):
+            return ()
+        self._worker_pids = tuple(int(w["pid"]) for w in desc.raw.get("workers", []) if w.get("pid") and w.get("status") == "READY")
+        return self._worker_pids
+
+    def get_model(self) -> Any:
+        """A ``torch.nn.Module`` with the latest weights (the given model's class when known)."""
+        import torch
+
+        ckpt = self.store.load(self.name, self.step if self._pinned is not None else -1, framework="pt")
+        if self._model is not None:
+            net = copy.deepcopy(self._model)
+        else:
+            net = load_torch_module(self.store.model_dir(self.name) / EXPORT_DIRNAME)
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt.weights.items()})
+        return net
+
+    def clone(self, step: int = -1, name: str | None = None, **overrides: Any) -> "RemoteModel":
+        """An independent model starting from ``step``'s weights (Bray's clone).
+
+        A step that is no longer kept snaps down to the largest kept step below it.
+        Cloning the same step (to the same name) again returns the same model. The clone
+        is a model of its own: it serves its starting weights until weights are published
+        to it, and the original keeps training.
+
+        Args:
+            step: the step to clone (``-1``: the latest).
+            name: the clone's name (default ``<name>-clone-<step>``).
+            **overrides: constructor arguments that differ from this model's.
+
+        Returns:
+            The clone.
+        """
+        real = self.store.resolve(self.name, step if self._pinned is None or step != -1 else self._pinned)
+        clone_name = name or f"{self.name}-clone-{real}"
+        dest = self.store.model_dir(clone_name)
+        if self.store.latest(clone_name) is None:
+            export_src = self.store.model_dir(self.name) / EXPORT_DIRNAME
+            tmp = dest.parent / f".{clone_name}.export-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(export_src, tmp)
+            dest.mkdir(parents=True, exist_ok=True)
+            if not (dest / EXPORT_DIRNAME).exists():
+                os.rename(tmp, dest / EXPORT_DIRNAME)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            ckpt = self.store.load(self.name, real, framework="pt")
+            self.store.publish(clone_name, ckpt.weights, step=real)
+        kwargs = {**self._init_kwargs, **overrides}
+        clone = RemoteModel(clone_name, override_model=False, **kwargs)
+        clone._model = self._model
+        return clone
+
+    def close(self) -> None:
+        """Stop local followers and close connections (the server keeps the model)."""
+        if self._local is not None:
+            self._local.close()
+        if self._client is not None:
+            from bray.bridge._loop import run_sync
+
+            try:
+                run_sync(self._client.close(), timeout_s=5)
+            except Exception:  # closing is best effort
+                pass
+        if self._mgmt is not None:
+            self._mgmt.close()
+
+    def __repr__(self) -> str:
+        mode = "local" if self.local_mode else ",".join(self.locations.inference_urls)
+        return f"RemoteModel({self.name!r}, step={self.step}, engine={self.engine_name}, {mode})"

@@ -1,0 +1,231 @@
+"""The inference transport: async HTTP to one or more TorchServe nodes.
+
+- one pooled ``aiohttp`` session (keep-alive) per event loop;
+- least-outstanding-requests load balancing over the inference addresses;
+- a node that refuses connections is set aside for a moment and the request goes to
+  another; when every node is down the client keeps trying, with backoff, for
+  ``reconnect_timeout_s`` (a TorchServe restart), then raises
+  :class:`~bray.errors.ServerUnreachableError`;
+- 5xx answers from a dying worker are retried (a forward is a pure function of its
+  inputs and the served step, so retrying is safe); 4xx answers are the caller's error
+  and are raised at once with the server's message;
+- an expired inference key is refreshed through :class:`TokenAuth` and the call retried.
+
+Nothing here is silently dropped: every call either returns an answer or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from bray.errors import (
+    AuthError,
+    BrayTimeoutError,
+    ConfigError,
+    InputError,
+    ModelNotFoundError,
+    ServerError,
+    ServerUnreachableError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.archiver.management import TokenAuth
+
+__all__ = ["InferenceClient", "Reply", "TransportStats"]
+
+STEP_HEADER = "X-Bray-Step"
+_RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answered request: its body, the step that produced it, the node that answered."""
+
+    body: bytes
+    step: int
+    url: str
+    content_type: str
+
+
+@dataclass
+class TransportStats:
+    """Counters for reports: requests sent, retried, and connection failures seen."""
+
+    requests: int = 0
+    retries: int = 0
+    connection_errors: int = 0
+    auth_refreshes: int = 0
+    by_url: dict[str, int] = field(default_factory=dict)
+
+
+class InferenceClient:
+    """Sends prediction requests, balancing over ``urls``.
+
+    Args:
+        urls: inference addresses (``http://host:port``), at least one.
+        auth: hands out the inference key and refreshes it.
+        timeout_s: per-request limit (TorchServe's queue wait included).
+        max_retries: retries of one request after 5xx answers or dropped connections.
+        reconnect_timeout_s: how long to keep trying while no node accepts connections.
+        max_connections: connection pool size per node.
+    """
+
+    def __init__(self, urls: Sequence[str], *, auth: "TokenAuth | None" = None, timeout_s: float = 60.0,
+                 max_retries: int = 5, reconnect_timeout_s: float = 60.0, max_connections: int = 64) -> None:
+        if not urls:
+            raise ConfigError("InferenceClient needs at least one inference address")
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries}")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.auth = auth
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.max_connections = max_connections
+        self.stats = TransportStats()
+        self._inflight = {u: 0 for u in self.urls}
+        self._down_until = {u: 0.0 for u in self.urls}
+        self._session: Any = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._rr = 0
+
+    def _get_session(self) -> Any:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session_loop is not loop or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
+                                             ttl_dns_cache=300, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                                  skip_auto_headers=("User-Agent",))
+            self._session_loop = loop
+        return self._session
+
+    def _pick(self, exclude: set[str]) -> str | None:
+        now = time.monotonic()
+        live = [u for u in self.urls if u not in exclude and self._down_until[u] <= now]
+        if not live:
+            return None
+        low = min(self._inflight[u] for u in live)
+        best = [u for u in live if self._inflight[u] == low]
+        self._rr += 1
+        return best[self._rr % len(best)]
+
+    async def predict(self, model: str, body: bytes, *, version: str | None = None,
+                      content_type: str = "application/octet-stream") -> Reply:
+        """POST ``body`` to ``/predictions/<model>[/<version>]`` on the least busy node.
+
+        Raises:
+            InputError: the server answered 400 (its message says what was wrong).
+            ModelNotFoundError: 404, no such model or version.
+            AuthError: the inference key was refused even after a refresh.
+            ServerUnreachableError: no node accepted a connection within ``reconnect_timeout_s``.
+            ServerError: 5xx answers after ``max_retries`` retries.
+        """
+        import aiohttp
+
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        session = self._get_session()
+        attempts = 0
+        refreshed = False
+        tried: set[str] = set()
+        first_down: float | None = None
+        backoff = 0.05
+        while True:
+            url = self._pick(tried)
+            if url is None:
+                # Every node is down or was tried: wait (a restart) within the bound.
+                now = time.monotonic()
+                first_down = first_down or now
+                if now - first_down > self.reconnect_timeout_s:
+                    raise ServerUnreachableError(
+                        f"no TorchServe node accepted a connection for {self.reconnect_timeout_s:.0f} s "
+                        f"(tried {', '.join(self.urls)}); is the server running? check BRAY_INFERENCE_URL",
+                        status=None,
+                    )
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 1.0)
+                tried.clear()
+                continue
+            headers = {"Content-Type": content_type}
+            key_headers = self.auth.headers("inference") if self.auth is not None else {}
+            headers.update(key_headers)
+            self._inflight[url] += 1
+            self.stats.requests += 1
+            self.stats.by_url[url] = self.stats.by_url.get(url, 0) + 1
+            try:
+                async with session.post(url + path, data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    step = resp.headers.get(STEP_HEADER)
+                    ctype = resp.headers.get("Content-Type", "")
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
+                self.stats.connection_errors += 1
+                refused = isinstance(err, aiohttp.ClientConnectorError)
+                if refused:
+                    self._down_until[url] = time.monotonic() + 0.5
+                    tried.add(url)
+                    continue  # never reached the server: always safe to go elsewhere
+                attempts += 1
+                if attempts > self.max_retries:
+                    raise ServerError(f"the connection to {url} broke {attempts} times during {path}: {err}", status=None) from err
+                self.stats.retries += 1
+                tried.add(url)
+                continue
+            finally:
+                self._inflight[url] -= 1
+            first_down = None
+            if status == 200:
+                return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype)
+            message = _message(data)
+            # TorchServe 0.12 answers a missing, wrong or expired key with 400 and
+            # type InvalidKeyException (not 401/403).
+            key_refused = status in (401, 403) or (status == 400 and b"InvalidKeyException" in data[:500])
+            if key_refused and self.auth is not None and not refreshed:
+                refreshed = True
+                self.stats.auth_refreshes += 1
+                stale = key_headers.get("Authorization", "").removeprefix("Bearer ") or None
+                await asyncio.get_running_loop().run_in_executor(None, lambda: self.auth.refresh("inference", stale_key=stale))
+                continue
+            if key_refused:
+                raise AuthError(f"TorchServe at {url} refused the inference key ({status}: {message}); "
+                                "check BRAY_KEY_FILE points at this server's key_file.json", status=status)
+            if status == 404:
+                raise ModelNotFoundError(f"{path} is not served at {url}: {message}", status=status)
+            if status in (400, 413, 422):
+                raise InputError(f"the server refused the request ({status}): {message}", status=status)
+            if status in _RETRY_STATUSES and attempts < self.max_retries:
+                attempts += 1
+                self.stats.retries += 1
+                await asyncio.sleep(min(0.05 * 2 ** attempts, 1.0))
+                continue
+            raise ServerError(f"{path} failed at {url} with {status}: {message}", status=status)
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
+def _message(data: bytes) -> str:
+    try:
+        obj = json.loads(data)
+        if isinstance(obj, dict):
+            return str(obj.get("message") or obj)
+    except ValueError:
+        pass
+    return data[:300].decode("utf-8", "replace")
+
+
+async def wait_until(predicate: Any, *, timeout_s: float, what: str, interval_s: float = 0.01) -> None:
+    """Poll ``predicate()`` until true, or raise BrayTimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise BrayTimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
