@@ -1,0 +1,385 @@
+"""Start and stop real TorchServe instances: used by the test fixtures and the main job.
+
+Each instance gets its own working directory, which holds everything TorchServe would
+otherwise share between instances on one machine:
+
+- ``key_file.json``: TorchServe writes it into the JVM's working directory.
+- ``tmp/``: ``TMPDIR`` and ``TEMP`` point here. ``torchserve --start`` keeps its pid file
+  at ``tempfile.gettempdir()/.model_server.pid`` (so ``/tmp/.model_server.pid`` by default,
+  one per machine: a second ``--start`` refuses to run and ``--stop`` stops whichever
+  instance wrote it), and the frontend puts worker sockets at ``java.io.tmpdir/.ts.sock.<port>``
+  with ports counted from 9000 in every instance. A private temp directory keeps both apart.
+- ``logs/``: ``LOG_LOCATION`` and ``METRICS_LOCATION`` (ts_log.log, model_log.log, and
+  ``torchserve.out`` with the launcher's stdout and stderr).
+- ``config.properties``: the base config (bundled by default) with this instance's
+  addresses and ports appended. A generated file, rather than ``TS_*`` variables, because
+  those only work when the base config says ``enable_envvars_config=true``; ``TS_*``
+  variables that would override the generated addresses are removed from the server's
+  environment for the same reason.
+
+``stop()`` never uses ``torchserve --stop``: it terminates this instance's process tree
+(launcher, Java frontend, Python workers) with psutil.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence
+
+from bray.errors import BrayError, BrayTimeoutError, ConfigError, ServerError
+from bray.ts_config import config_path, log_config_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.archiver.management import TokenAuth
+
+__all__ = ["TorchServeProcess", "free_ports", "start_torchserve"]
+
+# Keys this launcher writes into the per-instance config.
+_ADDRESS_KEYS = (
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "grpc_inference_address",
+    "grpc_management_address",
+    "grpc_inference_port",
+    "grpc_management_port",
+)
+# AF_UNIX paths are limited to 108 bytes; leave room for "/.ts.sock.65535".
+_MAX_TMP_DIR_LEN = 90
+
+
+def free_ports(count: int, *, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel calls free on ``host`` now (all distinct; racy by nature).
+
+    Args:
+        count: how many.
+        host: the address to bind.
+
+    Returns:
+        ``count`` distinct port numbers.
+    """
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _tail(path: Path, n_lines: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n_lines:])
+
+
+@dataclass
+class TorchServeProcess:
+    """A running TorchServe instance started by :func:`start_torchserve`.
+
+    Use as a context manager, or call :meth:`stop`.
+    """
+
+    workdir: Path
+    model_store: Path
+    config_file: Path
+    log_dir: Path
+    tmp_dir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_ports: tuple[int, int]
+    _launcher: subprocess.Popen = field(repr=False)
+    _owns_tmp_dir: bool = field(default=False, repr=False)
+    _java_pid: int | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+    _auth: "TokenAuth | None" = field(default=None, repr=False)
+
+    @property
+    def key_file(self) -> Path:
+        """``key_file.json`` in the working directory (absent when token auth is off)."""
+        return self.workdir / "key_file.json"
+
+    @property
+    def pid(self) -> int:
+        """The Java frontend's pid (the launcher's until the frontend is known)."""
+        return self._java_pid if self._java_pid is not None else self._launcher.pid
+
+    @property
+    def launcher_pid(self) -> int:
+        """The ``torchserve --start --foreground`` process (parent of the frontend)."""
+        return self._launcher.pid
+
+    @property
+    def stdout_file(self) -> Path:
+        """The launcher's stdout and stderr (frontend console output included)."""
+        return self.log_dir / "torchserve.out"
+
+    @property
+    def auth(self) -> "TokenAuth":
+        """A :class:`~bray.archiver.management.TokenAuth` on this instance's key file."""
+        from bray.archiver.management import TokenAuth
+
+        if self._auth is None:
+            self._auth = TokenAuth(self.key_file, management_url=self.management_url)
+        return self._auth
+
+    def headers(self, kind: Literal["inference", "management"] = "inference") -> dict[str, str]:
+        """``Authorization`` header for ``kind``, or ``{}`` while there is no key file."""
+        if not self.key_file.is_file():
+            return {}
+        return self.auth.headers(kind)
+
+    def is_running(self) -> bool:
+        """True while the launcher process lives."""
+        return self._launcher.poll() is None
+
+    def ping(self, *, timeout_s: float = 2.0) -> bool:
+        """True when ``GET /ping`` answers 200 with the inference key."""
+        import requests
+
+        for attempt in range(2):
+            try:
+                headers = self.headers("inference")
+                resp = requests.get(f"{self.inference_url}/ping", headers=headers, timeout=timeout_s)
+                if attempt == 0 and headers and resp.status_code == 400 and "InvalidKeyException" in resp.text:
+                    # Keys expire (60 min by default): regenerate through the API key, once.
+                    self.auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):])
+                    continue
+            except (requests.RequestException, BrayError):
+                return False
+            return resp.status_code == 200
+        return False
+
+    def tail_logs(self, *, n_lines: int = 40) -> str:
+        """The last lines of torchserve.out, ts_log.log and model_log.log, labelled."""
+        parts = []
+        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
+            text = _tail(self.log_dir / name, n_lines)
+            if text:
+                parts.append(f"--- {self.log_dir / name} (last {n_lines} lines) ---\n{text}")
+        return "\n".join(parts) or f"(no logs under {self.log_dir})"
+
+    def _read_java_pid(self) -> int | None:
+        try:
+            return int((self.tmp_dir / ".model_server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the frontend, its Python workers and the launcher. Idempotent.
+
+        SIGTERM to the frontend first (it stops its workers), then SIGTERM and after a
+        grace period SIGKILL to whatever of the process tree is left.
+
+        Args:
+            timeout_s: total time allowed before everything left is killed.
+        """
+        import psutil
+
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout_s
+        procs: dict[int, psutil.Process] = {}
+        roots = [self._launcher.pid]
+        java_pid = self._java_pid or self._read_java_pid()
+        if java_pid is not None:
+            roots.append(java_pid)
+        for pid in roots:
+            try:
+                root = psutil.Process(pid)
+                for p in [root, *root.children(recursive=True)]:
+                    procs[p.pid] = p
+            except psutil.Error:
+                continue
+        java = procs.get(java_pid) if java_pid is not None else None
+        if java is not None:
+            try:
+                java.terminate()
+                java.wait(timeout=max(0.1, 0.75 * (deadline - time.monotonic())))
+            except psutil.TimeoutExpired:
+                pass
+            except psutil.Error:
+                pass
+        alive = []
+        for p in procs.values():
+            try:
+                if p.is_running():
+                    p.terminate()
+                    alive.append(p)
+            except psutil.Error:
+                continue
+        _, alive = psutil.wait_procs(alive, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(alive, timeout=5.0)
+        try:
+            self._launcher.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self._launcher.kill()
+        (self.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
+        if self._auth is not None:
+            self._auth.close()
+        if self._owns_tmp_dir:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "TorchServeProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _write_config(base: Path, dest: Path, overrides: Mapping[str, str]) -> None:
+    # Java Properties and TorchServe's launcher both let the last duplicate key win.
+    lines = [base.read_text().rstrip("\n"), "",
+             "# --- per-instance values written by bray.ts_config.server ---"]
+    lines += [f"{key}={value}" for key, value in overrides.items()]
+    dest.write_text("\n".join(lines) + "\n")
+
+
+def start_torchserve(
+    *,
+    workdir: Path,
+    model_store: Path,
+    inference_port: int | None = None,
+    management_port: int | None = None,
+    metrics_port: int | None = None,
+    grpc_ports: tuple[int, int] | None = None,
+    config: Path | None = None,
+    log_config: Path | None = None,
+    properties: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    models: str | Sequence[str] | None = None,
+    timeout_s: float = 120.0,
+) -> TorchServeProcess:
+    """Start TorchServe on loopback and wait until ``/ping`` answers.
+
+    Args:
+        workdir: working directory of the server (created); holds key_file.json, logs/,
+            tmp/ and the generated config.properties.
+        model_store: directory of ``.mar`` files (created).
+        inference_port, management_port, metrics_port: ``None`` picks a free port.
+        grpc_ports: (inference, management); ``None`` picks two free ports.
+        config: base config.properties; default the bundled one.
+        log_config: log4j2 file; default the bundled one.
+        properties: extra ``key=value`` lines for the generated config (win over ``config``).
+        extra_env: added to the server's environment (``TS_*`` overrides included).
+        models: TorchServe's ``--models`` (``"name=file.mar"`` items, or ``"ALL"``).
+        timeout_s: how long to wait for ``/ping``.
+
+    Returns:
+        The running instance; call ``stop()`` (or use it as a context manager).
+
+    Raises:
+        ConfigError: a config file is missing.
+        ServerError: TorchServe exited during start (the message holds its last log lines).
+        BrayTimeoutError: ``/ping`` did not answer in time (the server is stopped).
+    """
+    config = Path(config) if config is not None else config_path()
+    log_config = Path(log_config) if log_config is not None else log_config_path()
+    for what, path in (("config", config), ("log_config", log_config)):
+        if not path.is_file():
+            raise ConfigError(f"{what} file {path} does not exist")
+    workdir = Path(workdir).resolve()
+    model_store = Path(model_store).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_store.mkdir(parents=True, exist_ok=True)
+    log_dir = workdir / "logs"
+    log_dir.mkdir(exist_ok=True)
+
+    wanted = [inference_port, management_port, metrics_port,
+              *(grpc_ports if grpc_ports is not None else (None, None))]
+    picked = iter(free_ports(sum(p is None for p in wanted)))
+    ports = [p if p is not None else next(picked) for p in wanted]
+    inf, mgmt, met, grpc_inf, grpc_mgmt = ports
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{inf}",
+        "management_address": f"http://127.0.0.1:{mgmt}",
+        "metrics_address": f"http://127.0.0.1:{met}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(grpc_inf),
+        "grpc_management_port": str(grpc_mgmt),
+        **dict(properties or {}),
+    }
+    config_file = workdir / "config.properties"
+    _write_config(config, config_file, overrides)
+
+    tmp_dir = workdir / "tmp"
+    owns_tmp_dir = False
+    if len(str(tmp_dir)) > _MAX_TMP_DIR_LEN:
+        tmp_dir = Path(tempfile.mkdtemp(prefix="bray-ts-"))
+        owns_tmp_dir = True
+    tmp_dir.mkdir(exist_ok=True)
+    (tmp_dir / ".model_server.pid").unlink(missing_ok=True)
+    # A key file left by an earlier run would make the first pings use dead keys.
+    (workdir / "key_file.json").unlink(missing_ok=True)
+
+    env = {k: v for k, v in os.environ.items()
+           if k != "TS_CONFIG_FILE" and k.removeprefix("TS_").lower() not in _ADDRESS_KEYS}
+    env.update(TMPDIR=str(tmp_dir), TEMP=str(tmp_dir), LOG_LOCATION=str(log_dir),
+               METRICS_LOCATION=str(log_dir))
+    env.update(extra_env or {})
+
+    cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
+           "--ts-config", str(config_file), "--log-config", str(log_config),
+           "--model-store", str(model_store)]
+    if models:
+        items = models.replace(",", " ").split() if isinstance(models, str) else list(models)
+        cmd += ["--models", *items]
+    with open(log_dir / "torchserve.out", "ab") as out:
+        launcher = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    server = TorchServeProcess(
+        workdir=workdir, model_store=model_store, config_file=config_file, log_dir=log_dir,
+        tmp_dir=tmp_dir, inference_url=overrides["inference_address"],
+        management_url=overrides["management_address"], metrics_url=overrides["metrics_address"],
+        grpc_ports=(int(grpc_inf), int(grpc_mgmt)), _launcher=launcher, _owns_tmp_dir=owns_tmp_dir,
+    )
+    try:
+        _wait_started(server, timeout_s=timeout_s)
+    except BaseException:
+        server.stop(timeout_s=15.0)
+        raise
+    return server
+
+
+def _wait_started(server: TorchServeProcess, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server._java_pid is None:
+            server._java_pid = server._read_java_pid()
+        if server.ping(timeout_s=2.0):
+            return
+        code = server._launcher.poll()
+        if code is not None:
+            raise ServerError(
+                f"TorchServe exited with code {code} while starting in {server.workdir} "
+                f"(ports {server.inference_url}, {server.management_url}, {server.metrics_url}, "
+                f"gRPC {server.grpc_ports}):\n{server.tail_logs(n_lines=30)}",
+                status=None,
+            )
+        if time.monotonic() >= deadline:
+            raise BrayTimeoutError(
+                f"TorchServe in {server.workdir} did not answer {server.inference_url}/ping "
+                f"within {timeout_s} s:\n{server.tail_logs(n_lines=30)}",
+                timeout_s=timeout_s,
+            )
+        time.sleep(0.25)
+
