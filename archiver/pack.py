@@ -1,0 +1,349 @@
+"""Pack one model of the checkpoint store into a TorchServe ``.mar``.
+
+An archive holds what a TorchServe worker needs to serve the model without the
+trainer's source::
+
+    MAR-INF/MANIFEST.json     written by torch-model-archiver's own Python API
+    bray_handler.py           one-class shim subclassing bray.handlers.handler.EngineHandler
+    model-config.yaml         TorchServe's batching keys + the ``handler: bray:`` section
+    export/spec.json          the exported model definition (bray.export) ...
+    export/model.pt2          ... with only the file the chosen engine runs
+    weights.safetensors       pinned archives only: the step's weights, so the version
+    step.json                 keeps serving after retention drops the step from the store
+
+A *live* archive (``step=None``, version ``latest``) carries no weights: its workers load
+the store's latest step and follow new ones. A *pinned* archive (``step=N``, version
+``"N"``) serves step N for ever.
+
+Archive format: a ``.mar`` zip whose entries are **stored, not deflated**.
+torch-model-archiver's ``default`` format deflates everything, which on float weights
+costs about a second per 100 MB for a size gain of a few percent (random-looking
+mantissas do not compress), and its ``package_model`` first copies every file into
+``$TMPDIR/<model name>/``, a folder shared by every archiver run on the machine, which
+two packs of the same name wipe under each other's feet. So the manifest comes from
+torch-model-archiver's API (``ModelArchiverConfig`` -> ``ModelExportUtils``), and the
+zip is written here, streaming straight from the store into a uniquely named temporary
+file inside the model store, then renamed with :func:`os.replace`: TorchServe never sees
+a half-written archive, and nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import hashlib
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bray.errors import ConfigError, CorruptCheckpointError, StoreError, StoreWriteError
+from bray.export import EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
+from bray.handlers.config import ServingConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.store import CheckpointStore
+
+__all__ = ["LIVE_VERSION", "PackedArchive", "archive_path", "pack_archive", "read_archive_config"]
+
+LIVE_VERSION = "latest"
+HANDLER_FILE = "bray_handler.py"
+CONFIG_FILE = "model-config.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+STEP_FILE = "step.json"
+_ENGINES = ("torch", "onnx", "tensorrt")
+_ONNX_WEIGHTS = ("initializers", "inputs")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
+_CHUNK = 8 << 20
+
+_SHIM = '''"""TorchServe handler of a bray-serve archive (written by bray-archive).
+
+TorchServe wants exactly one class defined in the handler module; the real code is the
+installed bray.handlers.handler.EngineHandler.
+"""
+
+from bray.handlers.handler import EngineHandler as _Base
+
+
+class BrayHandler(_Base):
+    """Serves this archive's model version with bray's EngineHandler."""
+'''
+
+
+@dataclass(frozen=True)
+class PackedArchive:
+    """An archive written into the model store.
+
+    Attributes:
+        path: the ``.mar`` file.
+        name: the model name (TorchServe's and the store's).
+        version: the TorchServe model version (``"<step>"`` or ``"latest"``).
+        step: the pinned step, or ``None`` for a live archive.
+    """
+
+    path: Path
+    name: str
+    version: str
+    step: int | None
+
+    @property
+    def file_name(self) -> str:
+        """What the management API registers (``url=<file_name>``)."""
+        return self.path.name
+
+
+def archive_path(model_store: str | os.PathLike[str], name: str, version: str) -> Path:
+    """Where :func:`pack_archive` puts version ``version`` of ``name``."""
+    return Path(model_store) / f"{name}-{version}.mar"
+
+
+def _check_options(*, engine: str, batch_size: int, max_batch_delay_ms: int, workers: int,
+                   onnx_weights: str, version: str | None) -> None:
+    if engine not in _ENGINES:
+        raise ConfigError(f"engine must be one of {list(_ENGINES)}, got {engine!r}")
+    for key, value, low in (("batch_size", batch_size, 1), ("max_batch_delay_ms", max_batch_delay_ms, 0),
+                            ("workers", workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    if onnx_weights not in _ONNX_WEIGHTS:
+        raise ConfigError(f"onnx_weights must be one of {list(_ONNX_WEIGHTS)}, got {onnx_weights!r}")
+    if version is not None and not _VERSION_RE.fullmatch(version):
+        raise ConfigError(
+            f"version must match {_VERSION_RE.pattern} (TorchServe version strings), got {version!r}"
+        )
+
+
+def _export_files(export_dir: Path, engine: str) -> list[Path]:
+    """The export files the engine needs (the other engine's model file stays out)."""
+    if not (export_dir / SPEC_FILE).is_file():
+        raise StoreError(
+            f"no exported model definition at {export_dir} ({SPEC_FILE} missing); export the "
+            "model first (bray.export.export_model(model, forward_args, dest=<store>/<name>/export), "
+            "which RemoteModel does on its first publish)"
+        )
+    spec = load_spec(export_dir)
+    needed = TORCH_FILE if engine == "torch" else ONNX_FILE
+    if not (export_dir / needed).is_file() or (engine != "torch" and not spec.has_onnx):
+        raise StoreError(
+            f"the export at {export_dir} has no {needed}, which engine {engine!r} runs; "
+            + ("export again with onnx=True (needs the 'onnx' extra) or use --engine torch"
+               if engine != "torch" else "export the model again")
+        )
+    skip = ONNX_FILE if engine == "torch" else TORCH_FILE
+    files = []
+    for path in sorted(export_dir.rglob("*")):
+        rel = path.relative_to(export_dir)
+        if not path.is_file() or rel.parts[0].startswith(".") or rel.name.startswith(skip):
+            continue
+        files.append(path)
+    return files
+
+
+def _yaml_text(serving: ServingConfig, *, batch_size: int, max_batch_delay_ms: int,
+               workers: int) -> str:
+    import yaml
+
+    doc: dict[str, Any] = {
+        "minWorkers": workers,
+        "maxWorkers": max(workers, 1),
+        "batchSize": batch_size,
+        "maxBatchDelay": max_batch_delay_ms,
+        "handler": serving.to_yaml_dict(),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _manifest(name: str, version: str) -> str:
+    """MANIFEST.json exactly as torch-model-archiver writes it."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_archiver_error import ModelArchiverError
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    config = ModelArchiverConfig(model_name=name, handler=HANDLER_FILE, version=version,
+                                 config_file=CONFIG_FILE, archive_format="default")
+    try:
+        ModelExportUtils.check_model_name_regex_or_exit(name)
+    except ModelArchiverError as err:
+        raise ConfigError(f"model name {name!r} is not valid for TorchServe: {err}") from err
+    return ModelExportUtils.generate_manifest_json(config)
+
+
+def _stream_into(zf: zipfile.ZipFile, src: Path, arcname: str, bar: Any, digest: Any = None) -> None:
+    info = zipfile.ZipInfo.from_file(src, arcname)
+    info.compress_type = zipfile.ZIP_STORED
+    # file_size known up front: zipfile picks zip64 itself for > 2 GiB, and rewrites
+    # the local header in place (no data descriptor, which Java's ZipInputStream refuses
+    # on stored entries).
+    with open(src, "rb") as fin, zf.open(info, "w") as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            bar.update(len(chunk))
+
+
+def _progress(total: int, label: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    # delay: no bar at all for packs that take less than a moment
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                disable=not enabled, delay=0.5, leave=False)
+
+
+def _commit(tmp: Path, final: Path, *, force: bool) -> None:
+    """Make ``tmp`` appear as ``final`` in one step; without ``force`` never replace one."""
+    if force:
+        os.replace(tmp, final)
+        return
+    try:
+        # link(2) fails if the name exists: no window in which another pack's archive
+        # (written while we were writing ours) could be clobbered.
+        os.link(tmp, final)
+    except FileExistsError:
+        raise ConfigError(f"{final} already exists; pass --force to overwrite (force=True)",
+                          path=str(final)) from None
+    except OSError:  # no hard links on this file system
+        if final.exists():
+            raise ConfigError(f"{final} already exists; pass --force to overwrite (force=True)",
+                              path=str(final)) from None
+        os.replace(tmp, final)
+
+
+def pack_archive(
+    store: CheckpointStore,
+    name: str,
+    *,
+    step: int | None,
+    model_store: str | os.PathLike[str],
+    engine: str = "torch",
+    batch_size: int = 1,
+    max_batch_delay_ms: int = 5,
+    workers: int = 1,
+    threads: int = 1,
+    fixed_batch_size: int = 0,
+    onnx_weights: str = "initializers",
+    quantize: bool = False,
+    version: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> PackedArchive:
+    """Pack ``name`` from ``store`` into ``<model_store>/<name>-<version>.mar``.
+
+    Args:
+        store: the checkpoint store holding the export and the steps.
+        name: the model name.
+        step: ``None`` for a live archive (follows the latest step, version ``latest``,
+            no weights packed); ``N`` (or ``-1`` for the latest) pins the kept step at or
+            below N, packing its weights, as version ``"<step>"``.
+        model_store: TorchServe's model store directory (created if missing).
+        engine: ``torch``, ``onnx`` or ``tensorrt``.
+        batch_size: TorchServe's batch size (``batchSize``).
+        max_batch_delay_ms: how long TorchServe waits to fill a batch (``maxBatchDelay``).
+        workers: workers per version (``minWorkers``).
+        threads: intra-op threads per worker.
+        fixed_batch_size: ``> 0`` pads every forward to this size.
+        onnx_weights: ``initializers`` or ``inputs`` (onnx engine).
+        quantize: dynamic int8 quantization (onnx engine).
+        version: overrides the version string.
+        force: overwrite an existing archive of that version.
+        progress: show a progress bar (stderr) when packing takes more than a moment.
+
+    Returns:
+        The archive written.
+
+    Raises:
+        ConfigError: an invalid option, or the archive exists and ``force`` is not set.
+        StepNotFoundError: nothing published, or no kept step at or below ``step``.
+        StoreError: the model has no export (or none for this engine).
+        StoreWriteError: the model store refused the write (nothing is left behind).
+    """
+    _check_options(engine=engine, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                   workers=workers, onnx_weights=onnx_weights, version=version)
+    serving_step = -1
+    meta = None
+    if step is not None:
+        serving_step = store.resolve(name, step)
+        meta = store.meta(name, serving_step)
+    version = version or (LIVE_VERSION if step is None else str(serving_step))
+    serving = ServingConfig(
+        name=name, store=str(Path(store.root).resolve()), engine=engine, step=serving_step,
+        fixed_batch_size=fixed_batch_size, threads=threads, onnx_weights=onnx_weights,
+        quantize=quantize,
+    )
+    export_dir = store.model_dir(name) / EXPORT_DIRNAME
+    export_files = _export_files(export_dir, engine)
+    manifest = _manifest(name, version)
+    model_store = Path(model_store)
+    final = archive_path(model_store, name, version)
+    if final.exists() and not force:
+        raise ConfigError(f"{final} already exists; pass --force to overwrite (force=True)",
+                          path=str(final))
+
+    entries = [(p, f"{EXPORT_DIRNAME}/{p.relative_to(export_dir).as_posix()}") for p in export_files]
+    if meta is not None:
+        # Read straight from the store: no staging copy of possibly large weights.
+        entries.append((store._step_dir(name, serving_step) / WEIGHTS_FILE, WEIGHTS_FILE))  # noqa: SLF001
+    try:
+        model_store.mkdir(parents=True, exist_ok=True)
+        # Unique per pack, hidden (TorchServe skips dot-files), same file system as the
+        # final name so os.replace is atomic.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-{version}.", suffix=".mar.tmp", dir=model_store)
+    except OSError as err:
+        raise StoreWriteError(f"cannot write into the model store {model_store}: {err.strerror or err}; "
+                              "check the path and its permissions") from err
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fobj:
+            with zipfile.ZipFile(fobj, "w", zipfile.ZIP_STORED) as zf:
+                zf.writestr(HANDLER_FILE, _SHIM)
+                zf.writestr(CONFIG_FILE, _yaml_text(serving, batch_size=batch_size,
+                                                    max_batch_delay_ms=max_batch_delay_ms, workers=workers))
+                if meta is not None:
+                    meta_json = asdict(meta)
+                    meta_json["keys"] = list(meta.keys)
+                    zf.writestr(STEP_FILE, json.dumps(meta_json, indent=1))
+                total = sum(src.stat().st_size for src, _ in entries)
+                with _progress(total, f"packing {final.name}", progress) as bar:
+                    for src, arcname in entries:
+                        digest = hashlib.sha256() if arcname == WEIGHTS_FILE else None
+                        _stream_into(zf, src, arcname, bar, digest)
+                        if digest is not None and meta is not None and digest.hexdigest() != meta.sha256:
+                            # An archive pins its step for ever: never pin a damaged copy.
+                            raise CorruptCheckpointError(
+                                f"step {serving_step} of {name!r} fails its checksum ({src}: sha256 "
+                                f"{digest.hexdigest()[:12]}..., meta.json says {meta.sha256[:12]}...); "
+                                "pack another step", name=name, step=serving_step,
+                            )
+                zf.writestr("MAR-INF/MANIFEST.json", manifest)
+            fobj.flush()
+            os.fsync(fobj.fileno())
+        _commit(tmp, final, force=force)
+    except FileNotFoundError as err:
+        # Retention removed the step between resolve() and the copy.
+        raise StoreError(f"step {serving_step} of {name!r} disappeared from the store while being "
+                         f"packed ({err.filename}); pack a later step") from err
+    except OSError as err:
+        raise StoreWriteError(f"writing {final} failed: {err.strerror or err}; nothing was written "
+                              "(free space in the model store, then pack again)") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return PackedArchive(path=final, name=name, version=version,
+                         step=None if step is None else serving_step)
+
+
+def read_archive_config(path: str | os.PathLike[str]) -> ServingConfig:
+    """The ``ServingConfig`` packed into an archive (what its workers serve).
+
+    Raises:
+        ConfigError: not a bray archive, or unreadable.
+    """
+    import yaml
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            doc = yaml.safe_load(zf.read(CONFIG_FILE))
+    except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {CONFIG_FILE} from archive {path}: {err}") from err
+    return ServingConfig.from_yaml_dict(doc)

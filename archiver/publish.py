@@ -1,0 +1,471 @@
+"""Store steps as TorchServe model versions: publish, list, set-default, roll back, prune, scale.
+
+The programmatic API behind ``bray-archive`` (and ``RemoteModel.clone``). Every function
+talks to one server through a :class:`~bray.archiver.management.ManagementClient`.
+
+Version strings: a pinned archive of step N is version ``"N"``; a live archive (following
+the store's latest step) is version ``"latest"``. "Older" and "newer" compare numeric
+versions as numbers; ``latest`` is never rolled back to or pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from bray.archiver.pack import LIVE_VERSION, PackedArchive, archive_path, pack_archive, read_archive_config
+from bray.errors import (
+    BrayError,
+    ConfigError,
+    ManagementError,
+    ModelNotFoundError,
+    VersionExistsError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.archiver.management import ManagementClient, ModelVersion
+    from bray.store import CheckpointStore, StoreWatch
+
+__all__ = [
+    "ModelStatus",
+    "PublishWatch",
+    "VersionStatus",
+    "list_versions",
+    "prune",
+    "publish_version",
+    "rollback",
+    "scale",
+    "set_default",
+    "status",
+    "watch_and_publish",
+]
+
+log = logging.getLogger(__name__)
+
+
+_PACK_KEYS = frozenset({
+    "engine", "batch_size", "max_batch_delay_ms", "workers", "threads", "fixed_batch_size",
+    "onnx_weights", "quantize", "version", "force", "progress",
+})
+
+
+def _numeric(version: str) -> int | None:
+    return int(version) if version.isascii() and version.isdigit() else None
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    """Numeric versions in numeric order, then the others (``latest``) by name."""
+    n = _numeric(version)
+    return (0, n, "") if n is not None else (1, 0, version)
+
+
+def publish_version(
+    store: CheckpointStore,
+    name: str,
+    *,
+    step: int | None,
+    client: ManagementClient,
+    model_store: str | os.PathLike[str],
+    set_default: bool = False,
+    wait_timeout_s: float = 300.0,
+    **pack_options: Any,
+) -> ModelVersion:
+    """Pack a step, register it as a version of ``name``, wait for its workers.
+
+    Args:
+        store: the checkpoint store.
+        name: the model name (in the store and on the server).
+        step: ``N`` pins the kept step at or below N (``-1``: the latest) as version
+            ``"N"``; ``None`` publishes a live version ``"latest"`` that follows the store.
+        client: the server's management client. Its ``timeout_s`` bounds the synchronous
+            registration call (worker start included).
+        model_store: the server's model store directory.
+        set_default: make the new version the one ``/predictions/<name>`` serves.
+        wait_timeout_s: how long to wait for the workers to be READY.
+        **pack_options: passed to :func:`~bray.archiver.pack.pack_archive` (``engine``,
+            ``batch_size``, ``max_batch_delay_ms``, ``workers``, ``threads``,
+            ``fixed_batch_size``, ``onnx_weights``, ``quantize``, ``version``, ``force``,
+            ``progress``).
+
+    Returns:
+        The registered version, as the server describes it.
+
+    Raises:
+        VersionExistsError: that version is already registered (nothing was packed).
+        StepNotFoundError: no such step in the store.
+        ConfigError: invalid options, or a stale archive file without ``force=True``.
+        ServerError: registration, start-up or set-default failed; the archive is removed
+            and a half-registered version unregistered.
+        BrayTimeoutError: the workers were not ready in time (cleaned up likewise).
+    """
+    unknown = set(pack_options) - _PACK_KEYS
+    if unknown:
+        raise ConfigError(f"unknown pack option(s) {sorted(unknown)}; expected some of {sorted(_PACK_KEYS)}")
+    if step is not None:
+        step = store.resolve(name, step)
+    version = pack_options.get("version") or (LIVE_VERSION if step is None else str(step))
+    try:
+        client.describe(name, version)
+    except ModelNotFoundError:
+        pass
+    else:
+        raise VersionExistsError(
+            f"version {version} of {name!r} is already registered on {client.url}; publish "
+            f"another step, or unregister it first (bray-archive prune, or DELETE /models/{name}/{version})",
+            status=None, name=name, version=version,
+        )
+    packed = pack_archive(store, name, step=step, model_store=model_store, **pack_options)
+    workers = int(pack_options.get("workers", 1))
+    registered = False
+    try:
+        client.register(
+            packed.file_name, model_name=name, initial_workers=workers,
+            batch_size=int(pack_options.get("batch_size", 1)),
+            max_batch_delay_ms=int(pack_options.get("max_batch_delay_ms", 5)), synchronous=True,
+        )
+        registered = True
+        client.wait_ready(name, packed.version, timeout_s=wait_timeout_s, min_ready=workers)
+        if set_default:
+            client.set_default(name, packed.version)
+        return client.describe(name, packed.version)[0]
+    except BaseException as err:
+        _undo(client, packed, maybe_registered=registered or not isinstance(err, VersionExistsError))
+        raise
+
+
+def _undo(client: ManagementClient, packed: PackedArchive, *, maybe_registered: bool) -> None:
+    """Leave no half-registered version and no orphan archive behind."""
+    if maybe_registered:
+        try:
+            client.unregister(packed.name, packed.version)
+        except ModelNotFoundError:
+            pass
+        except BrayError as err:  # the original error is the one worth raising
+            log.warning("bray-archive: could not unregister %s version %s after a failed publish: %s",
+                        packed.name, packed.version, err)
+    packed.path.unlink(missing_ok=True)
+
+
+def list_versions(name: str, *, client: ManagementClient) -> list[ModelVersion]:
+    """Every registered version of ``name``, numeric versions in step order, then ``latest``.
+
+    Raises:
+        ModelNotFoundError: no such model.
+    """
+    return sorted(client.versions(name), key=lambda v: _version_key(v.version))
+
+
+def set_default(name: str, version: str, *, client: ManagementClient) -> ModelVersion:
+    """Make ``version`` the one ``/predictions/<name>`` serves.
+
+    Returns:
+        The new default version.
+
+    Raises:
+        ModelNotFoundError: no such model or version.
+    """
+    client.set_default(name, str(version))
+    return client.default_version(name)
+
+
+def rollback(name: str, *, client: ManagementClient) -> ModelVersion:
+    """Make the previous version the default: the highest numeric version below the current default.
+
+    A non-numeric default (``latest``) counts as newer than every numeric version.
+
+    Returns:
+        The new default version.
+
+    Raises:
+        ModelNotFoundError: no such model.
+        ManagementError: no older numeric version to roll back to.
+    """
+    versions = client.versions(name)
+    current = next((v for v in versions if v.is_default), None)
+    if current is None:  # pragma: no cover - TorchServe always has a default
+        raise ManagementError(f"{name!r} has no default version on {client.url}", status=None)
+    below = _numeric(current.version)
+    older = [v for v in versions if (n := _numeric(v.version)) is not None and (below is None or n < below)]
+    if not older:
+        listed = ", ".join(sorted((v.version for v in versions), key=_version_key))
+        raise ManagementError(
+            f"cannot roll back {name!r}: no version older than the default {current.version} "
+            f"(registered: {listed}); publish an older step with `bray-archive publish --step N`",
+            status=None, name=name,
+        )
+    target = max(older, key=lambda v: _numeric(v.version) or 0)
+    return set_default(name, target.version, client=client)
+
+
+def prune(name: str, *, keep: int, client: ManagementClient,
+          model_store: str | os.PathLike[str]) -> list[str]:
+    """Unregister and delete the oldest numeric versions, keeping the newest ``keep``.
+
+    Never touches the default version or ``latest`` (neither counts towards ``keep``).
+
+    Args:
+        keep: numeric versions to keep besides the default (>= 0).
+        model_store: where the archives are; each pruned version's ``.mar`` is deleted.
+
+    Returns:
+        The versions removed, oldest first.
+
+    Raises:
+        ConfigError: ``keep`` < 0.
+        ModelNotFoundError: no such model.
+    """
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise ConfigError(f"keep must be an integer >= 0, got {keep!r}")
+    versions = client.versions(name)
+    candidates = sorted((v for v in versions if not v.is_default and _numeric(v.version) is not None),
+                        key=lambda v: _numeric(v.version) or 0)
+    doomed = candidates[: max(0, len(candidates) - keep)]
+    removed = []
+    for v in doomed:
+        client.unregister(name, v.version)
+        mar = Path(model_store) / (v.url or archive_path("", name, v.version).name)
+        # Only files inside the model store (v.url is a file name there); never follow
+        # a URL somewhere else.
+        if mar.resolve().parent == Path(model_store).resolve():
+            mar.unlink(missing_ok=True)
+        removed.append(v.version)
+    return removed
+
+
+def scale(name: str, workers: int, *, client: ManagementClient, version: str | None = None,
+          timeout_s: float | None = None) -> ModelVersion:
+    """Run ``workers`` workers for one version (the default one when ``version`` is None).
+
+    Returns:
+        The version once its workers are started (or stopped).
+
+    Raises:
+        ConfigError: ``workers`` < 0.
+        ModelNotFoundError: no such model or version.
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
+    client.scale(name, version=version, min_workers=workers, max_workers=max(workers, 1),
+                 synchronous=True, timeout_s=timeout_s)
+    if version is None:
+        return client.default_version(name)
+    return client.describe(name, version)[0]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of a model as :func:`status` reports it.
+
+    Attributes:
+        version: TorchServe's version string.
+        is_default: ``/predictions/<name>`` serves this one.
+        workers, ready_workers: worker counts.
+        live: the version follows the store's latest step.
+        step: the step it serves (pinned step; for live ones the store's latest), or
+            ``None`` when unknown.
+        archive: the ``.mar`` it was registered from.
+    """
+
+    version: str
+    is_default: bool
+    workers: int
+    ready_workers: int
+    live: bool
+    step: int | None
+    archive: str
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A registered model and its versions (numeric versions in step order)."""
+
+    name: str
+    default_version: str
+    versions: tuple[VersionStatus, ...] = field(default=())
+
+
+def status(*, client: ManagementClient, model_store: str | os.PathLike[str] | None = None,
+           store: CheckpointStore | None = None, names: list[str] | None = None) -> list[ModelStatus]:
+    """Models, versions, workers, default, and the step each version serves.
+
+    Args:
+        client: the server's management client.
+        model_store: where the archives are (read to tell pinned from live versions;
+            without it a numeric version is taken as pinned to that step).
+        store: the checkpoint store (gives the step live versions serve).
+        names: only these models (default every registered model).
+
+    Raises:
+        ModelNotFoundError: a name in ``names`` is not registered.
+    """
+    result = []
+    for name in names if names is not None else sorted(client.list_models()):
+        rows = []
+        default = ""
+        for v in list_versions(name, client=client):
+            live, step = _served_step(v, model_store, store)
+            if v.is_default:
+                default = v.version
+            rows.append(VersionStatus(version=v.version, is_default=v.is_default, workers=v.workers,
+                                      ready_workers=v.ready_workers, live=live, step=step, archive=v.url))
+        result.append(ModelStatus(name=name, default_version=default, versions=tuple(rows)))
+    return result
+
+
+def _served_step(v: ModelVersion, model_store: str | os.PathLike[str] | None,
+                 store: CheckpointStore | None) -> tuple[bool, int | None]:
+    live, step = v.version == LIVE_VERSION, _numeric(v.version)
+    if model_store is not None and v.url:
+        mar = Path(model_store) / v.url
+        if mar.is_file():
+            try:
+                cfg = read_archive_config(mar)
+                live, step = not cfg.pinned, (cfg.step if cfg.pinned else None)
+            except ConfigError:  # not a bray archive: its version string says nothing about steps
+                return False, None
+    if live:
+        step = None
+        if store is not None:
+            try:
+                step = store.latest(v.name)
+            except ConfigError:
+                pass
+    return live, step
+
+
+class PublishWatch:
+    """Publishes every ``every``-th step of a model as it appears; see :func:`watch_and_publish`.
+
+    Attributes:
+        published: the versions registered so far.
+        errors: ``(step, error)`` for steps that failed to publish (the watch goes on).
+    """
+
+    def __init__(self, store: CheckpointStore, name: str, every: int, *, client: ManagementClient,
+                 model_store: str | os.PathLike[str], set_default: bool, wait_timeout_s: float,
+                 poll_interval_s: float | None,
+                 on_published: Callable[[ModelVersion], None] | None,
+                 on_error: Callable[[int, BaseException], None] | None,
+                 pack_options: dict[str, Any]) -> None:
+        self.store, self.name, self.every = store, name, every
+        self.published: list[ModelVersion] = []
+        self.errors: list[tuple[int, BaseException]] = []
+        self._publish_kw = dict(client=client, model_store=model_store, set_default=set_default,
+                                wait_timeout_s=wait_timeout_s, **pack_options)
+        self._on_published, self._on_error = on_published, on_error
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._stopping = threading.Event()
+        # Watch first, then read the latest: a step published in between is not missed.
+        self._watch: StoreWatch = store.watch(name, self._queue.put, poll_interval_s=poll_interval_s)
+        latest = store.latest(name)
+        self._done = -1 if latest is None else latest  # steps already there are not published
+        self._thread = threading.Thread(target=self._run, name=f"bray-archive-watch-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Publishing (pack + worker start) can take seconds: done here, not on the
+        # store watcher's thread, which must keep up with new steps.
+        while not self._stopping.is_set():
+            step = self._queue.get()
+            if step is None or self._stopping.is_set():
+                return
+            if step <= self._done:
+                continue
+            # The watcher may coalesce steps; look at every kept step since the last one.
+            due = [s for s in self.store.steps(self.name) if self._done < s <= step and s % self.every == 0]
+            for s in due:
+                if self._stopping.is_set():
+                    return
+                self._publish(s)
+            self._done = step
+
+    def _publish(self, step: int) -> None:
+        try:
+            mv = publish_version(self.store, self.name, step=step, **self._publish_kw)
+        except VersionExistsError as err:
+            log.info("bray-archive watch: %s", err)
+            return
+        except (BrayError, OSError) as err:
+            log.error("bray-archive watch: publishing step %d of %s failed: %s", step, self.name, err)
+            self.errors.append((step, err))
+            if self._on_error is not None:
+                self._on_error(step, err)
+            return
+        self.published.append(mv)
+        if self._on_published is not None:
+            self._on_published(mv)
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop watching; a publish in progress is finished first (bounded by ``timeout_s``)."""
+        self._stopping.set()
+        self._watch.stop()
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Block until stopped (from another thread, or by Ctrl-C in the caller)."""
+        self._thread.join(timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "PublishWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def watch_and_publish(
+    store: CheckpointStore,
+    name: str,
+    every: int,
+    *,
+    client: ManagementClient,
+    model_store: str | os.PathLike[str],
+    set_default: bool = False,
+    wait_timeout_s: float = 300.0,
+    poll_interval_s: float | None = None,
+    on_published: Callable[[ModelVersion], None] | None = None,
+    on_error: Callable[[int, BaseException], None] | None = None,
+    **pack_options: Any,
+) -> PublishWatch:
+    """Publish every step divisible by ``every`` as a pinned version, as the trainer publishes it.
+
+    Steps already in the store when the watch starts are left alone. Runs in background
+    threads until ``stop()``; a step that fails to publish is logged, recorded in
+    ``errors`` and passed to ``on_error``, and the watch goes on.
+
+    Args:
+        every: publish steps with ``step % every == 0`` (>= 1).
+        set_default: make each new version the default.
+        poll_interval_s: poll the store instead of inotify (shared file systems).
+        on_published: called with each registered version (from the watch thread).
+        on_error: called with ``(step, error)`` for each failed publish.
+        **pack_options: as for :func:`publish_version` (``version`` excepted).
+
+    Returns:
+        The running watch (``stop()``, ``published``, ``errors``; a context manager).
+
+    Raises:
+        ConfigError: ``every`` < 1 or a bad option.
+    """
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"every must be an integer >= 1, got {every!r}")
+    if pack_options.get("version"):
+        raise ConfigError("watch publishes each step as its own version; do not pass version=")
+    unknown = set(pack_options) - _PACK_KEYS
+    if unknown:
+        raise ConfigError(f"unknown pack option(s) {sorted(unknown)}; expected some of {sorted(_PACK_KEYS)}")
+    store.model_dir(name)  # validates the name now rather than in the thread
+    return PublishWatch(store, name, every, client=client, model_store=model_store,
+                        set_default=set_default, wait_timeout_s=wait_timeout_s,
+                        poll_interval_s=poll_interval_s, on_published=on_published,
+                        on_error=on_error, pack_options=dict(pack_options))
+

@@ -1,0 +1,307 @@
+"""pack_archive and the bray-archive CLI without a server: a tiny real model in a real store."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import sys
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bray.archiver
+from bray.archiver.cli import main
+from bray.archiver.pack import pack_archive, read_archive_config
+from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError, StoreError
+from bray.store import CheckpointStore
+
+NAME = "policy"
+STEPS = (10, 20, 30)
+
+
+def _linear_weights(step: int) -> dict:
+    import torch
+
+    return {"weight": torch.full((2, 4), float(step)), "bias": torch.full((2,), float(step))}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export of a tiny Linear(4, 2), torch and ONNX (exporting takes seconds)."""
+    import torch
+
+    from bray.export import export_model
+
+    dest = tmp_path_factory.mktemp("export") / "export"
+    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=dest)
+    return dest
+
+
+@pytest.fixture
+def store(tmp_path: Path, export_dir: Path) -> CheckpointStore:
+    """A store holding steps 10, 20, 30 of NAME (weights all equal to the step)."""
+    s = CheckpointStore(tmp_path / "store")
+    shutil.copytree(export_dir, s.model_dir(NAME) / "export")
+    for step in STEPS:
+        s.publish(NAME, _linear_weights(step), step=step)
+    return s
+
+
+@pytest.fixture
+def model_store(tmp_path: Path) -> Path:
+    return tmp_path / "model_store"
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def _read(path: Path) -> tuple[zipfile.ZipFile, dict]:
+    zf = zipfile.ZipFile(path)
+    return zf, yaml.safe_load(zf.read("model-config.yaml"))
+
+
+# --- pack_archive ------------------------------------------------------------------------
+
+
+def test_pinned_archive_holds_step_weights_export_shim_and_config(store: CheckpointStore, model_store: Path) -> None:
+    packed = pack_archive(store, NAME, step=20, model_store=model_store, batch_size=8,
+                          max_batch_delay_ms=3, workers=2, threads=2)
+
+    assert packed.path == model_store / f"{NAME}-20.mar"
+    assert (packed.name, packed.version, packed.step) == (NAME, "20", 20)
+    zf, doc = _read(packed.path)
+    assert sorted(zf.namelist()) == sorted([
+        "MAR-INF/MANIFEST.json", "bray_handler.py", "model-config.yaml", "step.json",
+        "weights.safetensors", "export/spec.json", "export/model.pt2",
+    ])
+    # stored, not deflated: float weights do not compress
+    assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+    manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+    assert manifest == {"modelName": NAME, "handler": "bray_handler.py", "modelVersion": "20",
+                        "configFile": "model-config.yaml"}
+    assert {k: doc[k] for k in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")} == {
+        "minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 3}
+    bray_cfg = doc["handler"]["bray"]
+    assert (bray_cfg["name"], bray_cfg["step"], bray_cfg["engine"], bray_cfg["threads"]) == (NAME, 20, "torch", 2)
+    assert bray_cfg["store"] == str(store.root.resolve())
+    step_dir = store.model_dir(NAME) / "steps" / f"{20:012d}"
+    assert zf.read("weights.safetensors") == (step_dir / "weights.safetensors").read_bytes()
+    meta = json.loads(zf.read("step.json"))
+    assert (meta["step"], meta["sha256"]) == (20, store.meta(NAME, 20).sha256)
+    assert read_archive_config(packed.path).step == 20
+
+
+def test_shim_defines_exactly_one_class(store: CheckpointStore, model_store: Path, tmp_path: Path) -> None:
+    """TorchServe's model_loader refuses a handler module with more or fewer classes."""
+    from ts.utils.util import list_classes_from_module
+
+    packed = pack_archive(store, NAME, step=10, model_store=model_store)
+    shim = tmp_path / "bray_handler.py"
+    shim.write_bytes(zipfile.ZipFile(packed.path).read("bray_handler.py"))
+    spec = importlib.util.spec_from_file_location("bray_handler", shim)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = list_classes_from_module(module)
+    assert [c.__name__ for c in classes] == ["BrayHandler"]
+    from bray.handlers.handler import EngineHandler
+
+    assert issubclass(classes[0], EngineHandler)
+
+
+def test_live_archive_follows_latest_and_packs_no_weights(store: CheckpointStore, model_store: Path) -> None:
+    packed = pack_archive(store, NAME, step=None, model_store=model_store)
+
+    assert (packed.version, packed.step, packed.path.name) == ("latest", None, f"{NAME}-latest.mar")
+    zf, doc = _read(packed.path)
+    assert "weights.safetensors" not in zf.namelist() and "step.json" not in zf.namelist()
+    assert doc["handler"]["bray"]["step"] == -1
+    assert not read_archive_config(packed.path).pinned
+
+
+@pytest.mark.parametrize(("asked", "version"), [(25, "20"), (-1, "30"), (10**6, "30")],
+                         ids=["snaps-down-to-kept", "minus-one-is-latest", "above-latest-is-latest"])
+def test_step_resolves_to_a_kept_step(store: CheckpointStore, model_store: Path, asked: int, version: str) -> None:
+    packed = pack_archive(store, NAME, step=asked, model_store=model_store)
+    assert packed.version == version and packed.step == int(version)
+
+
+@pytest.mark.parametrize(("engine", "present", "absent"), [
+    ("torch", "export/model.pt2", "export/model.onnx"),
+    ("onnx", "export/model.onnx", "export/model.pt2"),
+], ids=["torch", "onnx"])
+def test_only_the_engines_model_file_is_packed(store: CheckpointStore, model_store: Path,
+                                               engine: str, present: str, absent: str) -> None:
+    names = zipfile.ZipFile(pack_archive(store, NAME, step=10, model_store=model_store, engine=engine).path).namelist()
+    assert present in names and absent not in names
+
+
+def test_existing_archive_is_not_overwritten_without_force(store: CheckpointStore, model_store: Path) -> None:
+    first = pack_archive(store, NAME, step=20, model_store=model_store)
+    before = first.path.read_bytes()
+
+    with pytest.raises(ConfigError, match="already exists; pass --force to overwrite"):
+        pack_archive(store, NAME, step=20, model_store=model_store, batch_size=4)
+    assert first.path.read_bytes() == before
+
+    again = pack_archive(store, NAME, step=20, model_store=model_store, batch_size=4, force=True)
+    assert _read(again.path)[1]["batchSize"] == 4
+    assert sorted(p.name for p in model_store.iterdir()) == [f"{NAME}-20.mar"]  # no temp files left
+
+
+def test_concurrent_packs_of_two_names_do_not_collide(store: CheckpointStore, model_store: Path) -> None:
+    other = "opponent"
+    shutil.copytree(store.model_dir(NAME) / "export", store.model_dir(other) / "export")
+    store.publish(other, _linear_weights(7), step=7)
+    barrier = threading.Barrier(4)
+
+    def pack(args: tuple[str, int]) -> bray.archiver.PackedArchive:
+        barrier.wait()
+        return pack_archive(store, args[0], step=args[1], model_store=model_store)
+
+    with ThreadPoolExecutor(4) as pool:
+        packed = list(pool.map(pack, [(NAME, 10), (other, 7), (NAME, 30), (NAME, 20)]))
+
+    assert sorted(p.path.name for p in packed) == sorted(p.name for p in model_store.iterdir())
+    for p in packed:
+        zf = zipfile.ZipFile(p.path)
+        assert zf.testzip() is None
+        assert json.loads(zf.read("step.json"))["name"] == p.name
+        assert json.loads(zf.read("step.json"))["step"] == p.step
+
+
+def test_racing_packs_of_one_version_leave_exactly_one_archive(store: CheckpointStore, model_store: Path) -> None:
+    barrier = threading.Barrier(6)
+
+    def pack(_: int) -> str:
+        barrier.wait()
+        try:
+            pack_archive(store, NAME, step=30, model_store=model_store)
+        except ConfigError as err:
+            assert "already exists" in str(err)
+            return "refused"
+        return "written"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(pack, range(6)))
+
+    assert outcomes.count("written") == 1
+    assert [p.name for p in model_store.iterdir()] == [f"{NAME}-30.mar"]
+    assert zipfile.ZipFile(model_store / f"{NAME}-30.mar").testzip() is None
+
+
+def test_corrupt_step_is_refused_and_leaves_nothing(store: CheckpointStore, model_store: Path) -> None:
+    weights = store.model_dir(NAME) / "steps" / f"{20:012d}" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
+        pack_archive(store, NAME, step=20, model_store=model_store)
+    assert _files(model_store) == []
+
+
+def test_missing_step_or_export_is_an_error_before_writing(tmp_path: Path, model_store: Path) -> None:
+    empty = CheckpointStore(tmp_path / "empty")
+    with pytest.raises(StepNotFoundError, match="publish one first"):
+        pack_archive(empty, NAME, step=-1, model_store=model_store)
+    empty.publish(NAME, _linear_weights(1), step=1)
+    with pytest.raises(StoreError, match="export the model first"):
+        pack_archive(empty, NAME, step=1, model_store=model_store)
+    assert _files(model_store) == []
+
+
+@pytest.mark.parametrize("options", [
+    {"engine": "jax"}, {"batch_size": 0}, {"max_batch_delay_ms": -1}, {"workers": -1},
+    {"onnx_weights": "both"}, {"version": "a/b"}, {"threads": 0},
+], ids=lambda o: next(iter(o)))
+def test_invalid_options_are_config_errors(store: CheckpointStore, model_store: Path, options: dict) -> None:
+    with pytest.raises(ConfigError):
+        pack_archive(store, NAME, step=10, model_store=model_store, **options)
+
+
+def test_progress_bar_packs_the_same_archive(store: CheckpointStore, model_store: Path) -> None:
+    packed = pack_archive(store, NAME, step=30, model_store=model_store, progress=True)
+    assert zipfile.ZipFile(packed.path).testzip() is None
+
+
+def test_public_surface_is_sorted_and_complete() -> None:
+    public = {n for n in vars(bray.archiver) if not n.startswith("_")} - {
+        "annotations", "management", "pack", "publish", "cli"}
+    assert bray.archiver.__all__ == sorted(bray.archiver.__all__)
+    assert set(bray.archiver.__all__) == public
+
+
+# --- the CLI through main(argv) -----------------------------------------------------------
+
+SUBCOMMANDS = ["publish", "versions", "set-default", "rollback", "prune", "scale", "status", "watch"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in SUBCOMMANDS)],
+                         ids=["bray-archive", *SUBCOMMANDS])
+def test_help_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    assert "usage: bray-archive" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["frobnicate"],
+    ["publish"],
+    ["publish", "--name", "p", "--step", "-3"],
+    ["publish", "--name", "p", "--step", "ten"],
+    ["publish", "--name", "p", "--step", "3", "--live"],
+    ["publish", "--name", "p", "--engine", "jax"],
+    ["publish", "--name", "p", "--batch-size", "0"],
+    ["prune", "p"],
+    ["prune", "p", "--keep", "-1"],
+    ["scale", "p"],
+    ["set-default", "p"],
+    ["watch", "--name", "p", "--every", "0"],
+], ids=["no-command", "unknown-command", "publish-no-name", "negative-step", "step-not-a-number",
+        "step-and-live", "unknown-engine", "batch-size-0", "prune-no-keep", "prune-negative-keep",
+        "scale-no-workers", "set-default-no-step", "watch-every-0"])
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "usage: bray-archive" in capsys.readouterr().err
+
+
+def test_failure_exits_1_with_message_and_no_traceback(store: CheckpointStore, model_store: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["publish", "--store", str(store.root), "--model-store", str(model_store),
+                 "--name", "nobody", "--management", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no step of 'nobody' is published" in err and "Traceback" not in err
+
+
+def test_unreachable_server_exits_1_saying_where(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["versions", "policy", "--management", "http://127.0.0.1:9", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "is the server running" in err
+
+
+def test_paths_default_from_bray_env(store: CheckpointStore, model_store: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("BRAY_STORE", str(store.root))
+    monkeypatch.setenv("BRAY_MODEL_STORE", str(model_store))
+    monkeypatch.setenv("BRAY_MANAGEMENT_URL", "http://127.0.0.1:9")
+    out = io.StringIO()
+    # Step 99 snaps down to 30, which exists: the failure is the server, proving the store came from the env.
+    assert main(["publish", "--name", NAME, "--step", "99"], out=out) == 1
+    assert "http://127.0.0.1:9" in capsys.readouterr().err
+    assert _files(model_store) == []  # the server is asked first: nothing packed for an unreachable one
+
+
+def test_main_is_the_console_script() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "bray-archive"]
+    assert ep.value == "bray.archiver.cli:main"
+    assert sys.modules["bray.archiver.cli"].main is main
