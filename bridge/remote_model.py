@@ -83,6 +83,12 @@ def init(project: str | None = None, trial: str | None = None, *, store: str | o
     defaults (the bundled config started as the README says). ``project`` and ``trial``
     give the store a sub-folder each (``<store>/<project>/<trial>``), as in Bray.
 
+    Several nodes (``inference_url="http://a:8080,http://b:8080"``, sharing one store):
+    every TorchServe writes its own keys, so ``key_file`` lists one key file per address,
+    comma-separated in the same order (and ``management_url`` may too, for refreshing
+    each node's expired key). Models are registered on the first node only; the others
+    must have them registered already (``RemoteModel(name)`` with ``init`` pointing there).
+
     Returns:
         The resolved locations.
 
@@ -164,6 +170,28 @@ def _drop_batch(obj: Any) -> Any:
     return type(obj)(_drop_batch(v) for v in obj)
 
 
+def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
+    """Management URLs and key files, each one or one per inference address.
+
+    ``BRAY_KEY_FILE`` (and ``BRAY_MANAGEMENT_URL``) may list one entry per inference
+    address, comma-separated in ``BRAY_INFERENCE_URL``'s order; the first entries are the
+    node where models are registered.
+    """
+    n = len(locations.inference_urls)
+    mgmt = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
+    keys: list[Path | None] = (
+        [Path(k.strip()) for k in str(locations.key_file).split(",") if k.strip()]
+        if locations.key_file is not None else [None]
+    )
+    for what, items, var in (("management URL", mgmt, "BRAY_MANAGEMENT_URL"), ("key file", keys, "BRAY_KEY_FILE")):
+        if len(items) not in (1, n):
+            raise ConfigError(
+                f"{len(items)} {what}s for {n} inference address(es); give one, or one per address "
+                f"in BRAY_INFERENCE_URL's order ({var}=a,b,...)"
+            )
+    return mgmt, keys
+
+
 def _batch_of(payload: Any) -> int:
     leaves = wire.leaves(payload)
     if not leaves or leaves[0].ndim == 0:
@@ -212,7 +240,7 @@ class RemoteModel:
         namespace: str | None = None,
         *,
         use_tensorrt: bool = False,
-        max_batch_delay_ms: int = 2,
+        max_batch_delay_ms: int = 0,
         keep_last: int = 5,
         timeout_s: float = 60.0,
         _pinned_step: int | None = None,
@@ -302,9 +330,22 @@ class RemoteModel:
         if self._mgmt is None:
             from bray.archiver.management import ManagementClient
 
-            self._mgmt = ManagementClient(self.locations.management_url, key_file=self.locations.key_file,
+            mgmt_urls, key_files = _per_node(self.locations)
+            self._mgmt = ManagementClient(mgmt_urls[0], key_file=key_files[0],
                                           timeout_s=max(self.timeout_s * 10, 300))
         return self._mgmt
+
+    def _inference_auth(self) -> Any:
+        from bray.archiver.management import TokenAuth
+
+        mgmt_urls, key_files = _per_node(self.locations)
+        urls = self.locations.inference_urls
+        if len(key_files) == 1 and len(mgmt_urls) == 1:
+            return TokenAuth(key_files[0], management_url=mgmt_urls[0])
+        # Each TorchServe generates its own keys at start: one TokenAuth per node, refreshed
+        # through that node's management API (or the one given, when only one is).
+        return {url: TokenAuth(key_files[i % len(key_files)], management_url=mgmt_urls[i % len(mgmt_urls)])
+                for i, url in enumerate(urls)}
 
     def _register(self, *, override: bool) -> None:
         from bray.archiver.publish import publish_version
@@ -334,11 +375,10 @@ class RemoteModel:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    from bray.archiver.management import TokenAuth
                     from bray.bridge.batching import ForwardBatcher
                     from bray.bridge.transport import InferenceClient
 
-                    auth = TokenAuth(self.locations.key_file, management_url=self.locations.management_url)
+                    auth = self._inference_auth()
                     self._client = InferenceClient(self.locations.inference_urls, auth=auth, timeout_s=self.timeout_s)
                     samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size else 0
                     self._batcher = ForwardBatcher(self._send, max_batch_samples=samples,

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for bray-serve: Java 17+ (TorchServe's front end), a virtual
+# environment in .venv with torch 2.13.0 (CPU), TorchServe 0.12, ONNX Runtime and the
+# package itself (editable), plus test and benchmark tools. Idempotent: a second run
+# only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${BRAY_VENV:-.venv}
+
+java_major() {
+  java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print (v[1] == "1" ? v[2] : v[1]); exit}'
+}
+if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ]; then
+  echo "setup: Java 17+ not found; installing openjdk-17-jre-headless with apt-get"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+fi
+echo "setup: java $(java_major) ok"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+stamp="$VENV/.bray-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  $PIP install -q --upgrade pip
+  # torch first and pinned: 2.13.0 CPU is on this kind of machine's disk; an unpinned
+  # torch would pull a multi-GB CUDA build.
+  $PIP install -q "torch==2.13.0"
+  # torchserve 0.12's wheel forgets PyYAML, which its worker imports: pyproject lists it.
+  $PIP install -q -e ".[onnx,test,bench]"
+  rm -f "$VENV"/.bray-setup-*
+  touch "$stamp"
+fi
+"$VENV/bin/python" -c "import torch, ts, model_archiver, yaml, onnxruntime, bray; print('setup: torch', torch.__version__, '| torchserve', ts.__version__ if hasattr(ts, '__version__') else '0.12', '| onnxruntime', onnxruntime.__version__)"
