@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -148,11 +149,11 @@ class ModelSpec:
     onnx_output_names: tuple[str, ...] = ()
     param_shapes: Mapping[str, tuple[int, ...]] | None = None
 
-    @property
+    @cached_property
     def input_leaves(self) -> list[Mapping[str, Any]]:
         return _leaf_nodes(self.inputs)
 
-    @property
+    @cached_property
     def output_leaves(self) -> list[Mapping[str, Any]]:
         return _leaf_nodes(self.outputs)
 

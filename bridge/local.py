@@ -15,9 +15,8 @@ import numpy as np
 from bray.export import EXPORT_DIRNAME, load_spec
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
-from bray.handlers.request import parse_request
+from bray.handlers.request import parse_payload
 from bray.store import CheckpointStore
-from bray import wire
 
 __all__ = ["LocalRunner"]
 
@@ -51,8 +50,15 @@ class LocalRunner:
         self.follower.start()
 
     def forward(self, payload: Any) -> tuple[Any, int]:
-        """Run one batched payload (``{"args": [...], "kwargs": {...}}``); returns (outputs, step)."""
-        parsed = parse_request(payload, self.spec, limits=wire.DEFAULT_LIMITS)
+        """Run one batched payload (``{"args": [...], "kwargs": {...}}``); returns (outputs, step).
+
+        Raises:
+            InputError: the inputs do not fit the model (the same checks and messages as
+                the server's: structure, dtype, shape).
+        """
+        # With the binary form's rules, as the server applies them to RemoteModel's
+        # requests (exact dtypes, tuples allowed), without an encode/decode round trip.
+        parsed = parse_payload(payload, self.spec, binary=True)
         with self._lock:
             step = self.follower.swap_if_pending()
             leaves = parsed.leaves

@@ -19,7 +19,7 @@ from bray import wire
 from bray.errors import InputError, WireError
 from bray.export import ModelSpec, describe_inputs
 
-__all__ = ["Parsed", "encode_outputs", "parse_request", "split_outputs"]
+__all__ = ["Parsed", "encode_outputs", "parse_payload", "parse_request", "split_outputs"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,22 @@ def parse_request(body: Any, spec: ModelSpec, *, limits: wire.WireLimits, reject
             raise WireError(f"the body is not valid JSON: {err}") from err
     else:
         payload = body
+    return parse_payload(payload, spec, binary=binary, reject_nonfinite=reject_nonfinite)
+
+
+def parse_payload(payload: Any, spec: ModelSpec, *, binary: bool, reject_nonfinite: bool = False) -> Parsed:
+    """Check an already-decoded payload against the spec.
+
+    Args:
+        payload: ``{"args": [...], "kwargs": {...}}`` or the lone positional input.
+        spec: the model's input spec.
+        binary: ``True``: leaves are ndarrays whose dtypes must match exactly (the binary
+            form, and local mode); ``False``: leaves are JSON lists, cast to the spec.
+        reject_nonfinite: refuse NaN and infinity.
+
+    Raises:
+        InputError: the inputs do not fit the model.
+    """
     args, kwargs = _split_payload(payload, spec)
     args_node, kwargs_node = spec.inputs["items"]
     if binary:
