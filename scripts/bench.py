@@ -1,0 +1,331 @@
+"""bray-serve against stock TorchServe, in one run, on one server, as ratios.
+
+Stock TorchServe as its docs teach it: a ``BaseHandler`` subclass taking JSON, the
+model archived with the ``torch-model-archiver`` CLI from ``model.py`` + ``torch.save``
+weights, new weights served by archiving a new version, registering it
+(``POST /models``) and making it the default (``PUT .../set-default``).
+
+bray-serve: ``bray.RemoteModel`` (binary wire format, client-side batching, weights
+hot-reloaded from the store), torch and onnx engines.
+
+Both serve the policy MLP (obs 64 -> 256 -> 256 -> 16) with 2 workers. Measured:
+single-caller latency, forwards/s with 1, 16 and 64 concurrent callers (asyncio
+coroutines in this process, one sample per forward), time from new weights to served
+on every worker, and local mode against calling the module directly. Writes
+``results/bench.md``, ``results/bench.json`` and ``results/bench.png``.
+
+    .venv/bin/python scripts/bench.py [--duration-s 5] [--publishes 20] [--out results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+OBS, HIDDEN, ACTIONS = 64, 256, 16
+WORKERS = 2
+BATCH, DELAY_MS = 32, 5
+CALLERS = (1, 16, 64)
+
+STOCK_MODEL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Policy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16))
+
+        def forward(self, obs):
+            return self.net(obs)
+    """
+)
+
+# The docs' custom-handler pattern: JSON in, tensors batched in preprocess, lists out.
+STOCK_HANDLER = textwrap.dedent(
+    """
+    import json
+
+    import torch
+    from ts.torch_handler.base_handler import BaseHandler
+
+
+    class PolicyHandler(BaseHandler):
+        def preprocess(self, data):
+            rows = []
+            for row in data:
+                body = row.get("data") or row.get("body")
+                if isinstance(body, (bytes, bytearray)):
+                    body = json.loads(body)
+                rows.append(torch.tensor(body, dtype=torch.float32))
+            self._sizes = [r.shape[0] for r in rows]
+            return torch.cat(rows)
+
+        def inference(self, data, *args, **kwargs):
+            with torch.inference_mode():
+                return self.model(data)
+
+        def postprocess(self, data):
+            return [part.tolist() for part in torch.split(data, self._sizes)]
+    """
+)
+
+
+def policy() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.models import PolicyMLP
+
+    return PolicyMLP(OBS, HIDDEN, ACTIONS).eval()
+
+
+async def rate(call: Callable[[], Awaitable[Any]], callers: int, duration_s: float) -> float:
+    """Forwards per second with ``callers`` coroutines looping on ``call`` for ``duration_s``."""
+    count = 0
+    stop = time.perf_counter() + duration_s
+
+    async def loop() -> None:
+        nonlocal count
+        while time.perf_counter() < stop:
+            await call()
+            count += 1
+
+    for _ in range(3):  # warm-up
+        await call()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(callers)))
+    return count / (time.perf_counter() - t0)
+
+
+async def latency_ms(call: Callable[[], Awaitable[Any]], n: int) -> float:
+    for _ in range(10):
+        await call()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+class Stock:
+    """The policy served the way TorchServe's docs teach."""
+
+    def __init__(self, server: Any, work: Path, model: Any) -> None:
+        self.server, self.work, self.name = server, work, "policy_stock"
+        (work / "model.py").write_text(STOCK_MODEL)
+        (work / "handler.py").write_text(STOCK_HANDLER)
+        self.version = 0
+        self.session: Any = None
+        self.obs = np.random.default_rng(0).standard_normal((1, OBS)).astype(np.float32).tolist()
+        self.deploy(model.state_dict())
+
+    def deploy(self, state_dict: Any) -> float:
+        """torch.save -> torch-model-archiver CLI -> POST /models -> set-default -> answered. Seconds."""
+        import requests
+        import torch
+
+        t0 = time.perf_counter()
+        self.version += 1
+        weights = self.work / "weights.pt"
+        torch.save(state_dict, weights)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", self.name, "--version", str(self.version),
+             "--model-file", str(self.work / "model.py"), "--serialized-file", str(weights), "--handler", str(self.work / "handler.py"),
+             "--export-path", str(self.server.model_store), "-f"],
+            check=True, capture_output=True,
+        )
+        mar = f"{self.name}-v{self.version}.mar"
+        (self.server.model_store / f"{self.name}.mar").rename(self.server.model_store / mar)
+        mgmt, headers = self.server.management_url, self.server.headers("management")
+        r = requests.post(f"{mgmt}/models", headers=headers, params={
+            "url": mar, "initial_workers": WORKERS, "batch_size": BATCH, "max_batch_delay": DELAY_MS, "synchronous": "true"})
+        r.raise_for_status()
+        requests.put(f"{mgmt}/models/{self.name}/{self.version}/set-default", headers=headers).raise_for_status()
+        r = requests.post(f"{self.server.inference_url}/predictions/{self.name}", json=self.obs, headers=self.server.headers("inference"))
+        r.raise_for_status()
+        took = time.perf_counter() - t0
+        if self.version > 1:  # not timed: free the old version's workers
+            requests.delete(f"{mgmt}/models/{self.name}/{self.version - 1}", headers=headers)
+        return took
+
+    async def forward(self) -> Any:
+        import aiohttp
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128))
+        async with self.session.post(f"{self.server.inference_url}/predictions/{self.name}", json=self.obs,
+                                     headers=self.server.headers("inference")) as resp:
+            resp.raise_for_status()
+            return await resp.json(content_type=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration-s", type=float, default=5.0, help="seconds per throughput point")
+    p.add_argument("--latency-n", type=int, default=300, help="sequential forwards for the latency median")
+    p.add_argument("--publishes", type=int, default=20, help="weight updates for bray's publish-to-served figure")
+    p.add_argument("--stock-publishes", type=int, default=3, help="weight updates for stock's (each takes seconds)")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    import bray
+    from bray.ts_config.server import start_torchserve
+
+    torch.manual_seed(0)
+    model = policy()
+    work = Path(tempfile.mkdtemp(prefix="bray-bench-"))
+    server = start_torchserve(workdir=work / "server", model_store=work / "model_store")
+    results: dict[str, Any] = {"callers": list(CALLERS)}
+    try:
+        bray.init(store=work / "store", model_store=server.model_store, inference_url=server.inference_url,
+                  management_url=server.management_url, key_file=server.key_file)
+        obs = np.random.default_rng(0).standard_normal(OBS).astype(np.float32)
+        example = (torch.zeros(BATCH, OBS),)
+        systems: dict[str, Any] = {}
+        print("bench: deploying stock TorchServe (docs way)", flush=True)
+        stock = Stock(server, work, model)
+        systems["stock TorchServe (JSON, 32/5 ms)"] = stock.forward
+        for label, kwargs in [
+            ("bray torch (32/5 ms)", dict(max_batch_delay_ms=DELAY_MS)),
+            ("bray torch (32/0 ms)", dict(max_batch_delay_ms=0)),
+            ("bray onnx (32/0 ms)", dict(max_batch_delay_ms=0, use_onnx="infer")),
+        ]:
+            print(f"bench: deploying {label}", flush=True)
+            name = "policy_" + label.split()[1] + ("_d5" if "5 ms" in label else "")
+            rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS, **kwargs)
+            systems[label] = (lambda rm=rm: rm.forward(obs, batch=False))
+            systems[label].rm = rm  # type: ignore[attr-defined]
+
+        async def measure() -> None:
+            for label, call in systems.items():
+                row: dict[str, Any] = {"latency_ms": await latency_ms(call, args.latency_n)}
+                for c in CALLERS:
+                    row[f"fps_{c}"] = await rate(call, c, args.duration_s)
+                results[label] = row
+                print(f"bench: {label}: {row}", flush=True)
+            if stock.session is not None:
+                await stock.session.close()
+
+        asyncio.run(measure())
+
+        # New weights -> served on every worker.
+        rm = systems["bray torch (32/0 ms)"].rm
+        served = []
+        for i in range(args.publishes):
+            weights = {k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()}
+            t0 = time.perf_counter()
+            rm.publish_weights(weights).wait(timeout_s=30)
+            served.append(time.perf_counter() - t0)
+        stock_served = [stock.deploy({k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()})
+                        for i in range(args.stock_publishes)]
+        results["publish_to_served_ms"] = {
+            "bray_median": float(np.median(served) * 1e3), "bray_max": float(np.max(served) * 1e3),
+            "stock_median": float(np.median(stock_served) * 1e3), "stock_max": float(np.max(stock_served) * 1e3),
+        }
+        print(f"bench: publish->served {results['publish_to_served_ms']}", flush=True)
+
+        # Local mode against the module itself.
+        local = bray.RemoteModel("policy_local", model=model, forward_args=example, local_mode=True)
+        x1 = obs[None]
+        n = 3000
+        for _ in range(100):
+            local(x1)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            local(x1)
+        t_local = (time.perf_counter() - t0) / n
+        with torch.inference_mode():
+            xt = torch.from_numpy(x1)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                model(xt).numpy()
+            t_direct = (time.perf_counter() - t0) / n
+        results["local_mode_us"] = {"bray_local": t_local * 1e6, "direct_module": t_direct * 1e6}
+        local.close()
+        for call in systems.values():
+            if hasattr(call, "rm"):
+                call.rm.close()
+    finally:
+        server.stop()
+    write(results, args.out)
+    return 0
+
+
+def versions() -> str:
+    import onnxruntime
+    import torch
+    from importlib.metadata import version
+
+    return (f"torch {torch.__version__}, torchserve {version('torchserve')}, onnxruntime {onnxruntime.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stock_label = "stock TorchServe (JSON, 32/5 ms)"
+    stock = results[stock_label]
+    labels = [k for k in results if isinstance(results[k], dict) and "latency_ms" in results[k]]
+    import os
+
+    head = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores (client and server on one machine), "
+            f"{versions()}; policy MLP 64-256-256-16, {WORKERS} workers, TorchServe batch {BATCH}")
+    lines = [f"_{head}_", "", "| system | single-caller latency ms | fwd/s 1 | fwd/s 16 | fwd/s 64 | latency vs stock | fwd/s 64 vs stock |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        r = results[label]
+        lines.append(f"| {label} | {r['latency_ms']:.2f} | {r['fps_1']:.0f} | {r['fps_16']:.0f} | {r['fps_64']:.0f} | "
+                     f"{r['latency_ms'] / stock['latency_ms']:.2f}x | {r['fps_64'] / stock['fps_64']:.1f}x |")
+    ps = results["publish_to_served_ms"]
+    lm = results["local_mode_us"]
+    lines += ["", "| new weights to served on every worker | median ms | worst ms |", "|---|---:|---:|",
+              f"| stock: archive + register + set-default | {ps['stock_median']:.0f} | {ps['stock_max']:.0f} |",
+              f"| bray: publish_weights(...).wait() | {ps['bray_median']:.1f} | {ps['bray_max']:.1f} |",
+              f"| ratio stock / bray | {ps['stock_median'] / ps['bray_median']:.0f}x | |",
+              "", f"Local mode: {lm['bray_local']:.1f} µs per forward (batch 1) vs {lm['direct_module']:.1f} µs calling the "
+              f"module directly ({lm['bray_local'] / lm['direct_module']:.2f}x)."]
+    md = "\n".join(lines) + "\n"
+    (out / "bench.md").write_text(md)
+    (out / "bench.json").write_text(json.dumps({"meta": head, **results}, indent=1))
+    print(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        xs = np.arange(len(CALLERS))
+        for i, label in enumerate(labels):
+            a1.bar(xs + i * 0.2, [results[label][f"fps_{c}"] for c in CALLERS], 0.2, label=label)
+        a1.set_xticks(xs + 0.3, [str(c) for c in CALLERS])
+        a1.set_xlabel("concurrent callers")
+        a1.set_ylabel("forwards / s")
+        a1.set_yscale("log")
+        a1.legend(fontsize=7)
+        a2.bar(labels, [results[label]["latency_ms"] for label in labels])
+        a2.set_ylabel("single-caller latency ms")
+        a2.tick_params(axis="x", labelrotation=20, labelsize=7)
+        fig.suptitle("bray-serve vs stock TorchServe, policy MLP, 2 workers", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "bench.png", dpi=110)
+    except ImportError:
+        print("bench: matplotlib missing; no plot (pip install 'bray-serve[bench]')")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
