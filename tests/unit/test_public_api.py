@@ -1,0 +1,70 @@
+"""The public surface: explicit, sorted, resolvable, cheap to import, errors from one tree."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import bray
+from bray import errors
+
+MODULES = ["bray", "bray.errors", "bray.store", "bray.wire", "bray.config", "bray.export", "bray.archiver",
+           "bray.bridge", "bray.handlers.engines", "bray.handlers.request"]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=MODULES)
+def test_all_is_sorted_and_resolves(module: str) -> None:
+    mod = importlib.import_module(module)
+    names = list(mod.__all__)
+    assert names == sorted(names), f"{module}.__all__ is not sorted"
+    for name in names:
+        assert getattr(mod, name) is not None
+
+
+def test_errors_all_matches_the_classes_defined() -> None:
+    defined = {n for n, obj in vars(errors).items() if inspect.isclass(obj) and issubclass(obj, errors.BrayError)}
+    assert defined == set(errors.__all__)
+
+
+@pytest.mark.parametrize("name", errors.__all__, ids=errors.__all__)
+def test_every_error_is_a_bray_error_and_pickles_with_its_attributes(name: str) -> None:
+    cls = getattr(errors, name)
+    assert issubclass(cls, errors.BrayError)
+    err = cls("something was wrong; do this", status=409, name="policy")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls and str(back) == str(err)
+    assert back.status == 409 and back.name == "policy"
+
+
+@pytest.mark.parametrize(("cls", "builtin"), [
+    (errors.ConfigError, ValueError), (errors.WireError, ValueError), (errors.InputError, ValueError),
+    (errors.StepConflictError, ValueError), (errors.StepNotFoundError, LookupError), (errors.StoreWriteError, OSError),
+    (errors.EngineUnavailableError, ImportError), (errors.ServerUnreachableError, ConnectionError),
+    (errors.AuthError, PermissionError), (errors.BrayTimeoutError, TimeoutError),
+], ids=lambda x: x.__name__)
+def test_errors_inherit_the_matching_builtin(cls: type, builtin: type) -> None:
+    assert issubclass(cls, builtin)
+
+
+def test_import_bray_is_cheap_and_has_no_side_effects() -> None:
+    code = ("import sys, threading; import bray; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'aiohttp' not in sys.modules, 'aiohttp imported'; "
+            "assert threading.active_count() == 1, 'a thread was started'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_front_door() -> None:
+    from bray import RemoteModel, init
+
+    assert RemoteModel.__module__ == "bray.bridge.remote_model"
+    assert callable(init)
+    with pytest.raises(AttributeError, match="no attribute"):
+        bray.NotAThing  # noqa: B018
