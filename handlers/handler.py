@@ -48,6 +48,29 @@ WORKER_HEADER = "X-Bray-Worker"
 MAR_WEIGHTS = "weights.safetensors"
 
 
+def _body(request: dict[str, Any]) -> Any:
+    """The request body TorchServe decoded: ``data`` or ``body``.
+
+    Raises:
+        InputError: neither is there. TorchServe parses an
+            ``application/x-www-form-urlencoded`` body (what ``curl -d`` sends without a
+            Content-Type) as form fields and hands over none of it, and a multipart body
+            arrives under its field names.
+    """
+    body = request.get("data")
+    if body is None:
+        body = request.get("body")
+    if body is None:
+        got = (f"form fields {', '.join(repr(str(k)[:40]) for k in list(request)[:3])}" if request
+               else "no body (empty, or form-encoded)")
+        raise InputError(
+            f"the request reached the model with {got}; send JSON with -H 'Content-Type: application/json' "
+            "(curl -d alone sends application/x-www-form-urlencoded, which TorchServe drops) or "
+            "bray.wire bytes as application/octet-stream"
+        )
+    return body
+
+
 class EngineHandler(BaseHandler):
     """Serves one model version on the engine its archive names."""
 
@@ -147,11 +170,8 @@ class EngineHandler(BaseHandler):
         results: list[Any] = [None] * len(data)
         good: list[tuple[int, Any]] = []
         for idx, request in enumerate(data):
-            body = request.get("data")
-            if body is None:
-                body = request.get("body")
             try:
-                good.append((idx, parse_request(body, self.spec, limits=self._limits,
+                good.append((idx, parse_request(_body(request), self.spec, limits=self._limits,
                                                 reject_nonfinite=self.config.reject_nonfinite)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, 400, err)
