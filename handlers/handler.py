@@ -83,6 +83,8 @@ class EngineHandler(BaseHandler):
         self._store: CheckpointStore | None = None
         self._limits = wire.DEFAULT_LIMITS
         self._metrics: Any = None
+        self._version = ""
+        self._model_name = ""
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -111,6 +113,10 @@ class EngineHandler(BaseHandler):
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
+        manifest = getattr(context, "manifest", None) or {}
+        self._version = str((manifest.get("model") or {}).get("modelVersion", ""))
+        self._model_name = str(getattr(context, "model_name", "") or cfg.name)
+        self._metric("BrayServedStep", step, "count")  # also before the first swap
         self.initialized = True
 
     @property
@@ -155,9 +161,14 @@ class EngineHandler(BaseHandler):
         if self._metrics is None:
             return
         try:
+            from ts.metrics.dimension import Dimension
             from ts.metrics.metric_type_enum import MetricTypes
 
-            self._metrics.add_metric(name, value, unit, metric_type=MetricTypes.GAUGE)
+            # One series per worker and version: without these labels every worker of
+            # the model writes the same series and the last writer wins.
+            dims = [Dimension("ModelName", self._model_name), Dimension("ModelVersion", self._version),
+                    Dimension("WorkerPid", str(os.getpid())), Dimension("Level", "Model")]
+            self._metrics.add_metric(name, value, unit, dimensions=dims, metric_type=MetricTypes.GAUGE)
         except Exception:  # metrics must never fail a batch
             log.debug("bray: metric %s not recorded", name, exc_info=True)
 
