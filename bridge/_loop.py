@@ -8,8 +8,11 @@ connection pool and one client-side batcher. Started on first use, never at impo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any, Coroutine, TypeVar
+
+from bray.errors import BrayTimeoutError
 
 __all__ = ["in_loop_thread", "run_async", "run_sync"]
 
@@ -36,11 +39,23 @@ def in_loop_thread() -> bool:
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
-    """Run ``coro`` on the bridge loop and wait for it from this (non-loop) thread."""
+    """Run ``coro`` on the bridge loop and wait for it from this (non-loop) thread.
+
+    Raises:
+        BrayTimeoutError: ``coro`` did not finish within ``timeout_s`` (it is cancelled).
+        RuntimeError: called from the bridge loop's own thread.
+    """
     if in_loop_thread():
         coro.close()
         raise RuntimeError("a synchronous RemoteModel call was made from the bridge's own loop; use 'await forward(...)'")
-    return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result(timeout_s)
+    future = asyncio.run_coroutine_threadsafe(coro, _get_loop())
+    try:
+        return future.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        if future.done():  # the coroutine itself raised TimeoutError
+            raise
+        future.cancel()  # don't leave the call running on the loop
+        raise BrayTimeoutError(f"the call did not finish within {timeout_s} s and was cancelled") from None
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -20,6 +20,8 @@ from bray.store import CheckpointStore
 
 __all__ = ["LocalRunner"]
 
+_LOAD_LOCK = threading.Lock()
+
 
 class LocalRunner:
     """An engine plus a store follower, callable from any thread (one forward at a time).
@@ -40,10 +42,13 @@ class LocalRunner:
         export_dir = store.model_dir(name) / EXPORT_DIRNAME
         self.spec = load_spec(export_dir)
         cls = get_engine(engine)
-        if module is not None and hasattr(cls, "from_module"):
-            self.engine = cls.from_module(module, export_dir, self.spec, options)
-        else:
-            self.engine = cls.load(export_dir, self.spec, options)
+        # torch.export.load is not thread-safe ("_CURRENT_DESERIALIZER is already set"
+        # when two threads build local models, e.g. clones, at once).
+        with _LOAD_LOCK:
+            if module is not None and hasattr(cls, "from_module"):
+                self.engine = cls.from_module(module, export_dir, self.spec, options)
+            else:
+                self.engine = cls.load(export_dir, self.spec, options)
         self.fixed_batch_size = fixed_batch_size
         self._lock = threading.Lock()
         self.follower = StepFollower(store, name, self.engine, step=step)

@@ -16,9 +16,10 @@ How Bray's constructor arguments map onto TorchServe:
 argument               meaning here
 =====================  =====================================================================
 ``max_batch_size``     ``0``: no batching (each call is one request, TorchServe batch 1);
-                       ``> 0``: calls in this process are coalesced up to this many samples
-                       per request and TorchServe batches up to this many requests
-                       (``batchSize``) waiting ``max_batch_delay_ms`` (``maxBatchDelay``);
+                       ``> 0``: TorchServe batches up to this many requests (``batchSize``)
+                       waiting ``max_batch_delay_ms`` (``maxBatchDelay``), and calls in this
+                       process are coalesced into requests of up to ``max_batch_size ** 2``
+                       samples (so one full server batch holds every caller's samples);
                        ``< 0``: the same with every forward padded to exactly ``-n`` samples
 num_workers            TorchServe workers (processes) of the model
 cpus_per_worker        intra-op threads per worker (``torch.set_num_threads`` / ORT threads)
@@ -45,6 +46,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,7 +55,14 @@ import numpy as np
 
 from bray import wire
 from bray.config import Locations
-from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, StepNotFoundError
+from bray.errors import (
+    BrayTimeoutError,
+    ConfigError,
+    ModelNotFoundError,
+    StepConflictError,
+    StepNotFoundError,
+    VersionExistsError,
+)
 from bray.export import EXPORT_DIRNAME, export_model, load_spec, load_torch_module
 from bray.store import CheckpointStore
 
@@ -259,6 +268,8 @@ class RemoteModel:
         if model is not None and not forward_args and not forward_kwargs:
             raise ConfigError("a model needs example inputs to be exported: pass forward_args=(obs_batch,)")
         session = _current()
+        if not local_mode:
+            _per_node(session.locations)  # one key file / management URL, or one per node
         self.locations = session.locations
         self.name = f"{namespace}.{name}" if namespace else name
         self.local_mode = local_mode
@@ -290,6 +301,8 @@ class RemoteModel:
         self._batcher: Any = None
         self._mgmt: Any = None
         self._worker_pids: tuple[int, ...] = ()
+        self._reregistering: Any = None  # asyncio.Lock on the bridge loop, made on first need
+        self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
         has_export = (export_dir / "spec.json").is_file()
@@ -360,13 +373,17 @@ class RemoteModel:
             client.unregister(self.name, version)
             existing = []
         if not existing:
-            publish_version(
-                self.store, self.name, step=self._pinned, client=client, model_store=self.locations.model_store,
-                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
-                batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
-                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
-                force=True,
-            )
+            try:
+                publish_version(
+                    self.store, self.name, step=self._pinned, client=client, model_store=self.locations.model_store,
+                    set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
+                    batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
+                    threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
+                    force=True,
+                )
+            except VersionExistsError:
+                # Another process (an actor cloning the same opponent) registered it first.
+                client.wait_ready(self.name, version, timeout_s=max(self.timeout_s * 10, 300))
         self._version = version
 
     # --- forward ----------------------------------------------------------------------
@@ -386,8 +403,42 @@ class RemoteModel:
         return self._batcher
 
     async def _send(self, payload: Any) -> tuple[Any, int]:
-        reply = await self._client.predict(self.name, wire.encode(payload), version=self._version)
+        body = wire.encode(payload)
+        if self._reregistering is not None and self._reregistering.locked():
+            async with self._reregistering:  # its workers are not up yet: 503s otherwise
+                pass
+        seen = self._registrations
+        try:
+            reply = await self._client.predict(self.name, body, version=self._version)
+        except ModelNotFoundError:
+            # A restarted TorchServe has forgotten its models (config snapshots are off):
+            # register ours again from the store, whose latest step the live version
+            # serves, so no published step is lost; then retry once.
+            await self._reregister(seen)
+            reply = await self._client.predict(self.name, body, version=self._version)
         return wire.decode(bytearray(reply.body)), reply.step
+
+    async def _reregister(self, seen: int) -> None:
+        import asyncio
+
+        if self._reregistering is None:
+            self._reregistering = asyncio.Lock()
+        async with self._reregistering:  # one registration at a time
+            if self._registrations != seen:
+                return  # done by another caller since this one's request went out
+            await asyncio.get_running_loop().run_in_executor(None, self._register_again)
+            self._registrations += 1
+
+    def _register_again(self) -> None:
+        from bray.errors import VersionExistsError
+
+        log.warning("bray: %s version %s is not registered on the server (restarted?); registering it again "
+                    "from the store %s", self.name, self._version, self.store.root)
+        try:
+            self._register(override=False)  # a no-op when it is registered again already
+        except VersionExistsError:
+            pass  # another process registered it first
+        self._worker_pids = ()
 
     async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
         return await self._transport().submit(payload, n)
@@ -480,6 +531,7 @@ class RemoteModel:
 
         deadline = started + timeout_s
         model_dir = self.store.model_dir(self.name)
+        next_refresh = started + 0.5
         while True:
             pids = self._worker_pids or self._refresh_pids()
             serving = {int(v["pid"]): int(v["step"]) for v in read_serving(model_dir).values() if "pid" in v}
@@ -489,8 +541,11 @@ class RemoteModel:
                 behind = {pid: serving.get(pid) for pid in pids if serving.get(pid, -1) < step}
                 raise BrayTimeoutError(f"step {step} of {self.name!r} not served by every worker within {timeout_s} s; "
                                        f"workers behind (pid: step): {behind}")
-            if any(pid not in serving for pid in pids):
-                self._refresh_pids()  # a restarted worker has a new pid
+            if any(pid not in serving for pid in pids) or time.monotonic() > next_refresh:
+                # A restarted worker has a new pid; a SIGKILLed one leaves its announcement
+                # behind, so a behind worker is looked up again now and then too.
+                self._refresh_pids()
+                next_refresh = time.monotonic() + 0.5
             time.sleep(0.002)
 
     def _refresh_pids(self) -> tuple[int, ...]:
@@ -534,16 +589,21 @@ class RemoteModel:
         dest = self.store.model_dir(clone_name)
         if self.store.latest(clone_name) is None:
             export_src = self.store.model_dir(self.name) / EXPORT_DIRNAME
-            tmp = dest.parent / f".{clone_name}.export-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = dest.parent / f".{clone_name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             shutil.copytree(export_src, tmp)
             dest.mkdir(parents=True, exist_ok=True)
-            if not (dest / EXPORT_DIRNAME).exists():
+            try:
                 os.rename(tmp, dest / EXPORT_DIRNAME)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not (dest / EXPORT_DIRNAME / "spec.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process cloned it first
             ckpt = self.store.load(self.name, real, framework="pt")
-            self.store.publish(clone_name, ckpt.weights, step=real)
+            try:
+                self.store.publish(clone_name, ckpt.weights, step=real)
+            except StepConflictError:
+                if self.store.latest(clone_name) is None:
+                    raise
         kwargs = {**self._init_kwargs, **overrides}
         clone = RemoteModel(clone_name, override_model=False, **kwargs)
         clone._model = self._model

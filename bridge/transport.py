@@ -9,7 +9,9 @@
 - 5xx answers from a dying worker are retried (a forward is a pure function of its
   inputs and the served step, so retrying is safe); 4xx answers are the caller's error
   and are raised at once with the server's message;
-- an expired inference key is refreshed through :class:`TokenAuth` and the call retried.
+- an expired inference key is refreshed through :class:`TokenAuth` and the call retried;
+  a key file that is missing for a moment (a restarting server deletes and rewrites it)
+  is waited for within ``reconnect_timeout_s``, like a node that is down.
 
 Nothing here is silently dropped: every call either returns an answer or raises.
 """
@@ -21,7 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from bray.errors import (
     AuthError,
@@ -68,14 +70,17 @@ class InferenceClient:
 
     Args:
         urls: inference addresses (``http://host:port``), at least one.
-        auth: hands out the inference key and refreshes it.
+        auth: hands out the inference key and refreshes it: one ``TokenAuth`` for every
+            node, or a mapping ``{url: TokenAuth | None}`` when each node has its own key
+            file (TorchServe generates every instance's keys at its start).
         timeout_s: per-request limit (TorchServe's queue wait included).
         max_retries: retries of one request after 5xx answers or dropped connections.
         reconnect_timeout_s: how long to keep trying while no node accepts connections.
         max_connections: connection pool size per node.
     """
 
-    def __init__(self, urls: Sequence[str], *, auth: "TokenAuth | None" = None, timeout_s: float = 60.0,
+    def __init__(self, urls: Sequence[str], *, auth: "TokenAuth | Mapping[str, TokenAuth | None] | None" = None,
+                 timeout_s: float = 60.0,
                  max_retries: int = 5, reconnect_timeout_s: float = 60.0, max_connections: int = 64) -> None:
         if not urls:
             raise ConfigError("InferenceClient needs at least one inference address")
@@ -83,6 +88,14 @@ class InferenceClient:
             raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries}")
         self.urls = [u.rstrip("/") for u in urls]
         self.auth = auth
+        if isinstance(auth, Mapping):
+            by_url = {u.rstrip("/"): a for u, a in auth.items()}
+            missing = [u for u in self.urls if u not in by_url]
+            if missing:
+                raise ConfigError(f"auth has no entry for {missing}; give one TokenAuth (or None) per inference address")
+            self._auth_by_url = {u: by_url[u] for u in self.urls}
+        else:
+            self._auth_by_url = {u: auth for u in self.urls}
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -132,7 +145,7 @@ class InferenceClient:
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         session = self._get_session()
         attempts = 0
-        refreshed = False
+        refreshed: set[str] = set()
         tried: set[str] = set()
         first_down: float | None = None
         backoff = 0.05
@@ -153,7 +166,16 @@ class InferenceClient:
                 tried.clear()
                 continue
             headers = {"Content-Type": content_type}
-            key_headers = self.auth.headers("inference") if self.auth is not None else {}
+            auth = self._auth_by_url[url]
+            try:
+                key_headers = auth.headers("inference") if auth is not None else {}
+            except AuthError:
+                if not _key_file_missing(auth):
+                    raise
+                # A restarting TorchServe deletes its key file, then writes a new one.
+                self._down_until[url] = time.monotonic() + 0.25
+                tried.add(url)
+                continue
             headers.update(key_headers)
             self._inflight[url] += 1
             self.stats.requests += 1
@@ -186,15 +208,26 @@ class InferenceClient:
             # TorchServe 0.12 answers a missing, wrong or expired key with 400 and
             # type InvalidKeyException (not 401/403).
             key_refused = status in (401, 403) or (status == 400 and b"InvalidKeyException" in data[:500])
-            if key_refused and self.auth is not None and not refreshed:
-                refreshed = True
+            if key_refused and auth is not None and url not in refreshed:
+                refreshed.add(url)
                 self.stats.auth_refreshes += 1
                 stale = key_headers.get("Authorization", "").removeprefix("Bearer ") or None
-                await asyncio.get_running_loop().run_in_executor(None, lambda: self.auth.refresh("inference", stale_key=stale))
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: auth.refresh("inference", stale_key=stale))
+                except (ServerUnreachableError, AuthError) as err:
+                    # A server going down or coming up: its management API (where keys are
+                    # regenerated) is not answering yet, or its key file is being rewritten.
+                    if isinstance(err, AuthError) and not _key_file_missing(auth):
+                        raise
+                    refreshed.discard(url)
+                    self._down_until[url] = time.monotonic() + 0.25
+                    tried.add(url)
                 continue
             if key_refused:
                 raise AuthError(f"TorchServe at {url} refused the inference key ({status}: {message}); "
-                                "check BRAY_KEY_FILE points at this server's key_file.json", status=status)
+                                "check BRAY_KEY_FILE points at this server's key_file.json (several nodes: one key "
+                                "file per address, comma-separated in BRAY_INFERENCE_URL's order)", status=status)
             if status == 404:
                 raise ModelNotFoundError(f"{path} is not served at {url}: {message}", status=status)
             if status in (400, 413, 422):
@@ -210,6 +243,11 @@ class InferenceClient:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+
+def _key_file_missing(auth: "TokenAuth") -> bool:
+    path = auth.key_file
+    return path is not None and not path.is_file()
 
 
 def _message(data: bytes) -> str:

@@ -1,0 +1,337 @@
+"""``bray.RemoteModel`` on a real TorchServe: Bray's own scenarios, plus what goes beyond Bray.
+
+Every test gets its own checkpoint store and registers uniquely named models on the
+session server (one worker each), unregistered again at the end of the test so that
+the server's memory stays flat. StepProbe models answer ``step * (sum(x) + 1)``, so an
+output tells which weights served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import bray
+from bray.archiver.management import ManagementClient
+from bray.errors import ConfigError, InputError, ModelNotFoundError, StepNotFoundError
+from bray.ts_config.server import TorchServeProcess
+from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
+
+OBS = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+X = np.ones((2, 4), np.float32)
+
+Make = Callable[..., bray.RemoteModel]
+
+
+def init_for(server: TorchServeProcess, store: Path, **overrides: object) -> None:
+    kwargs: dict[str, object] = dict(store=store, model_store=server.model_store, inference_url=server.inference_url,
+                                     management_url=server.management_url, key_file=server.key_file)
+    kwargs.update(overrides)
+    bray.init(**kwargs)  # type: ignore[arg-type]
+
+
+def expected(step: int, x: np.ndarray = X) -> np.ndarray:
+    """What StepProbe with ``probe_weights(step)`` answers for ``x``."""
+    return np.repeat(step * (x.sum(-1, keepdims=True) + 1), 2, axis=-1)
+
+
+def probe_net(step: int) -> StepProbe:
+    net = StepProbe()
+    net.load_state_dict(probe_weights(step))
+    return net
+
+
+def unregister_all(server: TorchServeProcess, names: set[str]) -> None:
+    with ManagementClient(server.management_url, key_file=server.key_file, timeout_s=120) as client:
+        for name in sorted(names):
+            try:
+                client.unregister(name)
+            except ModelNotFoundError:
+                pass
+
+
+@pytest.fixture
+def store(torchserve: TorchServeProcess, tmp_path: Path) -> Iterator[Path]:
+    """A fresh store, ``bray.init`` pointed at the session server."""
+    root = tmp_path / "store"
+    init_for(torchserve, root)
+    yield root
+
+
+@pytest.fixture
+def models(torchserve: TorchServeProcess, store: Path) -> Iterator[list[bray.RemoteModel]]:
+    """Append every RemoteModel a test makes: closed and unregistered after the test."""
+    made: list[bray.RemoteModel] = []
+    yield made
+    for rm in made:
+        rm.close()
+    unregister_all(torchserve, {rm.name for rm in made if not rm.local_mode})
+
+
+@pytest.fixture
+def make(models: list[bray.RemoteModel]) -> Make:
+    def build(*args: object, **kwargs: object) -> bray.RemoteModel:
+        kwargs.setdefault("num_workers", 1)
+        rm = bray.RemoteModel(*args, **kwargs)  # type: ignore[arg-type]
+        models.append(rm)
+        return rm
+
+    return build
+
+
+def track(models: list[bray.RemoteModel], rm: bray.RemoteModel) -> bray.RemoteModel:
+    models.append(rm)
+    return rm
+
+
+# -- construction and forward -----------------------------------------------------------
+
+
+def test_default_construction_and_forward(make: Make) -> None:
+    net = PolicyMLP()
+    rm = make("rm_policy", model=net, forward_args=(OBS,))
+    out, step = rm(OBS, return_step=True)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(OBS)).numpy()
+    assert isinstance(out, np.ndarray) and out.shape == (3, 16)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert step == rm.step == 0
+    assert asyncio.run(rm.forward(OBS)).shape == (3, 16)
+
+
+def test_onnx_matches_torch(make: Make) -> None:
+    pytest.importorskip("onnxruntime")
+    net = PolicyMLP()
+    rm = make("rm_onnx", model=net, forward_args=(OBS,), use_onnx="infer")
+    assert rm.engine_name == "onnx"
+    with torch.no_grad():
+        ref = net(torch.from_numpy(OBS)).numpy()
+    np.testing.assert_allclose(rm(OBS), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_true_and_false_shapes(make: Make) -> None:
+    rm = make("rm_shapes", model=probe_net(2), forward_args=(X,))
+    assert rm(X).shape == (2, 2)
+    np.testing.assert_allclose(rm(X), expected(2))
+    one = rm(X[0], batch=False)
+    assert one.shape == (2,)
+    np.testing.assert_allclose(one, expected(2)[0])
+    assert asyncio.run(rm.forward(X[0], batch=False)).shape == (2,)
+    assert rm(np.ones((7, 4), np.float32)).shape == (7, 2)
+
+
+def test_nested_inputs_with_dicts_and_keywords(make: Make) -> None:
+    net = DictPolicy()
+    obs = {"x": np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32),
+           "y": np.full((5, 2), 0.5, np.float32)}
+    mask = np.ones((5, 3), np.float32)
+    rm = make("rm_dict", model=net, forward_args=(obs,), forward_kwargs={"mask": mask})
+    out = rm(obs, mask=mask)
+    with torch.no_grad():
+        ref = net({k: torch.from_numpy(v) for k, v in obs.items()}, mask=torch.from_numpy(mask))
+    assert set(out) == {"logits", "value"}
+    assert isinstance(out["value"], tuple) and out["value"][0].shape == (5, 1)
+    np.testing.assert_allclose(out["logits"], ref["logits"].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["value"][0], ref["value"][0].numpy(), rtol=1e-5, atol=1e-5)
+    one = asyncio.run(rm.forward({k: v[0] for k, v in obs.items()}, batch=False, mask=mask[0] * 0))
+    assert one["logits"].shape == (3,) and one["value"][0].shape == (1,)
+    np.testing.assert_allclose(one["logits"], 0.0)
+
+
+# -- publish and clone --------------------------------------------------------------------
+
+
+def test_publish_wait_then_every_answer_has_the_new_step(make: Make) -> None:
+    rm = make("rm_publish", model=probe_net(1), forward_args=(X,))
+    assert rm(X, return_step=True)[1] == 0
+    for n in (2, 3, 4):
+        handle = rm.publish_weights(probe_weights(n))
+        assert handle == rm.step
+        handle.wait(timeout_s=30)
+        for _ in range(5):
+            out, step = rm(X, return_step=True)
+            assert step == handle
+            np.testing.assert_allclose(out, expected(n))
+
+
+def test_clone_clone_with_name_clone_of_clone_and_publish_on_each(make: Make, models: list[bray.RemoteModel]) -> None:
+    rm = make("rm_league", model=probe_net(1), forward_args=(X,), checkpoint_interval=1)
+    rm.publish_weights(probe_weights(2)).wait(timeout_s=30)  # step 1
+
+    opp = track(models, rm.clone())
+    assert opp.name == "rm_league-clone-1"
+    named = track(models, rm.clone(step=0, name="rm_league_opponent"))
+    of_clone = track(models, named.clone())
+    assert of_clone.name == "rm_league_opponent-clone-0"
+    for m, n in ((opp, 2), (named, 1), (of_clone, 1)):
+        np.testing.assert_allclose(m(X), expected(n), err_msg=m.name)
+
+    # publish on each: every model answers with its own weights
+    for m, n in ((rm, 10), (opp, 20), (named, 30), (of_clone, 40)):
+        m.publish_weights(probe_weights(n)).wait(timeout_s=30)
+    for m, n in ((rm, 10), (opp, 20), (named, 30), (of_clone, 40)):
+        out, step = m(X, return_step=True)
+        np.testing.assert_allclose(out, expected(n), err_msg=m.name)
+        assert step == m.step
+    assert rm.step == 2 and opp.step == 2 and named.step == 1
+
+
+def test_ten_publishes_then_clones_of_each_step(make: Make, models: list[bray.RemoteModel]) -> None:
+    rm = make("rm_ten", model=probe_net(0), forward_args=(X,), checkpoint_interval=1)
+    for n in range(1, 11):
+        assert rm.publish_weights(probe_weights(n)).wait(timeout_s=30) >= 0
+    assert rm.step == 10
+    out, step = rm(X, return_step=True)
+    assert step == 10
+    np.testing.assert_allclose(out, expected(10))
+    clones = [track(models, rm.clone(step=n)) for n in range(1, 11)]
+    for n, opp in enumerate(clones, start=1):
+        out, step = opp(X, return_step=True)
+        assert step == n, opp.name
+        np.testing.assert_allclose(out, expected(n), err_msg=opp.name)
+    np.testing.assert_allclose(rm(X), expected(10))
+
+    # idempotent: the same step again is the same model, already registered
+    started = time.monotonic()
+    again = track(models, rm.clone(step=3))
+    assert again.name == clones[2].name and again.step == clones[2].step == 3
+    np.testing.assert_allclose(again(X), expected(3))
+    assert time.monotonic() - started < 10, "cloning a step twice registered it again"
+
+
+# -- attaching ----------------------------------------------------------------------------
+
+
+def test_override_false_and_constructing_without_model_attach(make: Make) -> None:
+    first = make("rm_attach", model=probe_net(1), forward_args=(X,))
+    first.publish_weights(probe_weights(5)).wait(timeout_s=30)  # step 1
+
+    kept = make("rm_attach", model=probe_net(99), forward_args=(X,), override_model=False)
+    assert kept.step == 1
+    out, step = kept(X, return_step=True)
+    assert step == 1
+    np.testing.assert_allclose(out, expected(5))
+
+    attached = make("rm_attach")
+    assert attached.step == 1
+    np.testing.assert_allclose(attached(X), expected(5))
+    # an attached model publishes to the same model
+    attached.publish_weights(probe_weights(6)).wait(timeout_s=30)
+    np.testing.assert_allclose(first(X), expected(6))
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_clear_errors(make: Make) -> None:
+    with pytest.raises(ConfigError, match="use_onnx must be None, 'infer' or 'quantize', got 'yes'"):
+        make("rm_bad", model=PolicyMLP(), forward_args=(OBS,), use_onnx="yes")
+    with pytest.raises(ConfigError, match="forward_args"):
+        make("rm_bad", model=PolicyMLP())
+    with pytest.raises(StepNotFoundError, match="no model named 'rm_nobody'"):
+        make("rm_nobody")
+    rm = make("rm_errors", model=probe_net(1), forward_args=(X,))
+    with pytest.raises(InputError, match=r"expected \[batch, 4\]") as err:
+        rm(np.ones((2, 5), np.float32))
+    assert "[2, 5]" in str(err.value)
+    with pytest.raises(InputError, match=r"expected \[batch, 4\]"):
+        asyncio.run(rm.forward(np.ones((4,), np.float32)))
+    with pytest.raises(InputError, match="dtype float64, expected float32"):
+        rm(np.ones((2, 4), np.float64))
+    # a bad call fails alone: the model keeps answering
+    np.testing.assert_allclose(rm(X), expected(1))
+
+
+# -- beyond Bray: client-side batching, load balancing --------------------------------------
+
+
+def test_many_concurrent_callers_are_coalesced(make: Make) -> None:
+    rm = make("rm_concurrent", model=probe_net(3), forward_args=(X,), max_batch_size=32)
+    rows = [np.full((1, 4), i, np.float32) for i in range(64)]
+
+    async def gather() -> list[np.ndarray]:
+        return await asyncio.gather(*(rm.forward(r) for r in rows))
+
+    for r, out in zip(rows, asyncio.run(gather())):
+        np.testing.assert_allclose(out, expected(3, r))
+
+    errors: list[BaseException] = []
+
+    def caller(t: int) -> None:
+        try:
+            for i in range(20):
+                x = np.full((2, 4), t * 100 + i, np.float32)
+                np.testing.assert_allclose(rm(x), expected(3, x))
+                np.testing.assert_allclose(rm(x[0], batch=False), expected(3, x)[0])
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    assert rm._batcher.calls == 64 + 8 * 40
+    assert rm._batcher.requests_sent < rm._batcher.calls, (rm._batcher.requests_sent, rm._batcher.calls)
+
+
+def test_two_servers_share_the_load_and_survive_one_stopping(
+    torchserve: TorchServeProcess, torchserve_factory: Callable[..., TorchServeProcess], tmp_path: Path,
+    make: Make, models: list[bray.RemoteModel],
+) -> None:
+    root = tmp_path / "store"
+    trainer = make("rm_lb", model=probe_net(4), forward_args=(X,))
+    second = torchserve_factory()
+    # Register the same model on the second node: attach with init pointing there.
+    init_for(second, root)
+    on_second = bray.RemoteModel("rm_lb", num_workers=1)
+    on_second.close()
+    assert second.key_file.read_text() != torchserve.key_file.read_text()
+
+    urls = f"{torchserve.inference_url},{second.inference_url}"
+    init_for(torchserve, root, inference_url=urls, key_file=f"{torchserve.key_file},{second.key_file}")
+    rm = make("rm_lb", max_batch_size=0)
+    for _ in range(40):
+        np.testing.assert_allclose(rm(X), expected(4))
+
+    async def burst(n: int) -> list[np.ndarray]:
+        return await asyncio.gather(*(rm.forward(X) for _ in range(n)))
+
+    for out in asyncio.run(burst(40)):
+        np.testing.assert_allclose(out, expected(4))
+    by_url = dict(rm._client.stats.by_url)
+    assert set(by_url) == {torchserve.inference_url, second.inference_url}, by_url
+    assert min(by_url.values()) >= 10, by_url
+
+    # publish reaches both nodes through the shared store
+    trainer.publish_weights(probe_weights(5)).wait(timeout_s=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        steps = {rm(X, return_step=True)[1] for _ in range(10)}
+        if steps == {1}:
+            break
+        time.sleep(0.05)
+    assert steps == {1}
+
+    # stop the second node while callers keep calling: every forward is answered
+    stopper = threading.Thread(target=second.stop)
+    answered = 0
+    stopper.start()
+    while stopper.is_alive() or answered < 100:
+        for out in asyncio.run(burst(8)):
+            np.testing.assert_allclose(out, expected(5))
+            answered += 1
+    stopper.join()
+    assert rm._client.stats.connection_errors >= 1  # the stopped node was tried, and its calls went elsewhere
+    before = rm._client.stats.by_url.get(second.inference_url, 0)
+    for out in asyncio.run(burst(40)):
+        np.testing.assert_allclose(out, expected(5))
+    assert rm._client.stats.by_url.get(second.inference_url, 0) <= before + 2  # set aside, not retried forever
