@@ -133,8 +133,15 @@ def publish_version(
         if set_default:
             client.set_default(name, packed.version)
         return client.describe(name, packed.version)[0]
-    except BaseException as err:
-        _undo(client, packed, maybe_registered=registered or not isinstance(err, VersionExistsError))
+    except VersionExistsError:
+        if not registered:
+            # Another publisher registered this version between our check and our call:
+            # the archive on disk is now theirs (same name), so it stays.
+            raise
+        _undo(client, packed, maybe_registered=True)
+        raise
+    except BaseException:
+        _undo(client, packed, maybe_registered=True)
         raise
 
 

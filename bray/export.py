@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,7 @@ TORCH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 SPEC_FORMAT = 1
 _MAX_BATCH = 1 << 20
+_LOAD_LOCK = threading.Lock()
 
 
 # --- structure templates -------------------------------------------------------------
@@ -401,6 +403,7 @@ def load_torch_module(export_dir: str | os.PathLike[str]) -> "torch.nn.Module":
     if not path.is_file():
         raise EngineError(f"no torch export at {path}; re-export the model (RemoteModel with model=...)")
     try:
-        return torch.export.load(str(path)).module()
+        with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
+            return torch.export.load(str(path)).module()
     except Exception as err:
         raise EngineError(f"cannot load the torch export {path}: {err}") from err
