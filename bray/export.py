@@ -296,10 +296,9 @@ def export_model(
     was_training = model.training
     model.eval()
     try:
+        in_node = _node_of(_to_numpy((tuple(args), kwargs)), batched=True)  # checks batch dims first
         with torch.no_grad():
             example_out = model(*args, **kwargs)
-        inputs_np = _to_numpy((tuple(args), kwargs))
-        in_node = _node_of(inputs_np, batched=True)
         out_node = _node_of(_to_numpy(example_out), batched=True)
 
         batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
@@ -404,6 +403,16 @@ def load_torch_module(export_dir: str | os.PathLike[str]) -> "torch.nn.Module":
         raise EngineError(f"no torch export at {path}; re-export the model (RemoteModel with model=...)")
     try:
         with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
-            return torch.export.load(str(path)).module()
+            # torch.export.load retries a failed weights-only unpickle with full pickle;
+            # a tampered model.pt2 must not run code in a worker, so force weights-only.
+            saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+            try:
+                return torch.export.load(str(path)).module()
+            finally:
+                if saved is None:
+                    os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+                else:
+                    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
     except Exception as err:
         raise EngineError(f"cannot load the torch export {path}: {err}") from err
