@@ -1,8 +1,9 @@
 """One background event loop per process for the bridge's HTTP traffic.
 
-``RemoteModel.__call__`` (sync, any thread) and ``await RemoteModel.forward`` (any event
-loop) both run their request on this loop, so every caller in the process shares one
-connection pool and one client-side batcher. Started on first use, never at import.
+``RemoteModel.__call__`` (sync, any thread) runs its request on this loop, so every
+synchronous caller in the process shares one connection pool and one client-side
+batcher; ``await RemoteModel.forward`` stays on the caller's own loop. Started on
+first use, never at import.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Coroutine, TypeVar
 
 from bray.errors import BrayTimeoutError
 
-__all__ = ["in_loop_thread", "run_async", "run_sync"]
+__all__ = ["in_loop_thread", "run_sync"]
 
 T = TypeVar("T")
 
@@ -56,10 +57,3 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
             raise
         future.cancel()  # don't leave the call running on the loop
         raise BrayTimeoutError(f"the call did not finish within {timeout_s} s and was cancelled") from None
-
-
-async def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro`` on the bridge loop from any other event loop."""
-    if in_loop_thread():
-        return await coro
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _get_loop()))

@@ -46,6 +46,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,10 +299,13 @@ class RemoteModel:
         self._lock = threading.Lock()
         self._local: Any = None
         self._client: Any = None
-        self._batcher: Any = None
+        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._batcher_stats: list[Any] = []
         self._mgmt: Any = None
         self._worker_pids: tuple[int, ...] = ()
-        self._reregistering: Any = None  # asyncio.Lock on the bridge loop, made on first need
+        self._register_lock = threading.Lock()
+        self._not_registering = threading.Event()
+        self._not_registering.set()
         self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
@@ -388,25 +392,44 @@ class RemoteModel:
 
     # --- forward ----------------------------------------------------------------------
 
-    def _transport(self) -> Any:
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from bray.bridge.batching import ForwardBatcher
-                    from bray.bridge.transport import InferenceClient
+    def _batcher_here(self) -> Any:
+        """The client-side batcher of the running event loop (made on first use).
 
-                    auth = self._inference_auth()
-                    self._client = InferenceClient(self.locations.inference_urls, auth=auth, timeout_s=self.timeout_s)
-                    samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size else 0
-                    self._batcher = ForwardBatcher(self._send, max_batch_samples=samples,
-                                                   max_inflight=max(2, 2 * self.num_workers * len(self.locations.inference_urls)))
-        return self._batcher
+        Callers on one loop share a batcher and an HTTP session on that loop, so an
+        ``await forward(...)`` never hops threads; sync ``__call__`` uses the bridge loop's.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is not None:
+            return batcher
+        with self._lock:
+            from bray.bridge.batching import ForwardBatcher
+            from bray.bridge.transport import InferenceClient
+
+            if self._client is None:
+                self._client = InferenceClient(self.locations.inference_urls, auth=self._inference_auth(),
+                                               timeout_s=self.timeout_s)
+            batcher = self._batchers.get(loop)
+            if batcher is None:
+                samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size else 0
+                batcher = ForwardBatcher(self._send, max_batch_samples=samples,
+                                         max_inflight=max(2, 2 * self.num_workers * len(self.locations.inference_urls)))
+                self._batchers[loop] = batcher
+                self._batcher_stats.append(batcher)
+        return batcher
+
+    def batching_stats(self) -> tuple[int, int]:
+        """``(forward calls, HTTP requests)`` so far, over every event loop used."""
+        return (sum(b.calls for b in self._batcher_stats), sum(b.requests_sent for b in self._batcher_stats))
 
     async def _send(self, payload: Any) -> tuple[Any, int]:
+        import asyncio
+
         body = wire.encode(payload)
-        if self._reregistering is not None and self._reregistering.locked():
-            async with self._reregistering:  # its workers are not up yet: 503s otherwise
-                pass
+        if not self._not_registering.is_set():  # its workers are not up yet: 503s otherwise
+            await asyncio.get_running_loop().run_in_executor(None, self._not_registering.wait, self.timeout_s * 10)
         seen = self._registrations
         try:
             reply = await self._client.predict(self.name, body, version=self._version)
@@ -414,20 +437,21 @@ class RemoteModel:
             # A restarted TorchServe has forgotten its models (config snapshots are off):
             # register ours again from the store, whose latest step the live version
             # serves, so no published step is lost; then retry once.
-            await self._reregister(seen)
+            await asyncio.get_running_loop().run_in_executor(None, self._reregister, seen)
             reply = await self._client.predict(self.name, body, version=self._version)
         return wire.decode(bytearray(reply.body)), reply.step
 
-    async def _reregister(self, seen: int) -> None:
-        import asyncio
-
-        if self._reregistering is None:
-            self._reregistering = asyncio.Lock()
-        async with self._reregistering:  # one registration at a time
+    def _reregister(self, seen: int) -> None:
+        """Register again, once for all callers that saw the same 404 (any loop or thread)."""
+        with self._register_lock:
             if self._registrations != seen:
                 return  # done by another caller since this one's request went out
-            await asyncio.get_running_loop().run_in_executor(None, self._register_again)
-            self._registrations += 1
+            self._not_registering.clear()
+            try:
+                self._register_again()
+                self._registrations += 1
+            finally:
+                self._not_registering.set()
 
     def _register_again(self) -> None:
         from bray.errors import VersionExistsError
@@ -441,7 +465,7 @@ class RemoteModel:
         self._worker_pids = ()
 
     async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
-        return await self._transport().submit(payload, n)
+        return await self._batcher_here().submit(payload, n)
 
     def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
         payload: dict[str, Any] = {"args": [_to_numpy(a) for a in args]}
@@ -468,13 +492,11 @@ class RemoteModel:
             InputError: the server refused the inputs (its message says what it expects).
             ServerUnreachableError / ServerError: the call could not be served.
         """
-        from bray.bridge._loop import run_async
-
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
         else:
-            outputs, step = await run_async(self._forward_on_loop(payload, n))
+            outputs, step = await self._forward_on_loop(payload, n)
         if not batch:
             outputs = _drop_batch(outputs)
         return (outputs, step) if return_step else outputs

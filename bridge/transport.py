@@ -22,6 +22,7 @@ import asyncio
 import json
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -103,21 +104,27 @@ class InferenceClient:
         self.stats = TransportStats()
         self._inflight = {u: 0 for u in self.urls}
         self._down_until = {u: 0.0 for u in self.urls}
-        self._session: Any = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # Strong references while their loop lives: the loop itself only keeps weak ones.
+        self._guards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._rr = 0
 
     def _get_session(self) -> Any:
+        """The pooled session of the running event loop (one per loop: sessions are loop-bound)."""
         import aiohttp
 
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session_loop is not loop or self._session.closed:
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
                                              ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                                  skip_auto_headers=("User-Agent",))
-            self._session_loop = loop
-        return self._session
+            session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                            skip_auto_headers=("User-Agent",))
+            self._sessions[loop] = session
+            # asyncio.run() cancels every task left when its main coroutine ends: this
+            # one then closes the session before the loop goes away.
+            self._guards[loop] = loop.create_task(_close_when_cancelled(session))
+        return session
 
     def _pick(self, exclude: set[str]) -> str | None:
         now = time.monotonic()
@@ -240,14 +247,29 @@ class InferenceClient:
             raise ServerError(f"{path} failed at {url} with {status}: {message}", status=status)
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        """Close every loop's session (others' on their own loops, without waiting)."""
+        here = asyncio.get_running_loop()
+        for loop, session in list(self._sessions.items()):
+            if session.closed:
+                continue
+            if loop is here:
+                await session.close()
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(session.close(), loop)
+        self._sessions = weakref.WeakKeyDictionary()
 
 
 def _key_file_missing(auth: "TokenAuth") -> bool:
     path = auth.key_file
     return path is not None and not path.is_file()
+
+
+async def _close_when_cancelled(session: Any) -> None:
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        await session.close()
+        raise
 
 
 def _message(data: bytes) -> str:

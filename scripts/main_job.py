@@ -181,7 +181,7 @@ def actor(idx: int, stop_at: float, envs: int, out: Any, league_after_s: float) 
     asyncio.run(main())
     out.put((f"actor{idx}", {"latency_s": lat, "lag": lags, "failures": failures,
                              "opponent": opponent.name if opponent else None, "opponent_forwards": opp_forwards,
-                             "requests": rm._batcher.requests_sent if rm._batcher else 0}))
+                             "requests": rm.batching_stats()[1]}))
     if opponent is not None:
         opponent.close()
     rm.close()
