@@ -96,6 +96,8 @@ class PackOptions:
     fixed_batch_size: int = 0
     onnx_weights: str = "initializers"
     quantize: bool = False
+    reject_nonfinite: bool = False
+    max_request_bytes: int = 64 << 20
     force: bool = False
     progress: bool = False
 
@@ -119,7 +121,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     pack = PackOptions(
         engine=args.engine, batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         workers=args.workers, threads=args.threads, fixed_batch_size=args.fixed_batch_size,
-        onnx_weights=args.onnx_weights, quantize=args.quantize, force=getattr(args, "force", False),
+        onnx_weights=args.onnx_weights, quantize=args.quantize, reject_nonfinite=args.reject_nonfinite,
+        max_request_bytes=args.max_request_mb << 20, force=getattr(args, "force", False),
         progress=not args.no_progress and not args.json and sys.stderr.isatty(),
     )
     return server, pack
@@ -163,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--onnx-weights", choices=("initializers", "inputs"), default="initializers",
                    help="how the onnx engine takes weights (default initializers)")
     g.add_argument("--quantize", action="store_true", help="dynamic int8 quantization (onnx engine)")
+    g.add_argument("--reject-nonfinite", action="store_true", help="answer 400 to inputs holding NaN or infinity")
+    g.add_argument("--max-request-mb", type=_int_at_least(1), default=64, metavar="MB",
+                   help="largest request body the handler decodes (default 64)")
     g.add_argument("--set-default", action="store_true", help="make the new version the default")
     g.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
                    help="how long to wait for the workers to be ready (default 300)")

@@ -225,6 +225,8 @@ def pack_archive(
     fixed_batch_size: int = 0,
     onnx_weights: str = "initializers",
     quantize: bool = False,
+    reject_nonfinite: bool = False,
+    max_request_bytes: int = 64 << 20,
     version: str | None = None,
     force: bool = False,
     progress: bool = False,
@@ -246,6 +248,8 @@ def pack_archive(
         fixed_batch_size: ``> 0`` pads every forward to this size.
         onnx_weights: ``initializers`` or ``inputs`` (onnx engine).
         quantize: dynamic int8 quantization (onnx engine).
+        reject_nonfinite: answer 400 to inputs holding NaN or infinity.
+        max_request_bytes: largest request body the handler decodes.
         version: overrides the version string.
         force: overwrite an existing archive of that version.
         progress: show a progress bar (stderr) when packing takes more than a moment.
@@ -270,7 +274,7 @@ def pack_archive(
     serving = ServingConfig(
         name=name, store=str(Path(store.root).resolve()), engine=engine, step=serving_step,
         fixed_batch_size=fixed_batch_size, threads=threads, onnx_weights=onnx_weights,
-        quantize=quantize,
+        quantize=quantize, reject_nonfinite=reject_nonfinite, max_request_bytes=max_request_bytes,
     )
     export_dir = store.model_dir(name) / EXPORT_DIRNAME
     export_files = _export_files(export_dir, engine)

@@ -125,6 +125,13 @@ def test_live_archive_follows_latest_and_packs_no_weights(store: CheckpointStore
     assert not read_archive_config(packed.path).pinned
 
 
+def test_input_checks_are_packed_into_the_handler_config(store: CheckpointStore, model_store: Path) -> None:
+    packed = pack_archive(store, NAME, step=None, model_store=model_store, version="strict",
+                          reject_nonfinite=True, max_request_bytes=1 << 20)
+    config = read_archive_config(packed.path)
+    assert config.reject_nonfinite and config.max_request_bytes == 1 << 20
+
+
 @pytest.mark.parametrize(("asked", "version"), [(25, "20"), (-1, "30"), (10**6, "30")],
                          ids=["snaps-down-to-kept", "minus-one-is-latest", "above-latest-is-latest"])
 def test_step_resolves_to_a_kept_step(store: CheckpointStore, model_store: Path, asked: int, version: str) -> None:
