@@ -36,6 +36,7 @@ __all__ = [
     "export_model",
     "load_spec",
     "load_torch_module",
+    "to_numpy",
 ]
 
 EXPORT_DIRNAME = "export"
@@ -96,21 +97,25 @@ def _leaf_nodes(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [leaf for n in node["items"] for leaf in _leaf_nodes(n)]
 
 
-def _to_numpy(obj: Any) -> Any:
-    """Torch tensors (nested) to numpy arrays, for describing structure."""
-    import torch
+def to_numpy(obj: Any) -> Any:
+    """Tensors (nested in lists, tuples, dicts) to numpy arrays; numbers to 0-d arrays.
 
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+    Duck-typed on ``.detach()``/``.numpy()`` so it never imports torch itself.
+
+    Raises:
+        ConfigError: a leaf that is neither an array, a tensor nor a number.
+    """
     if isinstance(obj, np.ndarray):
         return obj
     if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: to_numpy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
+        return type(obj)(to_numpy(v) for v in obj)
+    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch tensor
+        return obj.detach().cpu().numpy()
     if isinstance(obj, (int, float, bool, np.number)):
         return np.asarray(obj)
-    raise ConfigError(f"forward inputs and outputs must be tensors or arrays (nested), got {type(obj).__name__}")
+    raise ConfigError(f"model inputs and outputs must be arrays or tensors (nested), got {type(obj).__name__}")
 
 
 def _to_torch(obj: Any, device: "torch.device | str" = "cpu") -> Any:
@@ -290,16 +295,16 @@ def export_model(
     from torch.utils import _pytree as pytree
 
     kwargs = dict(forward_kwargs or {})
-    args = tuple(_to_torch(_to_numpy(a)) if not isinstance(a, torch.Tensor) else a for a in forward_args)
-    kwargs = {k: (_to_torch(_to_numpy(v)) if not isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    args = tuple(_to_torch(to_numpy(a)) if not isinstance(a, torch.Tensor) else a for a in forward_args)
+    kwargs = {k: (_to_torch(to_numpy(v)) if not isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     args, kwargs = _example_batch(args, kwargs)
     was_training = model.training
     model.eval()
     try:
-        in_node = _node_of(_to_numpy((tuple(args), kwargs)), batched=True)  # checks batch dims first
+        in_node = _node_of(to_numpy((tuple(args), kwargs)), batched=True)  # checks batch dims first
         with torch.no_grad():
             example_out = model(*args, **kwargs)
-        out_node = _node_of(_to_numpy(example_out), batched=True)
+        out_node = _node_of(to_numpy(example_out), batched=True)
 
         batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
         dyn = pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) else None, (args, kwargs))

@@ -413,9 +413,12 @@ class CheckpointStore:
                     step = 0 if current is None else current + 1
                     _check_step(step)
                 elif current is not None and step <= current:
+                    visible = self._read_latest_file(name)
+                    hidden = (f" (step {current} was written by a publisher that died before moving LATEST; "
+                              "it is kept but not served)") if visible is not None and visible < current else ""
                     raise StepConflictError(
                         f"step {step} of {name!r} is not greater than the latest published step "
-                        f"{current}; steps only grow (publish with step=None to take step {current + 1})",
+                        f"{current}{hidden}; steps only grow (publish with step=None to take step {current + 1})",
                         name=name, step=step, latest=current,
                     )
                 now = time.time()

@@ -64,7 +64,7 @@ from bray.errors import (
     StepNotFoundError,
     VersionExistsError,
 )
-from bray.export import EXPORT_DIRNAME, export_model, load_spec, load_torch_module
+from bray.export import EXPORT_DIRNAME, export_model, load_spec, load_torch_module, to_numpy
 from bray.store import CheckpointStore
 
 __all__ = ["PublishHandle", "RemoteModel", "init"]
@@ -150,18 +150,6 @@ class PublishHandle(int):
             BrayTimeoutError: not every worker had the step within ``timeout_s``.
         """
         return self._model._wait_served(int(self), timeout_s=timeout_s)
-
-
-def _to_numpy(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj
-    if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
-    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch tensor
-        return obj.detach().cpu().numpy()
-    return np.asarray(obj)
 
 
 def _add_batch(obj: Any) -> Any:
@@ -468,9 +456,9 @@ class RemoteModel:
         return await self._batcher_here().submit(payload, n)
 
     def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
-        payload: dict[str, Any] = {"args": [_to_numpy(a) for a in args]}
+        payload: dict[str, Any] = {"args": [to_numpy(a) for a in args]}
         if kwargs:
-            payload["kwargs"] = {k: _to_numpy(v) for k, v in kwargs.items()}
+            payload["kwargs"] = {k: to_numpy(v) for k, v in kwargs.items()}
         if not batch:
             payload = _add_batch(payload)
         return payload, _batch_of(payload)
