@@ -212,6 +212,8 @@ class RemoteModel:
         use_onnx, use_tensorrt, local_mode, override_model, namespace: see the module
             docstring's table.
         max_batch_delay_ms: TorchServe's ``maxBatchDelay`` when batching.
+        client_batching: coalesce concurrent calls of this process into one request
+            (Bray's proxy mode); ``False`` sends every call as its own request.
         keep_last: newest steps the store keeps besides checkpoint steps.
         timeout_s: limit for one forward (and for registration waits, x10).
 
@@ -238,6 +240,7 @@ class RemoteModel:
         namespace: str | None = None,
         *,
         use_tensorrt: bool = False,
+        client_batching: bool = True,
         max_batch_delay_ms: int = 0,
         keep_last: int = 5,
         timeout_s: float = 60.0,
@@ -263,6 +266,7 @@ class RemoteModel:
         self.name = f"{namespace}.{name}" if namespace else name
         self.local_mode = local_mode
         self.max_batch_size = max_batch_size
+        self.client_batching = client_batching
         self.num_workers = num_workers or 1
         self.timeout_s = timeout_s
         self._model = model
@@ -272,7 +276,7 @@ class RemoteModel:
             checkpoint_interval=checkpoint_interval, max_batch_size=max_batch_size, num_workers=num_workers,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
             local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
-            keep_last=keep_last, timeout_s=timeout_s,
+            keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
         )
         self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
         self._quantize = use_onnx == "quantize"
@@ -401,7 +405,7 @@ class RemoteModel:
                                                timeout_s=self.timeout_s)
             batcher = self._batchers.get(loop)
             if batcher is None:
-                samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size else 0
+                samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size and self.client_batching else 0
                 batcher = ForwardBatcher(self._send, max_batch_samples=samples,
                                          max_inflight=max(2, 2 * self.num_workers * len(self.locations.inference_urls)))
                 self._batchers[loop] = batcher

@@ -203,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, kwargs in [
             ("bray torch (32/5 ms)", dict(max_batch_delay_ms=DELAY_MS)),
             ("bray torch (32/0 ms)", dict(max_batch_delay_ms=0)),
+            ("bray torch, no client batching (32/0 ms)", dict(max_batch_delay_ms=0, client_batching=False)),
             ("bray onnx (32/0 ms)", dict(max_batch_delay_ms=0, use_onnx="infer")),
         ]:
             print(f"bench: deploying {label}", flush=True)
-            name = "policy_" + label.split()[1] + ("_d5" if "5 ms" in label else "")
+            name = "policy_" + label.split()[1].rstrip(",") + ("_d5" if "5 ms" in label else "") + ("_nocb" if "no client" in label else "")
             rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS, **kwargs)
             systems[label] = (lambda rm=rm: rm.forward(obs, batch=False))
             systems[label].rm = rm  # type: ignore[attr-defined]
@@ -311,8 +312,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         xs = np.arange(len(CALLERS))
         for i, label in enumerate(labels):
-            a1.bar(xs + i * 0.2, [results[label][f"fps_{c}"] for c in CALLERS], 0.2, label=label)
-        a1.set_xticks(xs + 0.3, [str(c) for c in CALLERS])
+            a1.bar(xs + i * 0.16, [results[label][f"fps_{c}"] for c in CALLERS], 0.16, label=label)
+        a1.set_xticks(xs + 0.4, [str(c) for c in CALLERS])
         a1.set_xlabel("concurrent callers")
         a1.set_ylabel("forwards / s")
         a1.set_yscale("log")
