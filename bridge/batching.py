@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Hashable
 
 import numpy as np
 
 from bray import wire
-from bray.errors import BrayError, ConfigError
+from bray.errors import BrayError, ConfigError, WireError
 
 __all__ = ["BatchMismatchError", "ForwardBatcher"]
 
@@ -32,10 +32,27 @@ class BatchMismatchError(BrayError, RuntimeError):
 
 @dataclass
 class _Call:
-    key: str
+    key: Hashable
     payload: Any
+    leaves: list[np.ndarray]
     n: int
     future: asyncio.Future[Any]
+
+
+def _flatten(obj: Any, out: list[np.ndarray]) -> Hashable:
+    """Collect ``obj``'s arrays into ``out`` and return its signature without the batch size.
+
+    Calls with equal signatures (containers, keys, dtypes, per-sample shapes) can share a
+    request. One walk, no strings: this runs for every forward call.
+    """
+    if isinstance(obj, np.ndarray):
+        out.append(obj)
+        return (obj.dtype, obj.shape[1:])
+    if isinstance(obj, dict):
+        return ("d", tuple(obj), tuple(_flatten(v, out) for v in obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj), tuple(_flatten(v, out) for v in obj))
+    raise WireError(f"expected a NestedArray (ndarray, list, tuple, dict), got {type(obj).__name__}")
 
 
 Send = Callable[[Any], Awaitable[tuple[Any, int]]]
@@ -70,7 +87,9 @@ class ForwardBatcher:
             self.requests_sent += 1
             return await self._send(payload)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Call(wire.structure(payload, batch_dim=False), payload, n, future))
+        leaves: list[np.ndarray] = []
+        key = _flatten(payload, leaves)
+        self._pending.append(_Call(key, payload, leaves, n, future))
         self._kick()
         return await future
 
@@ -96,7 +115,7 @@ class ForwardBatcher:
             if len(group) == 1:
                 payload = group[0].payload
             else:
-                columns = zip(*(wire.leaves(c.payload) for c in group))
+                columns = zip(*(c.leaves for c in group))
                 payload = wire.unflatten(group[0].payload, [np.concatenate(col) for col in columns])
             outputs, step = await self._send(payload)
             if len(group) == 1:

@@ -191,10 +191,18 @@ def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
 
 
 def _batch_of(payload: Any) -> int:
-    leaves = wire.leaves(payload)
-    if not leaves or leaves[0].ndim == 0:
+    """The leading dimension of the first array (all arrays share it; the server checks)."""
+    node = payload
+    while not isinstance(node, np.ndarray):
+        if isinstance(node, dict):
+            node = next(iter(node.values()), None)
+        elif isinstance(node, (list, tuple)) and node:
+            node = node[0]
+        else:
+            raise ConfigError("forward needs at least one input array")
+    if node.ndim == 0:
         raise ConfigError("forward inputs need a leading batch dimension; pass batch=False for a single sample")
-    return int(leaves[0].shape[0])
+    return int(node.shape[0])
 
 
 class RemoteModel:
@@ -407,7 +415,7 @@ class RemoteModel:
             if batcher is None:
                 samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size and self.client_batching else 0
                 batcher = ForwardBatcher(self._send, max_batch_samples=samples,
-                                         max_inflight=max(2, 2 * self.num_workers * len(self.locations.inference_urls)))
+                                         max_inflight=max(2, self.num_workers * len(self.locations.inference_urls)))
                 self._batchers[loop] = batcher
                 self._batcher_stats.append(batcher)
         return batcher
@@ -464,7 +472,7 @@ class RemoteModel:
         if kwargs:
             payload["kwargs"] = {k: to_numpy(v) for k, v in kwargs.items()}
         if not batch:
-            payload = _add_batch(payload)
+            return _add_batch(payload), 1
         return payload, _batch_of(payload)
 
     async def forward(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:

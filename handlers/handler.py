@@ -46,6 +46,24 @@ log = logging.getLogger(__name__)
 STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
 MAR_WEIGHTS = "weights.safetensors"
+BATCH_METRIC_PERIOD_S = 1.0
+
+
+class _DropPerBatchLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Backend received inference at")
+
+
+def _quiet_per_batch_log() -> None:
+    """Drop the worker's "Backend received inference at" line, logged for every batch.
+
+    TorchServe's worker prints it to stdout, where the frontend parses it and writes it to
+    model_log.log: a disk write and a parse per batch for no information. Everything else
+    the worker logs is kept.
+    """
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropPerBatchLines) for f in handler.filters):
+            handler.addFilter(_DropPerBatchLines())
 
 
 def _body(request: dict[str, Any]) -> Any:
@@ -85,6 +103,8 @@ class EngineHandler(BaseHandler):
         self._metrics: Any = None
         self._version = ""
         self._model_name = ""
+        self._batch_sizes: list[int] = []
+        self._batch_metric_at = 0.0
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -95,6 +115,7 @@ class EngineHandler(BaseHandler):
         cfg = ServingConfig.from_yaml_dict(getattr(context, "model_yaml_config", None))
         self.config = cfg
         self._metrics = getattr(context, "metrics", None)
+        _quiet_per_batch_log()
         self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
@@ -196,7 +217,14 @@ class EngineHandler(BaseHandler):
                 log.exception("bray: forward failed for a batch of %d request(s)", len(good))
                 for idx, _ in good:
                     results[idx] = self._error(context, idx, 500, err)
-            self._metric("BrayBatchSize", sum(p.batch for _, p in good), "count")
+            self._batch_sizes.append(sum(p.batch for _, p in good))
+            now = time.monotonic()
+            if now - self._batch_metric_at >= BATCH_METRIC_PERIOD_S:
+                # A metric line per batch costs the frontend a parse per batch: report the
+                # mean samples per forward once per period instead.
+                self._metric("BrayBatchSize", sum(self._batch_sizes) / len(self._batch_sizes), "count")
+                self._batch_sizes.clear()
+                self._batch_metric_at = now
         for idx in range(len(data)):
             context.set_response_header(idx, STEP_HEADER, str(step))
             context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
