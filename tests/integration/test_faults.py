@@ -269,7 +269,10 @@ def test_publisher_killed_mid_publish_never_shows_a_torn_step(
         except StepConflictError as err:
             target = err.latest + 1
     nxt.wait(30)
-    leftovers = [p.name for p in (rm.store.model_dir(rm.name) / ".tmp").iterdir()]
+    tmp = rm.store.model_dir(rm.name) / ".tmp"
+    deadline = time.monotonic() + 5  # retired steps are deleted in the background
+    while (leftovers := [p.name for p in tmp.iterdir()]) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert leftovers == [], leftovers
     out, step = rm(probe_input(n), return_step=True)
     assert step == int(nxt) and probe_ok(out, step, n)

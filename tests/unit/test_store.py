@@ -31,6 +31,16 @@ from bray.errors import (
 )
 from bray.store import Checkpoint, CheckpointStore, StepMeta
 
+
+def tmp_entries(tmp: Path, timeout_s: float = 5.0) -> list[Path]:
+    """What is left in ``.tmp`` once retention's background deletion has had its time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = list(tmp.iterdir())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.01)
+
 pytestmark = pytest.mark.unit
 
 
@@ -171,7 +181,7 @@ def test_root_is_created_lazily_and_steps_increment(tmp_path):
     assert isinstance(meta, StepMeta) and meta.step == 11 and meta.keys == ("w",)
     assert meta.nbytes == (step_dir(store, "policy", 11) / "weights.safetensors").stat().st_size
     assert abs(meta.time - time.time()) < 60
-    assert list((root / "policy" / ".tmp").iterdir()) == []
+    assert tmp_entries(root / "policy" / ".tmp") == []
 
 
 @pytest.mark.parametrize("step", [7, 5], ids=["duplicate", "stale"])
@@ -300,7 +310,7 @@ def test_retention_keeps_newest_and_checkpoints_and_export(tmp_path):
     assert [store.meta("policy", s).checkpoint for s in store.steps("policy")] == [True, True, True, False, False, True]
     assert (export / "model.pt2").read_bytes() == b"exported"
     assert store.load("policy", 7).step == 4  # clone of a removed step snaps to a checkpoint
-    assert list((store.model_dir("policy") / ".tmp").iterdir()) == []
+    assert tmp_entries(store.model_dir("policy") / ".tmp") == []
     assert store.names() == ["policy"]
 
 
@@ -517,7 +527,7 @@ def test_sigkilled_publisher_never_exposes_a_partial_step(tmp_path, capsys):
         _check_step_content(store.load("policy", step))
     # one clean publish sweeps whatever the killed publishers left in .tmp
     store.publish("policy", {"big": np.zeros((256, 1024), np.float32), "small": [np.zeros(7, np.int64)]})
-    assert list((root / "policy" / ".tmp").iterdir()) == []
+    assert tmp_entries(root / "policy" / ".tmp") == []
 
 
 def _race_worker(root: str, wid: int, steps: list[int], barrier, results) -> None:
@@ -556,7 +566,7 @@ def test_concurrent_publishers_get_one_winner_per_step(tmp_path):
         np.testing.assert_array_equal(store.load("policy", step).weights["w"],
                                       np.full(64, winners[0] * 1000 + step))
     assert store.steps("policy") == steps
-    assert list((tmp_path / "policy" / ".tmp").iterdir()) == []
+    assert tmp_entries(tmp_path / "policy" / ".tmp") == []
 
 
 @pytest.fixture
@@ -580,7 +590,7 @@ def test_full_or_read_only_disk_gives_store_write_error(small_tmpfs):
         store.publish("policy", {"w": np.ones(768 * 1024, np.float32)})  # 3 MiB does not
     assert isinstance(info.value, OSError) and info.value.__cause__ is not None
     assert store.latest("policy") == 0 and store.steps("policy") == [0]
-    assert list((small_tmpfs / "store" / "policy" / ".tmp").iterdir()) == []
+    assert tmp_entries(small_tmpfs / "store" / "policy" / ".tmp") == []
     np.testing.assert_array_equal(store.load("policy").weights["w"], np.ones(128 * 1024, np.float32))
     assert store.publish("policy", {"w": np.zeros(4)}) == 1  # consistent: publishing goes on
 
