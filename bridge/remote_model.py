@@ -20,8 +20,10 @@ argument               meaning here
                        waiting ``max_batch_delay_ms`` (``maxBatchDelay``), and calls in this
                        process are coalesced into requests of up to ``max_batch_size ** 2``
                        samples (so one full server batch holds every caller's samples);
-                       ``< 0``: the same with every forward padded to exactly ``-n`` samples
-num_workers            TorchServe workers (processes) of the model
+                       ``< 0``: the same with every forward padded to exactly ``-n`` samples;
+                       not given when attaching (no ``model``): the registered version's
+num_workers            TorchServe workers (processes) of the model (attaching: the registered
+                       version's)
 cpus_per_worker        intra-op threads per worker (``torch.set_num_threads`` / ORT threads)
 gpus_per_worker        ``> 0`` serves on the GPU TorchServe assigns each worker, ``0`` on CPU;
                        fractions are not applied (TorchServe gives each worker one GPU)
@@ -237,7 +239,7 @@ class RemoteModel:
         forward_args: Sequence[Any] = (),
         forward_kwargs: Mapping[str, Any] | None = None,
         checkpoint_interval: int | None = None,
-        max_batch_size: int = 1,
+        max_batch_size: int | None = None,
         num_workers: int | None = None,
         cpus_per_worker: float | None = None,
         gpus_per_worker: float | None = None,
@@ -256,6 +258,10 @@ class RemoteModel:
     ) -> None:
         if use_onnx not in (None, "infer", "quantize"):
             raise ConfigError(f"use_onnx must be None, 'infer' or 'quantize', got {use_onnx!r}")
+        # Attaching without settings adopts the registered version's batching and workers.
+        self._adopt = model is None and max_batch_size is None, model is None and num_workers is None
+        if max_batch_size is None:
+            max_batch_size = 1
         if not isinstance(max_batch_size, int):
             raise ConfigError(f"max_batch_size must be an integer, got {max_batch_size!r}")
         if num_workers is not None and num_workers < 1:
@@ -388,6 +394,15 @@ class RemoteModel:
             except VersionExistsError:
                 # Another process (an actor cloning the same opponent) registered it first.
                 client.wait_ready(self.name, version, timeout_s=max(self.timeout_s * 10, 300))
+        elif any(self._adopt):
+            desc = existing[0]
+            if self._adopt[0] and desc.batch_size > 1:
+                self.max_batch_size = self._server_batch = int(desc.batch_size)
+                self._delay_ms = int(desc.max_batch_delay_ms)
+                self._init_kwargs.update(max_batch_size=self.max_batch_size, max_batch_delay_ms=self._delay_ms)
+            if self._adopt[1] and desc.workers:
+                self.num_workers = int(desc.workers)
+                self._init_kwargs.update(num_workers=self.num_workers)
         self._version = version
 
     # --- forward ----------------------------------------------------------------------

@@ -112,9 +112,11 @@ def trainer(stop_at: float, every_s: float, out: Any) -> None:
     while time.monotonic() < stop_at:
         for v in weights.values():
             v += rng.standard_normal(v.shape).astype(v.dtype) * 1e-3
+        t0 = time.perf_counter()
         handle = rm.publish_weights(weights)
         try:
-            wait_s.append(handle.wait(timeout_s=10.0))
+            handle.wait(timeout_s=10.0)
+            wait_s.append(time.perf_counter() - t0)  # publish call included
         except bray.BrayError as err:
             print(f"trainer: step {int(handle)} not served in time: {err}", file=sys.stderr)
         published += 1
