@@ -210,7 +210,7 @@ def test_ten_publishes_then_clones_of_each_step(make: Make, models: list[bray.Re
 
 
 def test_override_false_and_constructing_without_model_attach(make: Make) -> None:
-    first = make("rm_attach", model=probe_net(1), forward_args=(X,))
+    first = make("rm_attach", model=probe_net(1), forward_args=(X,), max_batch_size=8)
     first.publish_weights(probe_weights(5)).wait(timeout_s=30)  # step 1
 
     kept = make("rm_attach", model=probe_net(99), forward_args=(X,), override_model=False)
@@ -221,6 +221,7 @@ def test_override_false_and_constructing_without_model_attach(make: Make) -> Non
 
     attached = make("rm_attach")
     assert attached.step == 1
+    assert attached.max_batch_size == 8  # adopted from the registered version: actors coalesce like it
     np.testing.assert_allclose(attached(X), expected(5))
     # an attached model publishes to the same model
     attached.publish_weights(probe_weights(6)).wait(timeout_s=30)
