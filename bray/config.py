@@ -102,7 +102,7 @@ class Locations:
             str(o.get("model_store") or env.get("BRAY_MODEL_STORE") or _home() / "model_store")
         ).expanduser()
         inf = o.get("inference_url") or env.get("BRAY_INFERENCE_URL") or DEFAULT_INFERENCE_URL
-        urls = _split_urls(inf if isinstance(inf, str) else ",".join(map(str, inf)))  # type: ignore[arg-type]
+        urls = _split_urls(inf if isinstance(inf, str) else ",".join(str(u) for u in inf))  # type: ignore[attr-defined]
         if not urls:
             raise ConfigError("no inference address given; set BRAY_INFERENCE_URL")
         mgmt = str(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL)

@@ -369,6 +369,8 @@ def _export_onnx(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dyn:
             model, args, kwargs=kwargs or None, dynamic_shapes=dyn, dynamo=True,
             optimize=False, verbose=False,
         )
+        if program is None:
+            raise RuntimeError("torch.onnx.export returned no program")
         program.save(str(path))
     except Exception as err:
         raise EngineError(f"ONNX export of {type(model).__name__} failed: {err}; serve it with engine='torch'") from err

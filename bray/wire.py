@@ -354,7 +354,7 @@ def encode_parts(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> li
         if offset > pos:
             parts.append(_PAD[: offset - pos])
         if arr.nbytes:
-            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
         pos = offset + arr.nbytes
     return parts
 

@@ -96,7 +96,8 @@ class ForwardBatcher:
     def _kick(self) -> None:
         while self._pending and self._inflight < self.max_inflight:
             first = self._pending.popleft()
-            group, total, rest = [first], first.n, deque()
+            group, total = [first], first.n
+            rest: deque[_Call] = deque()
             while self._pending:
                 call = self._pending.popleft()
                 if call.key == first.key and total + call.n <= self.max_batch_samples:
