@@ -37,6 +37,7 @@ from bray.handlers.config import ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.request import encode_outputs, parse_request, split_outputs
+from bray.handlers.worker_log import quiet_per_batch_log
 from bray.store import CheckpointStore
 
 __all__ = ["EngineHandler"]
@@ -47,23 +48,6 @@ STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
 MAR_WEIGHTS = "weights.safetensors"
 BATCH_METRIC_PERIOD_S = 1.0
-
-
-class _DropPerBatchLines(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Backend received inference at")
-
-
-def _quiet_per_batch_log() -> None:
-    """Drop the worker's "Backend received inference at" line, logged for every batch.
-
-    TorchServe's worker prints it to stdout, where the frontend parses it and writes it to
-    model_log.log: a disk write and a parse per batch for no information. Everything else
-    the worker logs is kept.
-    """
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _DropPerBatchLines) for f in handler.filters):
-            handler.addFilter(_DropPerBatchLines())
 
 
 def _body(request: dict[str, Any]) -> Any:
@@ -115,7 +99,7 @@ class EngineHandler(BaseHandler):
         cfg = ServingConfig.from_yaml_dict(getattr(context, "model_yaml_config", None))
         self.config = cfg
         self._metrics = getattr(context, "metrics", None)
-        _quiet_per_batch_log()
+        quiet_per_batch_log()
         self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)

@@ -241,3 +241,14 @@ def test_nested_inputs_outputs_and_keywords(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.asarray(out_json["logits"]), ref["logits"].numpy(), rtol=1e-5)
     finally:
         handler.close()
+
+
+def test_handler_module_defines_exactly_one_class() -> None:
+    # TorchServe's model_loader refuses a handler module with more than one class of its own,
+    # so the module can also be referenced by name (handler: bray.handlers.handler).
+    import inspect
+
+    import bray.handlers.handler as module
+
+    own = [n for n, o in vars(module).items() if inspect.isclass(o) and o.__module__ == module.__name__]
+    assert own == ["EngineHandler"]
