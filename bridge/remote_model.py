@@ -174,8 +174,8 @@ def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
     """Management URLs and key files, each one or one per inference address.
 
     ``BRAY_KEY_FILE`` (and ``BRAY_MANAGEMENT_URL``) may list one entry per inference
-    address, comma-separated in ``BRAY_INFERENCE_URL``'s order; the first entries are the
-    node where models are registered.
+    address, comma-separated in ``BRAY_INFERENCE_URL``'s order; the model is registered
+    through every management address given.
     """
     n = len(locations.inference_urls)
     mgmt = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
@@ -307,7 +307,7 @@ class RemoteModel:
         self._client: Any = None
         self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._batcher_stats: list[Any] = []
-        self._mgmt: Any = None
+        self._mgmt_nodes: list[tuple[Any, Path]] | None = None
         self._worker_pids: tuple[int, ...] = ()
         self._register_lock = threading.Lock()
         self._not_registering = threading.Event()
@@ -349,14 +349,32 @@ class RemoteModel:
                                   module=copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None,
                                   fixed_batch_size=self._fixed)
 
-    def _management(self) -> Any:
-        if self._mgmt is None:
+    def _nodes(self) -> list[tuple[Any, Path]]:
+        """``(management client, model store)`` of every node the model is registered on.
+
+        One per management address: ``BRAY_MANAGEMENT_URL`` (and ``BRAY_KEY_FILE``,
+        ``BRAY_MODEL_STORE``) may list one entry per node, comma-separated in the same
+        order; a single model store is taken as shared by every node.
+        """
+        if self._mgmt_nodes is None:
             from bray.archiver.management import ManagementClient
 
             mgmt_urls, key_files = _per_node(self.locations)
-            self._mgmt = ManagementClient(mgmt_urls[0], key_file=key_files[0],
-                                          timeout_s=max(self.timeout_s * 10, 300))
-        return self._mgmt
+            stores = [Path(p.strip()) for p in str(self.locations.model_store).split(",") if p.strip()]
+            if len(stores) not in (1, len(mgmt_urls)):
+                raise ConfigError(
+                    f"{len(stores)} model stores for {len(mgmt_urls)} management address(es); give one "
+                    "shared by every node, or one per node in BRAY_MANAGEMENT_URL's order (BRAY_MODEL_STORE=a,b)"
+                )
+            self._mgmt_nodes = [
+                (ManagementClient(url, key_file=key_files[i % len(key_files)], timeout_s=max(self.timeout_s * 10, 300)),
+                 stores[i % len(stores)])
+                for i, url in enumerate(mgmt_urls)
+            ]
+        return self._mgmt_nodes
+
+    def _management(self) -> Any:
+        return self._nodes()[0][0]
 
     def _inference_auth(self) -> Any:
         from bray.archiver.management import TokenAuth
@@ -371,10 +389,18 @@ class RemoteModel:
                 for i, url in enumerate(urls)}
 
     def _register(self, *, override: bool) -> None:
+        """Make sure every node serves the version (registering it where it is missing)."""
+        version = LIVE_VERSION if self._pinned is None else str(self._pinned)
+        for i, (client, model_store) in enumerate(self._nodes()):
+            existing = self._register_on(client, model_store, version, override=override)
+            if i == 0 and existing is not None and any(self._adopt):
+                self._adopt_settings(existing)
+        self._version = version
+
+    def _register_on(self, client: Any, model_store: Path, version: str, *, override: bool) -> Any:
+        """Register ``version`` on one node; returns what was registered there already, if anything."""
         from bray.archiver.publish import publish_version
 
-        client = self._management()
-        version = LIVE_VERSION if self._pinned is None else str(self._pinned)
         try:
             existing = client.describe(self.name, version)
         except ModelNotFoundError:
@@ -382,28 +408,30 @@ class RemoteModel:
         if existing and override:
             client.unregister(self.name, version)
             existing = []
-        if not existing:
-            try:
-                publish_version(
-                    self.store, self.name, step=self._pinned, client=client, model_store=self.locations.model_store,
-                    set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
-                    batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
-                    threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
-                    force=True,
-                )
-            except VersionExistsError:
-                # Another process (an actor cloning the same opponent) registered it first.
-                client.wait_ready(self.name, version, timeout_s=max(self.timeout_s * 10, 300))
-        elif any(self._adopt):
-            desc = existing[0]
-            if self._adopt[0] and desc.batch_size > 1:
-                self.max_batch_size = self._server_batch = int(desc.batch_size)
-                self._delay_ms = int(desc.max_batch_delay_ms)
-                self._init_kwargs.update(max_batch_size=self.max_batch_size, max_batch_delay_ms=self._delay_ms)
-            if self._adopt[1] and desc.workers:
-                self.num_workers = int(desc.workers)
-                self._init_kwargs.update(num_workers=self.num_workers)
-        self._version = version
+        if existing:
+            return existing[0]
+        try:
+            publish_version(
+                self.store, self.name, step=self._pinned, client=client, model_store=model_store,
+                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
+                batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
+                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
+                force=True,
+            )
+        except VersionExistsError:
+            # Another process (an actor cloning the same opponent) registered it first.
+            client.wait_ready(self.name, version, timeout_s=max(self.timeout_s * 10, 300))
+        return None
+
+    def _adopt_settings(self, desc: Any) -> None:
+        """Attaching without settings: take the registered version's batching and workers."""
+        if self._adopt[0] and desc.batch_size > 1:
+            self.max_batch_size = self._server_batch = int(desc.batch_size)
+            self._delay_ms = int(desc.max_batch_delay_ms)
+            self._init_kwargs.update(max_batch_size=self.max_batch_size, max_batch_delay_ms=self._delay_ms)
+        if self._adopt[1] and desc.workers:
+            self.num_workers = int(desc.workers)
+            self._init_kwargs.update(num_workers=self.num_workers)
 
     # --- forward ----------------------------------------------------------------------
 
@@ -586,11 +614,15 @@ class RemoteModel:
             time.sleep(0.002)
 
     def _refresh_pids(self) -> tuple[int, ...]:
-        try:
-            (desc,) = self._management().describe(self.name, self._version)
-        except (ModelNotFoundError, ValueError):
-            return ()
-        self._worker_pids = tuple(int(w["pid"]) for w in desc.raw.get("workers", []) if w.get("pid") and w.get("status") == "READY")
+        """READY worker pids of the version on every node."""
+        pids: list[int] = []
+        for client, _ in self._nodes():
+            try:
+                (desc,) = client.describe(self.name, self._version)
+            except (ModelNotFoundError, ValueError):
+                continue
+            pids += [int(w["pid"]) for w in desc.raw.get("workers", []) if w.get("pid") and w.get("status") == "READY"]
+        self._worker_pids = tuple(pids)
         return self._worker_pids
 
     def get_model(self) -> Any:
@@ -657,8 +689,8 @@ class RemoteModel:
                 run_sync(self._client.close(), timeout_s=5)
             except Exception:  # closing is best effort
                 pass
-        if self._mgmt is not None:
-            self._mgmt.close()
+        for client, _ in self._mgmt_nodes or []:
+            client.close()
 
     def __repr__(self) -> str:
         mode = "local" if self.local_mode else ",".join(self.locations.inference_urls)

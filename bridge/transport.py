@@ -121,9 +121,12 @@ class InferenceClient:
             session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                                             skip_auto_headers=("User-Agent",))
             self._sessions[loop] = session
-            # asyncio.run() cancels every task left when its main coroutine ends: this
-            # one then closes the session before the loop goes away.
-            self._guards[loop] = loop.create_task(_close_when_cancelled(session))
+            from bray.bridge._loop import in_loop_thread
+
+            if not in_loop_thread():  # the bridge's own loop lives as long as the process
+                # asyncio.run() cancels every task left when its main coroutine ends: this
+                # one then closes the session before the loop goes away.
+                self._guards[loop] = loop.create_task(_close_when_cancelled(session))
         return session
 
     def _pick(self, exclude: set[str]) -> str | None:

@@ -290,16 +290,19 @@ def test_two_servers_share_the_load_and_survive_one_stopping(
     make: Make, models: list[bray.RemoteModel],
 ) -> None:
     root = tmp_path / "store"
-    trainer = make("rm_lb", model=probe_net(4), forward_args=(X,))
     second = torchserve_factory()
-    # Register the same model on the second node: attach with init pointing there.
-    init_for(second, root)
-    on_second = bray.RemoteModel("rm_lb", num_workers=1)
-    on_second.close()
     assert second.key_file.read_text() != torchserve.key_file.read_text()
-
-    urls = f"{torchserve.inference_url},{second.inference_url}"
-    init_for(torchserve, root, inference_url=urls, key_file=f"{torchserve.key_file},{second.key_file}")
+    # One entry per node, in the same order: the model is registered on both.
+    init_for(torchserve, root, inference_url=f"{torchserve.inference_url},{second.inference_url}",
+             management_url=f"{torchserve.management_url},{second.management_url}",
+             key_file=f"{torchserve.key_file},{second.key_file}",
+             model_store=f"{torchserve.model_store},{second.model_store}")
+    trainer = make("rm_lb", model=probe_net(4), forward_args=(X,))
+    for node in (torchserve, second):
+        with ManagementClient(node.management_url, key_file=node.key_file) as client:
+            assert [v.version for v in client.versions("rm_lb")] == ["latest"]
+    # wait() covers the workers of both nodes
+    assert len(trainer._refresh_pids()) == 2
     rm = make("rm_lb", max_batch_size=0)
     for _ in range(40):
         np.testing.assert_allclose(rm(X), expected(4))
