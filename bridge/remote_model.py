@@ -37,6 +37,10 @@ local_mode             the engine runs in this process, following the same store
 override_model         ``True``: re-export, publish the given weights as a new step and
                        re-register; ``False``: reuse what the store and server already have
 namespace              prefixes the model name (store folder and TorchServe name)
+max_batch_delay_ms     (not Bray's) TorchServe's ``maxBatchDelay``; default 0 because the
+                       client coalesces already, and TorchServe holds a lone request for
+                       the whole delay
+client_batching        (not Bray's) ``False`` sends every call as its own request
 =====================  =====================================================================
 """
 
@@ -48,8 +52,8 @@ import os
 import shutil
 import threading
 import time
-import weakref
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
