@@ -10,8 +10,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
-
 from bray.export import EXPORT_DIRNAME, load_spec
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
@@ -19,8 +17,6 @@ from bray.handlers.request import parse_payload
 from bray.store import CheckpointStore
 
 __all__ = ["LocalRunner"]
-
-_LOAD_LOCK = threading.Lock()
 
 
 class LocalRunner:
@@ -42,13 +38,12 @@ class LocalRunner:
         export_dir = store.model_dir(name) / EXPORT_DIRNAME
         self.spec = load_spec(export_dir)
         cls = get_engine(engine)
-        # torch.export.load is not thread-safe ("_CURRENT_DESERIALIZER is already set"
-        # when two threads build local models, e.g. clones, at once).
-        with _LOAD_LOCK:
-            if module is not None and hasattr(cls, "from_module"):
-                self.engine = cls.from_module(module, export_dir, self.spec, options)
-            else:
-                self.engine = cls.load(export_dir, self.spec, options)
+        # Concurrent loads (clones built from several threads) are safe: load_torch_module
+        # serializes torch.export.load, whose deserializer state is global.
+        if module is not None and hasattr(cls, "from_module"):
+            self.engine = cls.from_module(module, export_dir, self.spec, options)
+        else:
+            self.engine = cls.load(export_dir, self.spec, options)
         self.fixed_batch_size = fixed_batch_size
         self._lock = threading.Lock()
         self.follower = StepFollower(store, name, self.engine, step=step)
@@ -66,14 +61,7 @@ class LocalRunner:
         parsed = parse_payload(payload, self.spec, binary=True)
         with self._lock:
             step = self.follower.swap_if_pending()
-            leaves = parsed.leaves
-            n = parsed.batch
-            if self.fixed_batch_size and n % self.fixed_batch_size:
-                short = self.fixed_batch_size - n % self.fixed_batch_size
-                leaves = [np.concatenate([a, np.zeros((short, *a.shape[1:]), a.dtype)]) for a in leaves]
-            outputs = self.engine.forward(leaves)
-        if len(outputs) and outputs[0].shape[0] != n:
-            outputs = [o[:n] for o in outputs]
+            outputs = self.engine.forward_batch(parsed.leaves, fixed_batch_size=self.fixed_batch_size)
         return self.spec.build_outputs(outputs), step
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 from bray import wire
-from bray.errors import EngineError, InputError, WireError
+from bray.errors import InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.config import ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
@@ -216,29 +216,12 @@ class EngineHandler(BaseHandler):
 
     def _forward(self, requests: list[list[np.ndarray]], sizes: list[int]) -> list[list[np.ndarray]]:
         """One forward over all requests (chunked and padded for a fixed batch size)."""
-        n_inputs = len(requests[0])
         if len(requests) == 1:
             batched = requests[0]
         else:
-            batched = [np.concatenate([r[i] for r in requests]) for i in range(n_inputs)]
-        total = int(sum(sizes))
+            batched = [np.concatenate([r[i] for r in requests]) for i in range(len(requests[0]))]
         fixed = self.config.fixed_batch_size if self.config else 0
-        if not fixed:
-            outputs = self.engine.forward(batched)
-        else:
-            chunks = []
-            for start in range(0, total, fixed):
-                part = [a[start:start + fixed] for a in batched]
-                short = fixed - part[0].shape[0]
-                if short:
-                    part = [np.concatenate([a, np.zeros((short, *a.shape[1:]), dtype=a.dtype)]) for a in part]
-                out = self.engine.forward(part)
-                chunks.append([o[: fixed - short] for o in out])
-            outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
-        for o in outputs:
-            if o.shape[:1] != (total,):
-                raise EngineError(f"the model returned {o.shape[0] if o.ndim else 'no'} rows for a batch of {total}")
-        return split_outputs(outputs, sizes)
+        return split_outputs(self.engine.forward_batch(batched, fixed_batch_size=fixed), sizes)
 
     @staticmethod
     def _error(context: Any, idx: int, status: int, err: Exception) -> str:

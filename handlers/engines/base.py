@@ -111,5 +111,35 @@ class Engine(abc.ABC):
     def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run one batch: flat input arrays (spec leaf order) -> flat output arrays."""
 
+    def forward_batch(self, inputs: Sequence[np.ndarray], *, fixed_batch_size: int = 0) -> list[np.ndarray]:
+        """:meth:`forward`, padded when the model wants a fixed batch size, outputs checked.
+
+        Args:
+            inputs: flat input arrays sharing a leading batch dimension.
+            fixed_batch_size: ``> 0`` runs chunks of exactly this many samples, the last
+                one padded with zeros, and trims the padding off the outputs.
+
+        Raises:
+            EngineError: an output whose leading dimension is not the batch size.
+        """
+        from bray.errors import EngineError
+
+        total = int(inputs[0].shape[0])
+        if not fixed_batch_size:
+            outputs = self.forward(inputs)
+        else:
+            chunks = []
+            for start in range(0, total, fixed_batch_size):
+                part = [a[start:start + fixed_batch_size] for a in inputs]
+                short = fixed_batch_size - part[0].shape[0]
+                if short:
+                    part = [np.concatenate([a, np.zeros((short, *a.shape[1:]), dtype=a.dtype)]) for a in part]
+                chunks.append([o[: fixed_batch_size - short] for o in self.forward(part)])
+            outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        for o in outputs:
+            if o.shape[:1] != (total,):
+                raise EngineError(f"the model returned {o.shape[0] if o.ndim else 'no'} rows for a batch of {total}")
+        return outputs
+
     def close(self) -> None:
         """Release sessions and device memory."""
