@@ -49,34 +49,45 @@ KeyKind = Literal["inference", "management"]
 _KINDS = ("inference", "management")
 
 
-def _is_auth_failure(resp: requests.Response) -> bool:
-    """True when token authorization refused the call (TorchServe says 400 InvalidKeyException)."""
-    if resp.status_code == 401:
-        return True
-    if resp.status_code in (400, 403):
-        return _error_type(resp) == "InvalidKeyException"
-    return False
-
-
-def _error_body(resp: requests.Response) -> dict[str, Any]:
+def _json_body(data: bytes | str) -> dict[str, Any]:
     try:
-        body = resp.json()
+        body = json.loads(data)
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
 
 
+def key_refused(status: int, data: bytes | str) -> bool:
+    """True when token authorization refused a call, from its status and body.
+
+    TorchServe 0.12 answers a missing, wrong or expired key with 400 (403 on some paths)
+    and ``"type": "InvalidKeyException"``, not 401. Shared by the management client, the
+    inference transport and the server launcher's ping.
+    """
+    if status == 401:
+        return True
+    return status in (400, 403) and _json_body(data).get("type") == "InvalidKeyException"
+
+
+def error_message(data: bytes | str, reason: str = "") -> str:
+    """TorchServe's ``message`` from an error body, else the start of the body."""
+    message = _json_body(data).get("message")
+    if message:
+        return str(message)
+    text = (data.decode("utf-8", "replace") if isinstance(data, bytes) else data).strip()
+    return text[:500] if text else reason or "no message"
+
+
+def _is_auth_failure(resp: requests.Response) -> bool:
+    return key_refused(resp.status_code, resp.content)
+
+
 def _error_type(resp: requests.Response) -> str:
-    return str(_error_body(resp).get("type", ""))
+    return str(_json_body(resp.content).get("type", ""))
 
 
 def _error_message(resp: requests.Response) -> str:
-    body = _error_body(resp)
-    message = body.get("message")
-    if message:
-        return str(message)
-    text = resp.text.strip()
-    return text[:500] if text else resp.reason or "no message"
+    return error_message(resp.content, resp.reason or "")
 
 
 class TokenAuth:

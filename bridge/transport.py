@@ -19,25 +19,21 @@ Nothing here is silently dropped: every call either returns an answer or raises.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from bray.archiver.management import TokenAuth, error_message, key_refused
 from bray.errors import (
     AuthError,
-    BrayTimeoutError,
     ConfigError,
     InputError,
     ModelNotFoundError,
     ServerError,
     ServerUnreachableError,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bray.archiver.management import TokenAuth
 
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 
@@ -214,11 +210,9 @@ class InferenceClient:
             first_down = None
             if status == 200:
                 return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype)
-            message = _message(data)
-            # TorchServe 0.12 answers a missing, wrong or expired key with 400 and
-            # type InvalidKeyException (not 401/403).
-            key_refused = status in (401, 403) or (status == 400 and b"InvalidKeyException" in data[:500])
-            if key_refused and auth is not None and url not in refreshed:
+            message = error_message(data)
+            refused_key = key_refused(status, data)
+            if refused_key and auth is not None and url not in refreshed:
                 refreshed.add(url)
                 self.stats.auth_refreshes += 1
                 stale = key_headers.get("Authorization", "").removeprefix("Bearer ") or None
@@ -234,7 +228,7 @@ class InferenceClient:
                     self._down_until[url] = time.monotonic() + 0.25
                     tried.add(url)
                 continue
-            if key_refused:
+            if refused_key:
                 raise AuthError(f"TorchServe at {url} refused the inference key ({status}: {message}); "
                                 "check BRAY_KEY_FILE points at this server's key_file.json (several nodes: one key "
                                 "file per address, comma-separated in BRAY_INFERENCE_URL's order)", status=status)
@@ -273,22 +267,3 @@ async def _close_when_cancelled(session: Any) -> None:
     except asyncio.CancelledError:
         await session.close()
         raise
-
-
-def _message(data: bytes) -> str:
-    try:
-        obj = json.loads(data)
-        if isinstance(obj, dict):
-            return str(obj.get("message") or obj)
-    except ValueError:
-        pass
-    return data[:300].decode("utf-8", "replace")
-
-
-async def wait_until(predicate: Any, *, timeout_s: float, what: str, interval_s: float = 0.01) -> None:
-    """Poll ``predicate()`` until true, or raise BrayTimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BrayTimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)

@@ -149,11 +149,13 @@ class TorchServeProcess:
         """True when ``GET /ping`` answers 200 with the inference key."""
         import requests
 
+        from bray.archiver.management import key_refused
+
         for attempt in range(2):
             try:
                 headers = self.headers("inference")
                 resp = requests.get(f"{self.inference_url}/ping", headers=headers, timeout=timeout_s)
-                if attempt == 0 and headers and resp.status_code == 400 and "InvalidKeyException" in resp.text:
+                if attempt == 0 and headers and key_refused(resp.status_code, resp.content):
                     # Keys expire (60 min by default): regenerate through the API key, once.
                     self.auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):])
                     continue
