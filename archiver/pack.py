@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from bray.errors import ConfigError, CorruptCheckpointError, StoreError, StoreWriteError
 from bray.export import EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
-from bray.handlers.config import ServingConfig
+from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore
@@ -51,7 +51,6 @@ __all__ = ["LIVE_VERSION", "PackedArchive", "archive_path", "pack_archive", "rea
 LIVE_VERSION = "latest"
 HANDLER_FILE = "bray_handler.py"
 CONFIG_FILE = "model-config.yaml"
-WEIGHTS_FILE = "weights.safetensors"
 STEP_FILE = "step.json"
 _ENGINES = ("torch", "onnx", "tensorrt")
 _ONNX_WEIGHTS = ("initializers", "inputs")
@@ -288,7 +287,7 @@ def pack_archive(
     entries = [(p, f"{EXPORT_DIRNAME}/{p.relative_to(export_dir).as_posix()}") for p in export_files]
     if meta is not None:
         # Read straight from the store: no staging copy of possibly large weights.
-        entries.append((store._step_dir(name, serving_step) / WEIGHTS_FILE, WEIGHTS_FILE))  # noqa: SLF001
+        entries.append((store.weights_path(name, serving_step), ARCHIVE_WEIGHTS_FILE))
     try:
         model_store.mkdir(parents=True, exist_ok=True)
         # Unique per pack, hidden (TorchServe skips dot-files), same file system as the
@@ -311,7 +310,7 @@ def pack_archive(
                 total = sum(src.stat().st_size for src, _ in entries)
                 with _progress(total, f"packing {final.name}", progress) as bar:
                     for src, arcname in entries:
-                        digest = hashlib.sha256() if arcname == WEIGHTS_FILE else None
+                        digest = hashlib.sha256() if arcname == ARCHIVE_WEIGHTS_FILE else None
                         _stream_into(zf, src, arcname, bar, digest)
                         if digest is not None and meta is not None and digest.hexdigest() != meta.sha256:
                             # An archive pins its step for ever: never pin a damaged copy.

@@ -213,6 +213,17 @@ class CheckpointStore:
     def _step_dir(self, name: str, step: int) -> Path:
         return self.root / name / STEPS_DIR / _step_str(step)
 
+    def weights_path(self, name: str, step: int) -> Path:
+        """The safetensors file of a kept step, for streaming it elsewhere unread.
+
+        Check its sha256 against :meth:`meta` while copying; :meth:`load` does that itself.
+
+        Raises:
+            ConfigError: ``name`` is not a valid model name.
+        """
+        _check_name(name)
+        return self._step_dir(name, step) / WEIGHTS_FILE
+
     # ---------------------------------------------------------------- reading
 
     def names(self) -> list[str]:

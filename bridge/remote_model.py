@@ -70,7 +70,7 @@ from bray.errors import (
     StepNotFoundError,
     VersionExistsError,
 )
-from bray.export import EXPORT_DIRNAME, export_model, load_spec, load_torch_module, to_numpy
+from bray.export import EXPORT_DIRNAME, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.store import CheckpointStore
 
 __all__ = ["PublishHandle", "RemoteModel", "init"]
@@ -101,9 +101,8 @@ def init(project: str | None = None, trial: str | None = None, *, store: str | o
 
     Several nodes (``inference_url="http://a:8080,http://b:8080"``, sharing one store):
     every TorchServe writes its own keys, so ``key_file`` lists one key file per address,
-    comma-separated in the same order (and ``management_url`` may too, for refreshing
-    each node's expired key). Models are registered on the first node only; the others
-    must have them registered already (``RemoteModel(name)`` with ``init`` pointing there).
+    comma-separated in the same order, and ``management_url`` and ``model_store`` may too:
+    models are then registered through every management address.
 
     Returns:
         The resolved locations.
@@ -319,7 +318,7 @@ class RemoteModel:
         self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
-        has_export = (export_dir / "spec.json").is_file()
+        has_export = (export_dir / SPEC_FILE).is_file()
         if model is not None and (override_model or not has_export):
             export_model(model, self._forward_args, self._forward_kwargs, dest=export_dir,
                          onnx=self.engine_name != "torch")

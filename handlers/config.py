@@ -23,7 +23,11 @@ from typing import Any, Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["ServingConfig"]
+__all__ = ["ARCHIVE_WEIGHTS_FILE", "ServingConfig"]
+
+# A pinned archive carries its step's weights under this name, beside model-config.yaml:
+# the archiver writes it, the handler reads it.
+ARCHIVE_WEIGHTS_FILE = "weights.safetensors"
 
 _ENGINES = ("torch", "onnx", "tensorrt")
 

@@ -33,7 +33,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from bray import wire
 from bray.errors import InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
-from bray.handlers.config import ServingConfig
+from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.request import encode_outputs, parse_request, split_outputs
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
-MAR_WEIGHTS = "weights.safetensors"
 BATCH_METRIC_PERIOD_S = 1.0
 
 
@@ -151,7 +150,7 @@ class EngineHandler(BaseHandler):
     @staticmethod
     def _packed_weights(model_dir: Path, cfg: ServingConfig) -> tuple[int, Any] | None:
         """A pinned archive carries its step's weights: it serves even after retention."""
-        packed = model_dir / MAR_WEIGHTS
+        packed = model_dir / ARCHIVE_WEIGHTS_FILE
         if not (cfg.pinned and packed.is_file()):
             return None
         from safetensors.numpy import load_file
