@@ -18,7 +18,7 @@ variable                    meaning                                  default
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -111,7 +111,3 @@ class Locations:
         key_file = find_key_file(str(key) if key else None, env)
         return cls(store=store, model_store=model_store, inference_urls=urls,
                    management_url=mgmt.rstrip("/"), key_file=key_file)
-
-    def with_(self, **changes: object) -> "Locations":
-        """A copy with some fields changed."""
-        return replace(self, **changes)  # type: ignore[arg-type]

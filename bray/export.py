@@ -71,16 +71,6 @@ def _node_of(obj: Any, *, batched: bool) -> dict[str, Any]:
     raise ConfigError(f"expected a NestedArray (ndarray, list, tuple, dict), got {type(obj).__name__}")
 
 
-def _template_of(node: Mapping[str, Any], batch: int = 0) -> Any:
-    kind = node["k"]
-    if kind == "a":
-        return np.zeros((batch, *node["shape"]), dtype=np.dtype(node["dtype"]))
-    items = [_template_of(n, batch) for n in node["items"]]
-    if kind == "dict":
-        return dict(zip(node["keys"], items))
-    return tuple(items) if kind == "tuple" else items
-
-
 def _build(node: Mapping[str, Any], it: Any) -> Any:
     kind = node["k"]
     if kind == "a":
@@ -163,13 +153,6 @@ class ModelSpec:
     @cached_property
     def output_leaves(self) -> list[Mapping[str, Any]]:
         return _leaf_nodes(self.outputs)
-
-    def input_template(self, batch: int = 0) -> Any:
-        """An ``(args, kwargs)`` NestedArray of zeros with the given batch size."""
-        return _template_of(self.inputs, batch)
-
-    def output_template(self, batch: int = 0) -> Any:
-        return _template_of(self.outputs, batch)
 
     def build_inputs(self, leaves: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Flat input leaves (any array type) -> ``(args, kwargs)`` in the model's structure."""

@@ -667,7 +667,7 @@ class RemoteModel:
             try:
                 os.rename(tmp, dest / EXPORT_DIRNAME)
             except OSError:
-                if not (dest / EXPORT_DIRNAME / "spec.json").is_file():
+                if not (dest / EXPORT_DIRNAME / SPEC_FILE).is_file():
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # another process cloned it first
             ckpt = self.store.load(self.name, real, framework="pt")
