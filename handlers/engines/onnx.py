@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bray.errors import EngineError, EngineUnavailableError
-from bray.export import ONNX_FILE
+from bray.export import ONNX_FILE, to_numpy
 from bray.handlers.engines.base import Engine, EngineOptions
 
 __all__ = ["OnnxEngine"]
@@ -134,7 +134,7 @@ class OnnxEngine(Engine):
 
     def prepare_weights(self, weights: Mapping[str, Any]) -> Any:
         self.check_weights(weights)
-        arrays = {k: np.ascontiguousarray(_numpy(v)) for k, v in weights.items()}
+        arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in weights.items()}
         if self._mode == "inputs":
             return arrays
         if self._mode == "quantize":
@@ -197,9 +197,3 @@ class OnnxEngine(Engine):
     def close(self) -> None:
         self._session = None
         self._weights = {}
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    return value.detach().cpu().numpy()  # a torch tensor

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bray.errors import EngineError, EngineUnavailableError
-from bray.export import ONNX_FILE
+from bray.export import ONNX_FILE, to_numpy
 from bray.handlers.engines.base import Engine, EngineOptions
 
 __all__ = ["TensorRTEngine"]
@@ -87,7 +87,7 @@ class TensorRTEngine(Engine):
         self.check_weights(weights)
         trt = self._trt
         standby = 1 - self._active
-        arrays = {k: np.ascontiguousarray(v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()) for k, v in weights.items()}
+        arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in weights.items()}
         refitter = trt.Refitter(self._engines[standby], self._logger)
         known = set(refitter.get_all_weights())
         for name, arr in arrays.items():
@@ -113,17 +113,15 @@ class TensorRTEngine(Engine):
         stream = torch.cuda.current_stream(self._device)
         keep = []
         for name, arr in zip(self._inputs, inputs):
-            t = torch.from_numpy(np.ascontiguousarray(arr)).to(self._device, non_blocking=True)
             want = trt.nptype(engine.get_tensor_dtype(name))
-            if t.dtype != torch.from_numpy(np.zeros(0, dtype=want)).dtype:
-                t = t.to(torch.from_numpy(np.zeros(0, dtype=want)).dtype)
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=want)).to(self._device, non_blocking=True)
             keep.append(t)
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
         outs = []
         for name in self._outputs:
             shape = tuple(ctx.get_tensor_shape(name))
-            dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            dtype = _torch_dtype(trt.nptype(engine.get_tensor_dtype(name)))
             t = torch.empty(shape, dtype=dtype, device=self._device)
             ctx.set_tensor_address(name, t.data_ptr())
             outs.append(t)
@@ -135,3 +133,10 @@ class TensorRTEngine(Engine):
     def close(self) -> None:
         self._contexts = []
         self._engines = []
+
+
+def _torch_dtype(np_dtype: Any) -> Any:
+    """The torch dtype of a numpy dtype (what torch.from_numpy would give)."""
+    import torch
+
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
