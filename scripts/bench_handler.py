@@ -48,29 +48,22 @@ from bray import wire
 from bray.archiver import ManagementClient
 from bray.archiver.publish import publish_version
 from bray.export import export_model
+from bray.handlers.handler import STEP_HEADER, WORKER_HEADER
 from bray.handlers.follower import read_serving
 from bray.store import CheckpointStore
 from bray.ts_config.server import start_torchserve
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.models import PolicyMLP  # noqa: E402  (the policy the tests and benchmarks share)
+
 NAME = "bench-policy"
 OBS, HIDDEN, ACTIONS = 64, 256, 16
-STEP_HEADER, WORKER_HEADER = "X-Bray-Step", "X-Bray-Worker"
 # engine label -> publish_version options
 ENGINES: dict[str, dict[str, Any]] = {
     "torch": {"engine": "torch"},
     "onnx": {"engine": "onnx"},
     "onnx-inputs": {"engine": "onnx", "onnx_weights": "inputs"},
 }
-
-
-class PolicyMLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(OBS, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                                       torch.nn.ReLU(), torch.nn.Linear(HIDDEN, ACTIONS))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
 
 
 def weights(step: int) -> dict[str, np.ndarray]:

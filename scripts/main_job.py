@@ -78,18 +78,11 @@ class JobConfig:
 
 
 def make_policy(hidden: int) -> Any:
-    import torch
-    from torch import nn
+    """The policy network: obs 64 -> hidden -> hidden -> 16 (the one the tests and benchmarks use)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.models import PolicyMLP
 
-    class Policy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(OBS, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ACTIONS))
-
-        def forward(self, obs: torch.Tensor) -> torch.Tensor:
-            return self.net(obs)
-
-    return Policy().eval()
+    return PolicyMLP(OBS, hidden, ACTIONS).eval()
 
 
 def _init_from_env() -> None:
