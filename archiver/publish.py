@@ -249,16 +249,21 @@ def scale(name: str, workers: int, *, client: ManagementClient, version: str | N
     """Run ``workers`` workers for one version (the default one when ``version`` is None).
 
     Returns:
-        The version once its workers are started (or stopped).
+        The version once its workers are READY (or stopped).
 
     Raises:
         ConfigError: ``workers`` < 0.
         ModelNotFoundError: no such model or version.
+        BrayTimeoutError: the new workers were not READY within the wait.
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
     client.scale(name, version=version, min_workers=workers, max_workers=max(workers, 1),
                  synchronous=True, timeout_s=timeout_s)
+    if workers > 0:
+        # TorchServe's synchronous scale-up answers once the workers are started, which
+        # can be before they are READY: wait for that, as publish_version does.
+        return client.wait_ready(name, version, timeout_s=max(timeout_s or 0.0, 120.0), min_ready=workers)
     if version is None:
         return client.default_version(name)
     return client.describe(name, version)[0]
