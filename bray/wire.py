@@ -47,9 +47,12 @@ __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_LIMITS",
     "MAGIC",
+    "MIN_STEP_HEADER",
     "NestedArray",
+    "STEP_HEADER",
     "SUPPORTED_DTYPES",
     "VERSION",
+    "WORKER_HEADER",
     "WireLimits",
     "decode",
     "encode",
@@ -69,6 +72,12 @@ NestedArray: TypeAlias = Union[
 
 #: TorchServe hands bodies of this type to the handler as ``bytearray``.
 CONTENT_TYPE = "application/octet-stream"
+# HTTP headers of the bray protocol, beside the body: the step whose weights answered and
+# the worker that answered (responses); the newest step the caller has already been
+# answered with, which a lagging worker catches up to first (requests).
+STEP_HEADER = "X-Bray-Step"
+WORKER_HEADER = "X-Bray-Worker"
+MIN_STEP_HEADER = "X-Bray-Min-Step"
 MAGIC = b"BRAY"
 VERSION = 1
 #: Every buffer starts at a multiple of this many bytes from the start of the body.

@@ -316,6 +316,7 @@ class RemoteModel:
         self._not_registering = threading.Event()
         self._not_registering.set()
         self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
+        self._seen_step = -1  # newest step this process has been answered with
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
         has_export = (export_dir / SPEC_FILE).is_file()
@@ -478,13 +479,15 @@ class RemoteModel:
             await asyncio.get_running_loop().run_in_executor(None, self._not_registering.wait, self.timeout_s * 10)
         seen = self._registrations
         try:
-            reply = await self._client.predict(self.name, body, version=self._version)
+            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen_step)
         except ModelNotFoundError:
             # A restarted TorchServe has forgotten its models (config snapshots are off):
             # register ours again from the store, whose latest step the live version
             # serves, so no published step is lost; then retry once.
             await asyncio.get_running_loop().run_in_executor(None, self._reregister, seen)
-            reply = await self._client.predict(self.name, body, version=self._version)
+            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen_step)
+        if reply.step > self._seen_step:
+            self._seen_step = reply.step  # monotonic reads across workers, for every caller here
         return wire.decode(bytearray(reply.body)), reply.step
 
     def _reregister(self, seen: int) -> None:

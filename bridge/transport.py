@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from bray import wire
 from bray.archiver.management import TokenAuth, error_message, key_refused
 from bray.errors import (
     AuthError,
@@ -37,7 +38,6 @@ from bray.errors import (
 
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 
-STEP_HEADER = "X-Bray-Step"
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
 
 
@@ -136,8 +136,11 @@ class InferenceClient:
         return best[self._rr % len(best)]
 
     async def predict(self, model: str, body: bytes, *, version: str | None = None,
-                      content_type: str = "application/octet-stream") -> Reply:
+                      content_type: str = "application/octet-stream", min_step: int | None = None) -> Reply:
         """POST ``body`` to ``/predictions/<model>[/<version>]`` on the least busy node.
+
+        ``min_step`` (the newest step this client has been answered with) asks a worker
+        that lags behind it to catch up first, so a caller never sees its step go back.
 
         Raises:
             InputError: the server answered 400 (its message says what was wrong).
@@ -172,6 +175,8 @@ class InferenceClient:
                 tried.clear()
                 continue
             headers = {"Content-Type": content_type}
+            if min_step is not None and min_step >= 0:
+                headers[wire.MIN_STEP_HEADER] = str(min_step)
             auth = self._auth_by_url[url]
             try:
                 key_headers = auth.headers("inference") if auth is not None else {}
@@ -190,7 +195,7 @@ class InferenceClient:
                 async with session.post(url + path, data=body, headers=headers) as resp:
                     data = await resp.read()
                     status = resp.status
-                    step = resp.headers.get(STEP_HEADER)
+                    step = resp.headers.get(wire.STEP_HEADER)
                     ctype = resp.headers.get("Content-Type", "")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
                 self.stats.connection_errors += 1

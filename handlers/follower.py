@@ -134,6 +134,21 @@ class StepFollower:
                 self._on_swap(step, load_ms)
         return self.step
 
+    def catch_up(self, step: int, *, timeout_s: float) -> None:
+        """Wait (bounded) until ``step`` is staged, when a caller has already seen it served.
+
+        Another worker may stage a new step a few milliseconds before this one; a caller
+        whose requests alternate between them would see its step go backwards. Waiting
+        for this worker's own watcher keeps loading off the request path. A pinned
+        follower, a refused step, or the bound passing ends the wait: the answer then
+        says which step served it.
+        """
+        if self.pinned or step <= self.staged_step:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.staged_step < step and step not in self.refused and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     def wait_staged(self, step: int, *, timeout_s: float) -> bool:
         """Block until ``step`` (or a later one) is staged; False on timeout."""
         deadline = time.monotonic() + timeout_s

@@ -44,8 +44,9 @@ __all__ = ["EngineHandler"]
 
 log = logging.getLogger(__name__)
 
-STEP_HEADER = "X-Bray-Step"
-WORKER_HEADER = "X-Bray-Worker"
+STEP_HEADER, WORKER_HEADER, MIN_STEP_HEADER = wire.STEP_HEADER, wire.WORKER_HEADER, wire.MIN_STEP_HEADER
+# How long a worker waits to catch up to a step its caller has already seen elsewhere.
+MIN_STEP_WAIT_S = 1.0
 BATCH_METRIC_PERIOD_S = 1.0
 
 
@@ -181,6 +182,7 @@ class EngineHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """Answer every request of the batch: outputs, or a 4xx/5xx of its own."""
         assert self.config is not None and self.follower is not None
+        self.follower.catch_up(self._min_step(len(data), context), timeout_s=MIN_STEP_WAIT_S)
         step = self.follower.swap_if_pending()
         results: list[Any] = [None] * len(data)
         good: list[tuple[int, Any]] = []
@@ -212,6 +214,19 @@ class EngineHandler(BaseHandler):
             context.set_response_header(idx, STEP_HEADER, str(step))
             context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
         return results
+
+    @staticmethod
+    def _min_step(n: int, context: Any) -> int:
+        """The highest step any request of the batch says its caller has seen (-1: none)."""
+        want = -1
+        for idx in range(n):
+            try:
+                value = context.get_request_header(idx, MIN_STEP_HEADER) or context.get_request_header(
+                    idx, MIN_STEP_HEADER.lower())
+                want = max(want, int(value)) if value else want
+            except (ValueError, TypeError, IndexError):
+                continue  # a malformed hint is ignored, never an error
+        return want
 
     def _forward(self, requests: list[list[np.ndarray]], sizes: list[int]) -> list[list[np.ndarray]]:
         """One forward over all requests (chunked and padded for a fixed batch size)."""

@@ -252,3 +252,27 @@ def test_handler_module_defines_exactly_one_class() -> None:
 
     own = [n for n, o in vars(module).items() if inspect.isclass(o) and o.__module__ == module.__name__]
     assert own == ["EngineHandler"]
+
+
+def test_a_lagging_worker_catches_up_to_the_step_its_caller_has_seen(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    import threading
+
+    handler, ctx = probe_handler(probe_store, tmp_path)
+    try:
+        handler.follower._watch.stop()  # this worker's watcher is "late": the step arrives 50 ms after the request
+        probe_store.publish("probe", probe_weights(2), step=2)
+        late = threading.Timer(0.05, handler.follower.on_step, args=(2,))
+        late.start()
+        x = np.ones((1, 4), dtype=np.float32)
+        ctx.request_processor = [RequestProcessor({"X-Bray-Min-Step": "2"})]
+        (body,) = handler.handle([{"body": bytearray(wire.encode({"args": [x]}))}], ctx)
+        late.join()
+        assert ctx.get_response_headers(0)[STEP_HEADER] == "2"
+        np.testing.assert_allclose(wire.decode(body), expected_probe(2, x))
+        # a hint for a step that never arrives is waited for only boundedly; the answer says step 2
+        ctx.request_processor = [RequestProcessor({"X-Bray-Min-Step": "7"})]
+        started = time.monotonic()
+        handler.handle([{"body": bytearray(wire.encode({"args": [x]}))}], ctx)
+        assert time.monotonic() - started < 5 and ctx.get_response_headers(0)[STEP_HEADER] == "2"
+    finally:
+        handler.close()
