@@ -1,26 +1,36 @@
 """``bray-archive``: every published step a TorchServe model version, driven from the shell.
 
-Exit codes: 0 done, 1 failed (the reason on stderr, no traceback), 2 usage error.
-Addresses and paths default from ``BRAY_STORE``, ``BRAY_MODEL_STORE``,
+Exit codes: 0 done, 1 failed, 2 usage error, 3 no server answers at the address, 130
+interrupted (Ctrl-C). Every failure is one line on stderr saying what to do, never a
+traceback. Addresses and paths default from ``BRAY_STORE``, ``BRAY_MODEL_STORE``,
 ``BRAY_MANAGEMENT_URL`` and ``BRAY_KEY_FILE`` (see :mod:`bray.config`).
+
+Adding a subcommand: ``p = sub.add_parser(...)``, ``p.set_defaults(run=_mine)`` where
+``_mine(args, opts, pack, out) -> int`` prints its result to ``out`` and returns 0, and
+raises a :class:`~bray.errors.BrayError` (its message: what was wrong, what was got, what
+to do) for anything that went wrong. It never prints tracebacks or calls ``sys.exit``;
+:func:`main` turns every exception into the one line and exit code (:func:`failure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TextIO
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence, TextIO
 
-from bray.config import Locations
-from bray.errors import BrayError
+from bray.config import Locations, check_url
+from bray.errors import BrayError, ConfigError, ServerUnreachableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.archiver.management import ManagementClient, ModelVersion
 
-__all__ = ["main"]
+__all__ = ["failure", "main"]
 
 _ENGINES = ("torch", "onnx", "tensorrt")
 
@@ -78,10 +88,21 @@ class ServerOptions:
         return ManagementClient(self.locations.management_url, key_file=self.locations.key_file,
                                 timeout_s=self.timeout_s)
 
-    def store(self) -> Any:
+    def store(self, *, must_exist: bool = False) -> Any:
+        """The checkpoint store; ``must_exist`` refuses a path that is not a directory.
+
+        Raises:
+            ConfigError: ``must_exist`` and the path is missing or not a directory.
+        """
         from bray.store import CheckpointStore
 
-        return CheckpointStore(self.locations.store)
+        root = self.locations.store
+        if must_exist and not root.is_dir():
+            what = "does not exist" if not root.exists() else "is not a directory, so not a checkpoint store"
+            raise ConfigError(
+                f"the checkpoint store {root} {what}; pass --store (or set BRAY_STORE to) the directory "
+                "the trainer publishes into (RemoteModel's store)")
+        return CheckpointStore(root)
 
 
 @dataclass(frozen=True)
@@ -111,11 +132,16 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     Raises:
         ConfigError: a malformed address.
     """
+    management = getattr(args, "management", None)
+    if management is not None:
+        check_url(management, what="--management", var="--management", example="http://127.0.0.1:8081")
     locations = Locations.from_env(
         env, store=getattr(args, "store", None), model_store=getattr(args, "model_store", None),
-        management_url=args.management, key_file=args.key_file,
+        management_url=management, key_file=getattr(args, "key_file", None),
     )
-    server = ServerOptions(locations=locations, timeout_s=args.timeout_s, json=args.json)
+    locations = _one_node(locations, os.environ if env is None else env)
+    server = ServerOptions(locations=locations, timeout_s=getattr(args, "timeout_s", 300.0),
+                           json=getattr(args, "json", False))
     if not hasattr(args, "engine"):
         return server, None
     pack = PackOptions(
@@ -126,6 +152,29 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         progress=not args.no_progress and not args.json and sys.stderr.isatty(),
     )
     return server, pack
+
+
+def _one_node(locations: Locations, env: Mapping[str, str]) -> Locations:
+    """The CLI talks to one server: refuse a comma list, pick the key file of the chosen node.
+
+    ``BRAY_MANAGEMENT_URL`` and ``BRAY_KEY_FILE`` may list one entry per node (for
+    ``RemoteModel``); ``--management`` picks one node, and the key file at the same
+    position in ``BRAY_KEY_FILE`` goes with it.
+    """
+    urls = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
+    if len(urls) > 1:
+        raise ConfigError(
+            f"BRAY_MANAGEMENT_URL lists {len(urls)} servers ({', '.join(urls)}); bray-archive talks to "
+            f"one at a time: pass --management {urls[0]} (and so on for each)")
+    keys = [k.strip() for k in str(locations.key_file or "").split(",") if k.strip()]
+    if len(keys) <= 1:
+        return locations
+    env_urls = [u.strip().rstrip("/") for u in env.get("BRAY_MANAGEMENT_URL", "").split(",") if u.strip()]
+    if urls[0] in env_urls and len(env_urls) == len(keys):
+        return replace(locations, key_file=Path(keys[env_urls.index(urls[0])]))
+    raise ConfigError(
+        f"BRAY_KEY_FILE lists {len(keys)} key files but it is not clear which belongs to {urls[0]}; "
+        "pass --key-file PATH (the key_file.json in that server's working directory)")
 
 
 # --- parser ----------------------------------------------------------------------------
@@ -174,10 +223,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long to wait for the workers to be ready (default 300)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bray-archive",
         description="Archive checkpoint-store steps as TorchServe model versions and manage them.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage error.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 no server at the address, 130 interrupted.",
     )
     from bray import __version__
 
@@ -247,6 +296,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval-s", type=_positive_float, metavar="S",
                    help="poll the store instead of inotify (NFS and other shared file systems)")
     p.set_defaults(run=_watch)
+
+    from bray.archiver._server_cli import add_server_parser
+
+    add_server_parser(sub, int_at_least=_int_at_least, positive_float=_positive_float)
     return parser
 
 
@@ -284,7 +337,7 @@ def _publish(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, o
     started = time.perf_counter()
     with opts.client() as client:
         mv = publish_version(
-            opts.store(), args.name, step=None if args.live else args.step, client=client,
+            opts.store(must_exist=True), args.name, step=None if args.live else args.step, client=client,
             model_store=opts.locations.model_store, set_default=args.set_default,
             wait_timeout_s=args.wait_timeout_s, version=args.model_version, **pack.as_kwargs(),
         )
@@ -411,7 +464,7 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
 
     with opts.client() as client:
         handle = watch_and_publish(
-            opts.store(), args.name, args.every, client=client, model_store=opts.locations.model_store,
+            opts.store(must_exist=True), args.name, args.every, client=client, model_store=opts.locations.model_store,
             set_default=args.set_default, wait_timeout_s=args.wait_timeout_s,
             poll_interval_s=args.poll_interval_s, on_published=published, on_error=failed,
             **pack.as_kwargs(),
@@ -429,6 +482,66 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
     return 0
 
 
+# --- failures: one line on stderr, one exit code ---------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command could not do what was asked (the line says why and what to do)
+EXIT_USAGE = 2  # wrong arguments (argparse's convention)
+# No server to talk to at the address: refused, name not resolved, no connection within the
+# timeout, connection dropped; also `server status` of a server that is not running.
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report)
+
+
+def failure(err: BaseException) -> tuple[str, int]:
+    """The one line (without the ``bray-archive CMD:`` prefix) and exit code for ``err``.
+
+    Every subcommand ends here: it raises a :class:`~bray.errors.BrayError` whose message
+    says what was wrong, what was got and what to do; HTTP-library, file-system and
+    interrupt exceptions that escape are translated here, so no traceback reaches a user
+    (``BRAY_TRACEBACK=1`` prints it too, for bug reports).
+    """
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+    if not isinstance(err, BrayError) and type(err).__module__.startswith(("requests", "urllib3")):
+        err = _requests_error(err)
+    if isinstance(err, BrayError):
+        unreachable = isinstance(err, ServerUnreachableError) or getattr(err, "reason", "") == "connect-timeout"
+        code = EXIT_UNREACHABLE if unreachable else EXIT_FAILURE
+        return str(err) or type(err).__name__, code
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}", EXIT_FAILURE
+    return (f"unexpected {type(err).__name__}: {err} (a bug in bray-serve: please report it with "
+            "the traceback that BRAY_TRACEBACK=1 prints)"), EXIT_FAILURE
+
+
+def _requests_error(err: BaseException) -> BrayError:
+    import requests
+
+    from bray.archiver.management import connection_error
+
+    request = getattr(err, "request", None)
+    url = getattr(request, "url", None) or ""
+    if isinstance(err, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidSchema)):
+        return ConfigError(f"not a valid address: {err}; pass --management http://HOST:PORT "
+                           "or set BRAY_MANAGEMENT_URL to one address")
+    return connection_error(err, url=url or "the server", action=str(getattr(request, "method", "") or "a call"),
+                            timeout_s=0.0)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return " ".join(str(p) for p in (args.command, getattr(args, "subcommand", None)) if p)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line naming the subcommand and its --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # --- entry point -----------------------------------------------------------------------
 
 
@@ -436,20 +549,30 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run ``bray-archive`` with ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on a failure (message on stderr), 2 on a usage error.
+        0 on success, 1 on a failure, 2 on a usage error, 3 when no server answers at the
+        address, 130 on Ctrl-C; every failure is one line on stderr.
     """
     out = out or sys.stdout
-    parser = _parser()
     try:
+        parser = _parser()
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) and usage errors (2) end here
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     try:
         server, pack = from_args(args)
         return int(args.run(args, server, pack, out))
-    except BrayError as err:
-        print(f"bray-archive {args.command}: {err}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # `bray-archive status | head`: the reader left, nothing to say
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except (Exception, KeyboardInterrupt) as err:
+        if os.environ.get("BRAY_TRACEBACK"):
+            traceback.print_exc()
+        line, code = failure(err)
+        print(f"bray-archive {_command_name(args)}: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

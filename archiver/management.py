@@ -30,9 +30,10 @@ from urllib.parse import quote
 
 import requests
 
-from bray.config import Locations, find_key_file
+from bray.config import Locations, check_url, find_key_file
 from bray.errors import (
     AuthError,
+    BrayError,
     BrayTimeoutError,
     ConfigError,
     ManagementError,
@@ -47,6 +48,105 @@ __all__ = ["ManagementClient", "ModelVersion", "TokenAuth"]
 
 KeyKind = Literal["inference", "management"]
 _KINDS = ("inference", "management")
+
+
+# --- why a connection failed -----------------------------------------------------------
+
+START_HINT = "is the server running? start it with: bray-archive server start"
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and everything it wraps (causes, contexts, urllib3's ``reason``, exception args)."""
+    seen: list[BaseException] = []
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        wrapped = [getattr(e, "reason", None), getattr(e, "os_error", None), e.__cause__, e.__context__, *e.args]
+        stack.extend(w for w in wrapped if isinstance(w, BaseException))
+    return seen
+
+
+def connection_failure(err: BaseException) -> str:
+    """Why a connection failed, from the exception and what it wraps.
+
+    Works on requests/urllib3 and aiohttp exceptions alike, by walking down to the
+    socket error underneath.
+
+    Returns:
+        ``"name"`` (host name not resolved), ``"refused"`` (nothing listens on the port),
+        ``"connect-timeout"`` (no answer to the connection attempt), ``"read-timeout"``
+        (connected, no answer in time), ``"reset"`` (the peer dropped the connection),
+        ``"unreachable"`` (no route to the host) or ``"other"``.
+    """
+    import errno
+    import socket
+
+    causes = _causes(err)
+    names = {type(e).__name__ for e in causes}
+    if any(isinstance(e, socket.gaierror) for e in causes) or names & {"NameResolutionError", "ClientConnectorDNSError"}:
+        return "name"
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
+        return "refused"
+    if names & {"ConnectTimeout", "ConnectTimeoutError", "ServerTimeoutError"} and "ReadTimeout" not in names:
+        return "connect-timeout"
+    if names & {"ReadTimeout", "ReadTimeoutError"} or any(isinstance(e, TimeoutError) for e in causes):
+        return "read-timeout"
+    reset = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+    if (any(isinstance(e, reset) for e in causes) or names & {"ServerDisconnectedError", "RemoteDisconnected"}
+            or any(isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE) for e in causes)):
+        return "reset"
+    if any(isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) for e in causes):
+        return "unreachable"
+    if "ProtocolError" in names:  # urllib3: "Connection aborted." without a socket error
+        return "reset"
+    return "other"
+
+
+def connection_error(err: BaseException, *, url: str, action: str, timeout_s: float,
+                     var: str = "BRAY_MANAGEMENT_URL") -> BrayError:
+    """The error to raise for a failed connection to ``url``, saying what happened and what to do.
+
+    Args:
+        err: the HTTP library's exception.
+        url: the server address tried.
+        action: what was being done ("GET /models"), for the message.
+        timeout_s: the limit that was in force.
+        var: where the address came from (named in the advice).
+
+    Returns:
+        :class:`BrayTimeoutError` for timeouts, else :class:`ServerUnreachableError`;
+        ``reason`` holds :func:`connection_failure`'s answer.
+    """
+    from urllib.parse import urlsplit
+
+    kind = connection_failure(err)
+    host = urlsplit(url).hostname or url
+    if kind == "connect-timeout":
+        return BrayTimeoutError(
+            f"{url} did not accept a connection within {timeout_s} s ({action}: connect timed out); "
+            f"a firewall may be dropping packets or the host is down: check the address in {var}",
+            timeout_s=timeout_s, reason=kind, url=url)
+    if kind == "read-timeout":
+        return BrayTimeoutError(
+            f"TorchServe at {url} accepted the connection but did not answer {action} within "
+            f"{timeout_s} s (read timed out); the server may be stuck or busy: raise the timeout "
+            "(--timeout-s, timeout_s=) or look at logs/ts_log.log in its working directory",
+            timeout_s=timeout_s, reason=kind, url=url)
+    text = {
+        "name": f"cannot resolve the host name {host!r} of {url} (name not resolved); "
+                f"check the address in {var}",
+        "refused": f"nothing listens at {url} ({action}: connection refused); {START_HINT}, "
+                   f"or set {var} to where it listens",
+        "reset": f"{url} dropped the connection during {action} (connection reset); the server may "
+                 "have crashed or restarted, or what listens there is not TorchServe's API: check "
+                 "`bray-archive server status` and logs/ts_log.log in its working directory",
+        "unreachable": f"no route to {host} for {url} ({action}: host unreachable); check the "
+                       f"address in {var} and the network",
+    }.get(kind, f"cannot reach {url} ({action}: {err}); {START_HINT}, or check {var}")
+    return ServerUnreachableError(text, status=None, url=url, reason=kind)
 
 
 def _json_body(data: bytes | str) -> dict[str, Any]:
@@ -76,6 +176,19 @@ def error_message(data: bytes | str, reason: str = "") -> str:
         return str(message)
     text = (data.decode("utf-8", "replace") if isinstance(data, bytes) else data).strip()
     return text[:500] if text else reason or "no message"
+
+
+# Answers worth asking a GET again for: a gateway in between or a server restarting.
+_RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def _transient(error: BrayError) -> bool:
+    """A dropped connection, which a moment may cure.
+
+    Not "refused" (almost always a server that is not started: say so at once), not
+    timeouts (each try already waited the whole timeout), not a name that does not resolve.
+    """
+    return getattr(error, "reason", "") == "reset"
 
 
 def _is_auth_failure(resp: requests.Response) -> bool:
@@ -211,12 +324,9 @@ class TokenAuth:
                     url, params={"type": kind},
                     headers={"Authorization": f"Bearer {self._keys['API']}"}, timeout=timeout_s,
                 )
-            except requests.ConnectionError as err:
-                raise ServerUnreachableError(
-                    f"cannot reach TorchServe's management API at {self.management_url} to refresh "
-                    f"the {kind} key: connection refused; is the server running?",
-                    status=None,
-                ) from err
+            except requests.RequestException as err:
+                raise connection_error(err, url=self.management_url, action=f"refreshing the {kind} key",
+                                       timeout_s=timeout_s) from err
             if resp.status_code != 200:
                 raise AuthError(
                     f"TorchServe refused to regenerate the {kind} key with the API key from "
@@ -288,12 +398,15 @@ class ManagementClient:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         if url is None:
             url = Locations.from_env().management_url
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"management address must start with http:// or https://, got {url!r}")
+        check_url(url, what="management address", var="BRAY_MANAGEMENT_URL (or the url argument)",
+                  example="http://127.0.0.1:8081")
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.auth = TokenAuth(key_file, management_url=self.url)
         self.page_size = 100  # models per GET /models page (TorchServe's limit parameter)
+        # Pauses before asking a GET again after a dropped connection or a 502/503/504
+        # (a proxy in between, a frontend restarting): two retries, 0.6 s in all.
+        self.get_retry_delays_s: tuple[float, ...] = (0.1, 0.5)
         self._session = requests.Session()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -313,28 +426,26 @@ class ManagementClient:
                  timeout_s: float | None = None, what: str = "") -> requests.Response:
         url = f"{self.url}{path}"
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        for attempt in range(2):
+        refreshed = False
+        failures = 0
+        while True:
             headers = self.auth.headers("management")
             try:
                 resp = self._session.request(method, url, params=params, headers=headers,
                                              timeout=timeout)
-            except requests.Timeout as err:
-                raise BrayTimeoutError(
-                    f"TorchServe's management API at {self.url} did not answer {method} {path} "
-                    f"within {timeout} s; raise timeout_s or check the server's logs/ts_log.log",
-                    timeout_s=timeout,
-                ) from err
-            except requests.ConnectionError as err:
-                raise ServerUnreachableError(
-                    f"cannot reach TorchServe's management API at {self.url}: connection refused; "
-                    "is the server running? start it with `torchserve --start --ts-config "
-                    "<bray/ts_config/config.properties> --model-store <dir>` (or "
-                    "bray.ts_config.server.start_torchserve) or set BRAY_MANAGEMENT_URL",
-                    status=None, url=self.url,
-                ) from err
+            except requests.RequestException as err:
+                error = connection_error(err, url=self.url, action=f"{method} {path}", timeout_s=timeout)
+                if method == "GET" and failures < len(self.get_retry_delays_s) and _transient(error):
+                    # A GET changes nothing, so asking again is safe; POST/PUT/DELETE are not
+                    # repeated: the first try may have taken effect before the connection dropped.
+                    time.sleep(self.get_retry_delays_s[failures])
+                    failures += 1
+                    continue
+                raise error from err
             if _is_auth_failure(resp):
                 stale = headers.get("Authorization", "").removeprefix("Bearer ") or None
-                if attempt == 0 and stale is not None:
+                if not refreshed and stale is not None:
+                    refreshed = True
                     self.auth.refresh("management", stale_key=stale)
                     continue
                 raise AuthError(
@@ -344,10 +455,14 @@ class ManagementClient:
                     "directory",
                     status=resp.status_code, key_file=str(self.auth.key_file) if self.auth.key_file else None,
                 )
+            if (resp.status_code in _RETRY_STATUSES and method == "GET"
+                    and failures < len(self.get_retry_delays_s)):
+                time.sleep(self.get_retry_delays_s[failures])
+                failures += 1
+                continue
             if resp.status_code >= 400:
                 raise self._error(resp, method=method, path=path, what=what)
             return resp
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _error(self, resp: requests.Response, *, method: str, path: str, what: str) -> ServerError:
         status = resp.status_code

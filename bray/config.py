@@ -12,6 +12,7 @@ variable                    meaning                                  default
 ``BRAY_INFERENCE_URL``      one address, or several, comma-separated ``http://127.0.0.1:8080``
 ``BRAY_MANAGEMENT_URL``     management API address                   ``http://127.0.0.1:8081``
 ``BRAY_KEY_FILE``           TorchServe's ``key_file.json``           see :func:`find_key_file`
+``BRAY_SERVER_DIR``         ``bray-archive server``'s working dir    ``~/.bray/server``
 ==========================  =======================================  ===========================
 """
 
@@ -24,7 +25,7 @@ from typing import Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "find_key_file"]
+__all__ = ["Locations", "check_url", "find_key_file", "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -34,15 +35,48 @@ def _home() -> Path:
     return Path(os.path.expanduser("~")) / ".bray"
 
 
-def _split_urls(value: str) -> tuple[str, ...]:
+def check_url(url: str, *, what: str, var: str, example: str) -> str:
+    """Validate one ``http(s)://host:port`` address; ``var`` names where it came from.
+
+    Raises:
+        ConfigError: not http(s), no host, a port that is not a number (a comma list
+            passed where one address is expected shows up here too).
+    """
+    from urllib.parse import urlsplit
+
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as err:
+        problem = str(err)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parts.hostname:
+            problem = "it has no host"
+    if problem:
+        how = "pass" if var.startswith("--") else "set"
+        raise ConfigError(f"{what} {url!r} is not a valid address ({problem}); {how} {var} like {example!r}")
+    return url
+
+
+def _split_urls(value: str, *, what: str, var: str, example: str) -> tuple[str, ...]:
     urls = tuple(u.strip().rstrip("/") for u in value.split(",") if u.strip())
     for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"inference address must start with http:// or https://, got {url!r}; "
-                "set BRAY_INFERENCE_URL like 'http://127.0.0.1:8080,http://10.0.0.2:8080'"
-            )
+        check_url(url, what=what, var=var, example=example)
     return urls
+
+
+def server_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where ``bray-archive server start`` runs TorchServe: ``BRAY_SERVER_DIR`` or ``~/.bray/server``.
+
+    TorchServe writes ``key_file.json`` into its working directory, so this directory
+    also holds the key file that :func:`find_key_file` finds, beside ``logs/`` and
+    ``server.json`` (what was started, for ``server stop`` and ``server status``).
+    """
+    env = os.environ if env is None else env
+    return Path(env.get("BRAY_SERVER_DIR") or _home() / "server").expanduser()
 
 
 def find_key_file(explicit: str | os.PathLike[str] | None = None,
@@ -50,7 +84,8 @@ def find_key_file(explicit: str | os.PathLike[str] | None = None,
     """Find TorchServe's ``key_file.json``.
 
     Looks, in order, at ``explicit``, ``BRAY_KEY_FILE``, ``./key_file.json`` and
-    ``~/.bray/server/key_file.json`` (where ``scripts/main_job.py`` starts the server).
+    ``<server_dir()>/key_file.json`` (``~/.bray/server``, where ``bray-archive server
+    start`` runs TorchServe).
 
     Returns:
         The first path that exists, or ``None`` (token authorization may be off).
@@ -62,7 +97,7 @@ def find_key_file(explicit: str | os.PathLike[str] | None = None,
     if env.get("BRAY_KEY_FILE"):
         return Path(env["BRAY_KEY_FILE"])
     candidates.append(Path.cwd() / "key_file.json")
-    candidates.append(_home() / "server" / "key_file.json")
+    candidates.append(server_dir(env) / "key_file.json")
     for path in candidates:
         if path.is_file():
             return path
@@ -102,11 +137,14 @@ class Locations:
             str(o.get("model_store") or env.get("BRAY_MODEL_STORE") or _home() / "model_store")
         ).expanduser()
         inf = o.get("inference_url") or env.get("BRAY_INFERENCE_URL") or DEFAULT_INFERENCE_URL
-        urls = _split_urls(inf if isinstance(inf, str) else ",".join(str(u) for u in inf))  # type: ignore[attr-defined]
+        urls = _split_urls(inf if isinstance(inf, str) else ",".join(str(u) for u in inf),  # type: ignore[attr-defined]
+                           what="inference address", var="BRAY_INFERENCE_URL",
+                           example="http://127.0.0.1:8080,http://10.0.0.2:8080")
         if not urls:
             raise ConfigError("no inference address given; set BRAY_INFERENCE_URL")
         mgmt = str(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL)
-        _split_urls(mgmt)
+        _split_urls(mgmt, what="management address", var="BRAY_MANAGEMENT_URL",
+                    example="http://127.0.0.1:8081")
         key = o.get("key_file")
         key_file = find_key_file(str(key) if key else None, env)
         return cls(store=store, model_store=model_store, inference_urls=urls,

@@ -41,7 +41,7 @@ from bray.ts_config import config_path, log_config_path
 if TYPE_CHECKING:  # pragma: no cover
     from bray.archiver.management import TokenAuth
 
-__all__ = ["TorchServeProcess", "free_ports", "start_torchserve"]
+__all__ = ["ServerState", "TorchServeProcess", "free_ports", "start_server", "start_torchserve", "stop_server"]
 
 # Keys this launcher writes into the per-instance config.
 _ADDRESS_KEYS = (
@@ -147,22 +147,7 @@ class TorchServeProcess:
 
     def ping(self, *, timeout_s: float = 2.0) -> bool:
         """True when ``GET /ping`` answers 200 with the inference key."""
-        import requests
-
-        from bray.archiver.management import key_refused
-
-        for attempt in range(2):
-            try:
-                headers = self.headers("inference")
-                resp = requests.get(f"{self.inference_url}/ping", headers=headers, timeout=timeout_s)
-                if attempt == 0 and headers and key_refused(resp.status_code, resp.content):
-                    # Keys expire (60 min by default): regenerate through the API key, once.
-                    self.auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):])
-                    continue
-            except (requests.RequestException, BrayError):
-                return False
-            return resp.status_code == 200
-        return False
+        return _ping(self.inference_url, self.key_file, self.auth, timeout_s=timeout_s)
 
     def tail_logs(self, *, n_lines: int = 40) -> str:
         """The last lines of torchserve.out, ts_log.log and model_log.log, labelled."""
@@ -188,48 +173,10 @@ class TorchServeProcess:
         Args:
             timeout_s: total time allowed before everything left is killed.
         """
-        import psutil
-
         if self._stopped:
             return
         self._stopped = True
-        deadline = time.monotonic() + timeout_s
-        procs: dict[int, psutil.Process] = {}
-        roots = [self._launcher.pid]
-        java_pid = self._java_pid or self._read_java_pid()
-        if java_pid is not None:
-            roots.append(java_pid)
-        for pid in roots:
-            try:
-                root = psutil.Process(pid)
-                for p in [root, *root.children(recursive=True)]:
-                    procs[p.pid] = p
-            except psutil.Error:
-                continue
-        java = procs.get(java_pid) if java_pid is not None else None
-        if java is not None:
-            try:
-                java.terminate()
-                java.wait(timeout=max(0.1, 0.75 * (deadline - time.monotonic())))
-            except psutil.TimeoutExpired:
-                pass
-            except psutil.Error:
-                pass
-        alive = []
-        for p in procs.values():
-            try:
-                if p.is_running():
-                    p.terminate()
-                    alive.append(p)
-            except psutil.Error:
-                continue
-        _, alive = psutil.wait_procs(alive, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                continue
-        psutil.wait_procs(alive, timeout=5.0)
+        _stop_tree(self._launcher.pid, self._java_pid or self._read_java_pid(), timeout_s=timeout_s)
         try:
             self._launcher.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
@@ -245,6 +192,72 @@ class TorchServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ping(inference_url: str, key_file: Path, auth: "TokenAuth", *, timeout_s: float) -> bool:
+    """True when ``GET /ping`` answers 200, with the inference key while ``key_file`` exists."""
+    import requests
+
+    from bray.archiver.management import key_refused
+
+    for attempt in range(2):
+        try:
+            headers = auth.headers("inference") if key_file.is_file() else {}
+            resp = requests.get(f"{inference_url}/ping", headers=headers, timeout=timeout_s)
+            if attempt == 0 and headers and key_refused(resp.status_code, resp.content):
+                # Keys expire (60 min by default): regenerate through the API key, once.
+                auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):])
+                continue
+        except (requests.RequestException, BrayError):
+            return False
+        return resp.status_code == 200
+    return False
+
+
+def _stop_tree(launcher_pid: int | None, java_pid: int | None, *, timeout_s: float,
+               started: Mapping[int, float] | None = None) -> None:
+    """Terminate a TorchServe process tree: the frontend first (it stops its workers), then the rest.
+
+    ``started`` maps pids to their recorded start times: a pid whose process started at
+    another time was reused by an unrelated process and is left alone.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    procs: dict[int, psutil.Process] = {}
+    for pid in (launcher_pid, java_pid):
+        if pid is None:
+            continue
+        try:
+            root = psutil.Process(pid)
+            if started is not None and pid in started and abs(root.create_time() - started[pid]) > 1.0:
+                continue
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.Error:
+            continue
+    java = procs.get(java_pid) if java_pid is not None else None
+    if java is not None:
+        try:
+            java.terminate()
+            java.wait(timeout=max(0.1, 0.75 * (deadline - time.monotonic())))
+        except psutil.Error:  # TimeoutExpired included: the next round kills it
+            pass
+    alive = []
+    for p in procs.values():
+        try:
+            if p.is_running():
+                p.terminate()
+                alive.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(alive, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=5.0)
 
 
 def _write_config(base: Path, dest: Path, overrides: Mapping[str, str]) -> None:
@@ -385,3 +398,202 @@ def _wait_started(server: TorchServeProcess, *, timeout_s: float) -> None:
             )
         time.sleep(0.25)
 
+
+
+# --- a server that outlives the command that started it (bray-archive server) ----------
+
+STATE_FILE = "server.json"
+# The bundled config's ports: the BRAY_* defaults point at them.
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
+                 "grpc_inference": 7070, "grpc_management": 7071}
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What :func:`start_server` started, as recorded in ``<workdir>/server.json``.
+
+    Attributes:
+        workdir: the server's working directory (key file, logs, config, this record).
+        key_file: ``<workdir>/key_file.json``, written by TorchServe at each start.
+        pids: launcher and Java frontend pids mapped to their start times (a pid reused
+            by another process after a crash is not mistaken for the server).
+    """
+
+    workdir: Path
+    model_store: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_ports: tuple[int, int]
+    launcher_pid: int
+    java_pid: int | None
+    pids: dict[int, float]
+    started_at: float
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def as_json(self) -> dict[str, object]:
+        """The record as JSON-ready values (what ``server.json`` and ``--json`` hold)."""
+        return {"workdir": str(self.workdir), "model_store": str(self.model_store),
+                "inference_url": self.inference_url, "management_url": self.management_url,
+                "metrics_url": self.metrics_url, "grpc_ports": list(self.grpc_ports),
+                "key_file": str(self.key_file), "log_dir": str(self.log_dir),
+                "launcher_pid": self.launcher_pid, "java_pid": self.java_pid,
+                "pids": {str(k): v for k, v in self.pids.items()}, "started_at": self.started_at}
+
+    @classmethod
+    def read(cls, workdir: str | os.PathLike[str]) -> "ServerState | None":
+        """The record in ``workdir``, or ``None`` when there is none.
+
+        Raises:
+            ConfigError: the record is not one this module wrote.
+        """
+        import json
+
+        path = Path(workdir).expanduser().resolve() / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+            return cls(workdir=Path(raw["workdir"]), model_store=Path(raw["model_store"]),
+                       inference_url=str(raw["inference_url"]), management_url=str(raw["management_url"]),
+                       metrics_url=str(raw["metrics_url"]),
+                       grpc_ports=(int(raw["grpc_ports"][0]), int(raw["grpc_ports"][1])),
+                       launcher_pid=int(raw["launcher_pid"]),
+                       java_pid=None if raw["java_pid"] is None else int(raw["java_pid"]),
+                       pids={int(k): float(v) for k, v in raw["pids"].items()},
+                       started_at=float(raw["started_at"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ConfigError(f"{path} is not a server record written by bray-archive server start ({err}); "
+                              "remove it if no server runs from that directory") from err
+
+    def running_pids(self) -> list[int]:
+        """The recorded processes still alive (same pid, same start time)."""
+        import psutil
+
+        alive = []
+        for pid, created in self.pids.items():
+            try:
+                if abs(psutil.Process(pid).create_time() - created) <= 1.0:
+                    alive.append(pid)
+            except psutil.Error:
+                continue
+        return alive
+
+    def ping(self, *, timeout_s: float = 2.0) -> bool:
+        """True when the server answers ``GET /ping`` (with its inference key)."""
+        from bray.archiver.management import TokenAuth
+
+        auth = TokenAuth(self.key_file, management_url=self.management_url)
+        try:
+            return _ping(self.inference_url, self.key_file, auth, timeout_s=timeout_s)
+        finally:
+            auth.close()
+
+
+def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as Java's listeners use it: a port in TIME_WAIT counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def start_server(*, workdir: str | os.PathLike[str], model_store: str | os.PathLike[str],
+                 ports: Mapping[str, int | None] | None = None, config: Path | None = None,
+                 models: str | Sequence[str] | None = None, timeout_s: float = 120.0) -> ServerState:
+    """Start TorchServe in ``workdir`` and leave it running after this process exits.
+
+    The bundled config and log config are used; what was started is recorded in
+    ``<workdir>/server.json`` for :func:`stop_server` and :func:`ServerState.read`.
+
+    Args:
+        workdir: working directory (created): key_file.json, logs/, config.properties.
+        model_store: directory of ``.mar`` files (created).
+        ports: ``inference``, ``management``, ``metrics``, ``grpc_inference``,
+            ``grpc_management``; a missing key takes the bundled config's port, ``None``
+            or 0 picks a free one.
+        config: base config.properties (default the bundled one).
+        models: TorchServe's ``--models`` (``"name=file.mar"`` items, or ``"ALL"``).
+        timeout_s: how long to wait for ``/ping``.
+
+    Raises:
+        ServerError: a server recorded in ``workdir`` is still running, a port is taken,
+            or TorchServe exited while starting (its last log lines included).
+        BrayTimeoutError: ``/ping`` did not answer in time (the server is stopped again).
+    """
+    import json
+
+    import psutil
+
+    workdir = Path(workdir).expanduser().resolve()
+    unknown = set(ports or {}) - set(DEFAULT_PORTS)
+    if unknown:
+        raise ConfigError(f"unknown port name(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_PORTS)}")
+    old = ServerState.read(workdir)
+    if old is not None and old.running_pids():
+        raise ServerError(
+            f"a TorchServe started from {workdir} is still running (pid {old.java_pid or old.launcher_pid}, "
+            f"{old.inference_url}); stop it with: bray-archive server stop --workdir {workdir}",
+            status=None, url=old.inference_url)
+    wanted = {k: (ports or {}).get(k, v) for k, v in DEFAULT_PORTS.items()}
+    taken = [f"{k.replace('_', ' ')} {p}" for k, p in wanted.items() if p and _port_in_use(p)]
+    if taken:
+        raise ServerError(
+            f"port(s) already in use on 127.0.0.1: {', '.join(taken)}; another TorchServe may run there "
+            "(`bray-archive server status --workdir DIR` tells whether one of ours does): stop it, or "
+            "pass other ports (--inference-port ...) or --any-ports",
+            status=None)
+    free = lambda p: p or None  # noqa: E731 - 0 means "any free port", as for bind()
+    proc = start_torchserve(
+        workdir=workdir, model_store=Path(model_store).expanduser(), config=config, models=models,
+        inference_port=free(wanted["inference"]), management_port=free(wanted["management"]),
+        metrics_port=free(wanted["metrics"]),
+        grpc_ports=(free(wanted["grpc_inference"]), free(wanted["grpc_management"]))  # type: ignore[arg-type]
+        if wanted["grpc_inference"] and wanted["grpc_management"] else None,
+        timeout_s=timeout_s)
+    pids: dict[int, float] = {}
+    for pid in (proc.launcher_pid, proc._java_pid):
+        if pid is not None:
+            try:
+                pids[pid] = psutil.Process(pid).create_time()
+            except psutil.Error:
+                continue
+    state = ServerState(workdir=workdir, model_store=proc.model_store, inference_url=proc.inference_url,
+                        management_url=proc.management_url, metrics_url=proc.metrics_url,
+                        grpc_ports=proc.grpc_ports, launcher_pid=proc.launcher_pid, java_pid=proc._java_pid,
+                        pids=pids, started_at=time.time())
+    tmp = workdir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state.as_json(), indent=1) + "\n")
+    os.replace(tmp, workdir / STATE_FILE)
+    return state
+
+
+def stop_server(workdir: str | os.PathLike[str], *, timeout_s: float = 60.0) -> ServerState | None:
+    """Stop the server :func:`start_server` recorded in ``workdir`` (its workers too).
+
+    Returns:
+        The record of the server that was stopped, or ``None`` when none was running.
+
+    Raises:
+        ConfigError: ``server.json`` is not a record this module wrote.
+    """
+    workdir = Path(workdir).expanduser().resolve()
+    state = ServerState.read(workdir)
+    if state is None:
+        return None
+    running = state.running_pids()
+    if running:
+        _stop_tree(state.launcher_pid, state.java_pid, timeout_s=timeout_s, started=state.pids)
+    (workdir / STATE_FILE).unlink(missing_ok=True)
+    (workdir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+    return state if running else None

@@ -230,7 +230,8 @@ def test_connection_refused_says_what_to_do() -> None:
         with pytest.raises(ServerUnreachableError, match="connection refused") as err:
             c.list_models()
     assert f"http://127.0.0.1:{port}" in str(err.value)
-    assert "BRAY_MANAGEMENT_URL" in str(err.value) and "torchserve --start" in str(err.value)
+    assert "BRAY_MANAGEMENT_URL" in str(err.value) and "bray-archive server start" in str(err.value)
+    assert err.value.reason == "refused"
 
 
 @pytest.mark.parametrize(

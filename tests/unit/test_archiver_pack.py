@@ -276,7 +276,8 @@ def test_help_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> No
         "scale-no-workers", "set-default-no-step", "watch-every-0"])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
-    assert "usage: bray-archive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("bray-archive") and "--help)" in err, err
 
 
 def test_failure_exits_1_with_message_and_no_traceback(store: CheckpointStore, model_store: Path,
@@ -288,10 +289,10 @@ def test_failure_exits_1_with_message_and_no_traceback(store: CheckpointStore, m
     assert "no step of 'nobody' is published" in err and "Traceback" not in err
 
 
-def test_unreachable_server_exits_1_saying_where(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["versions", "policy", "--management", "http://127.0.0.1:9", "--json"]) == 1
+def test_unreachable_server_exits_3_saying_where(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["versions", "policy", "--management", "http://127.0.0.1:9", "--json"]) == 3
     err = capsys.readouterr().err
-    assert "http://127.0.0.1:9" in err and "is the server running" in err
+    assert "http://127.0.0.1:9" in err and "is the server running? start it with: bray-archive server start" in err
 
 
 def test_paths_default_from_bray_env(store: CheckpointStore, model_store: Path, monkeypatch: pytest.MonkeyPatch,
@@ -301,7 +302,7 @@ def test_paths_default_from_bray_env(store: CheckpointStore, model_store: Path, 
     monkeypatch.setenv("BRAY_MANAGEMENT_URL", "http://127.0.0.1:9")
     out = io.StringIO()
     # Step 99 snaps down to 30, which exists: the failure is the server, proving the store came from the env.
-    assert main(["publish", "--name", NAME, "--step", "99"], out=out) == 1
+    assert main(["publish", "--name", NAME, "--step", "99"], out=out) == 3  # 3: no server at the address
     assert "http://127.0.0.1:9" in capsys.readouterr().err
     assert _files(model_store) == []  # the server is asked first: nothing packed for an unreachable one
 
