@@ -2,10 +2,12 @@
 
 - one pooled ``aiohttp`` session (keep-alive) per event loop;
 - least-outstanding-requests load balancing over the inference addresses;
-- a node that refuses connections is set aside for a moment and the request goes to
-  another; when every node is down the client keeps trying, with backoff, for
-  ``reconnect_timeout_s`` (a TorchServe restart), then raises
-  :class:`~bray.errors.ServerUnreachableError`;
+- a node that refuses connections is set aside (0.5 s, doubling on each further refusal
+  up to 8 s) and the request goes to another; once the pause is over the node gets one
+  probe request at a time until it answers again, so a burst of concurrent calls does
+  not all go back to a node that is still down; when every node is down the client
+  keeps trying, with backoff, for ``reconnect_timeout_s`` (a TorchServe restart), then
+  raises :class:`~bray.errors.ServerUnreachableError`;
 - 5xx answers from a dying worker are retried (a forward is a pure function of its
   inputs and the served step, so retrying is safe); 4xx answers are the caller's error
   and are raised at once with the server's message;
@@ -39,6 +41,9 @@ from bray.errors import (
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+# A node that refused a connection is set aside this long, doubled per further refusal.
+_SET_ASIDE_S = 0.5
+_MAX_SET_ASIDE_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class InferenceClient:
         self.stats = TransportStats()
         self._inflight = {u: 0 for u in self.urls}
         self._down_until = {u: 0.0 for u in self.urls}
+        # Refusals since the node last answered: > 0 makes it a suspect that gets one
+        # probe request at a time once its pause is over.
+        self._refusals = {u: 0 for u in self.urls}
+        self._now = time.monotonic  # the balancer's clock (a test can step it)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         # Strong references while their loop lives: the loop itself only keeps weak ones.
         self._guards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
@@ -126,8 +135,12 @@ class InferenceClient:
         return session
 
     def _pick(self, exclude: set[str]) -> str | None:
-        now = time.monotonic()
-        live = [u for u in self.urls if u not in exclude and self._down_until[u] <= now]
+        now = self._now()
+        # Concurrent callers all pick before any of them hears back: without the
+        # one-probe rule a node whose pause just ended took its full share of a burst
+        # (half of it with two nodes) and refused every one of them.
+        live = [u for u in self.urls if u not in exclude and self._down_until[u] <= now
+                and (self._refusals[u] == 0 or self._inflight[u] == 0)]
         if not live:
             return None
         low = min(self._inflight[u] for u in live)
@@ -184,7 +197,7 @@ class InferenceClient:
                 if not _key_file_missing(auth):
                     raise
                 # A restarting TorchServe deletes its key file, then writes a new one.
-                self._down_until[url] = time.monotonic() + 0.25
+                self._down_until[url] = self._now() + 0.25
                 tried.add(url)
                 continue
             headers.update(key_headers)
@@ -201,7 +214,7 @@ class InferenceClient:
                 self.stats.connection_errors += 1
                 refused = isinstance(err, aiohttp.ClientConnectorError)
                 if refused:
-                    self._down_until[url] = time.monotonic() + 0.5
+                    self._set_aside(url)
                     tried.add(url)
                     continue  # never reached the server: always safe to go elsewhere
                 attempts += 1
@@ -213,6 +226,7 @@ class InferenceClient:
             finally:
                 self._inflight[url] -= 1
             first_down = None
+            self._refusals[url] = 0  # it answered: back to its full share
             if status == 200:
                 return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype)
             message = error_message(data)
@@ -230,7 +244,7 @@ class InferenceClient:
                     if isinstance(err, AuthError) and not _key_file_missing(auth):
                         raise
                     refreshed.discard(url)
-                    self._down_until[url] = time.monotonic() + 0.25
+                    self._down_until[url] = self._now() + 0.25
                     tried.add(url)
                 continue
             if refused_key:
@@ -247,6 +261,12 @@ class InferenceClient:
                 await asyncio.sleep(min(0.05 * 2 ** attempts, 1.0))
                 continue
             raise ServerError(f"{path} failed at {url} with {status}: {message}", status=status)
+
+    def _set_aside(self, url: str) -> None:
+        """``url`` refused a connection: pause it, longer for each refusal in a row."""
+        self._refusals[url] += 1
+        pause = min(_SET_ASIDE_S * 2 ** (self._refusals[url] - 1), _MAX_SET_ASIDE_S)
+        self._down_until[url] = max(self._down_until[url], self._now() + pause)
 
     async def close(self) -> None:
         """Close every loop's session (others' on their own loops, without waiting)."""
