@@ -11,6 +11,8 @@ source), serves the pinned step or follows the latest one, and:
   reason and the old weights keep serving;
 - answers with ``X-Bray-Step`` (the step that produced the answer) and
   ``X-Bray-Worker`` (the worker's pid);
+- also speaks the Open Inference Protocol (``POST /v2/models/<name>/infer``, which
+  TorchServe routes here like ``/predictions/<name>``): see ``oip.py``;
 - announces each staged step in ``<store>/<name>/.serving/`` (``follower.py``), which is
   how ``RemoteModel.publish_weights(...).wait()`` knows every worker has it.
 
@@ -36,6 +38,7 @@ from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
+from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.request import encode_outputs, parse_request, split_outputs
 from bray.handlers.worker_log import quiet_per_batch_log
 from bray.store import CheckpointStore
@@ -186,16 +189,27 @@ class EngineHandler(BaseHandler):
         step = self.follower.swap_if_pending()
         results: list[Any] = [None] * len(data)
         good: list[tuple[int, Any]] = []
+        oip: dict[int, OipRequest] = {}
         for idx, request in enumerate(data):
             try:
-                good.append((idx, parse_request(_body(request), self.spec, limits=self._limits,
-                                                reject_nonfinite=self.config.reject_nonfinite)))
+                body = _body(request)
+                header_length = self._header_length(context, idx)
+                if is_oip(body, header_length):
+                    oip[idx] = parse_oip(body, self.spec, header_length=header_length,
+                                         reject_nonfinite=self.config.reject_nonfinite)
+                    good.append((idx, oip[idx].parsed))
+                else:
+                    good.append((idx, parse_request(body, self.spec, limits=self._limits,
+                                                    reject_nonfinite=self.config.reject_nonfinite)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, 400, err)
         if good:
             try:
                 outputs = self._forward([p.leaves for _, p in good], [p.batch for _, p in good])
                 for (idx, parsed), leaves in zip(good, outputs):
+                    if idx in oip:
+                        results[idx] = self._oip_answer(context, idx, leaves, oip[idx], step)
+                        continue
                     results[idx] = encode_outputs(leaves, self.spec, binary=parsed.binary)
                     context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
             except Exception as err:  # an engine failure fails this batch, not the worker
@@ -214,6 +228,34 @@ class EngineHandler(BaseHandler):
             context.set_response_header(idx, STEP_HEADER, str(step))
             context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
         return results
+
+    @staticmethod
+    def _header_length(context: Any, idx: int) -> int | None:
+        """The binary OIP extension's JSON header length, when the request has one.
+
+        Raises:
+            WireError: the header is there but is not a byte count.
+        """
+        try:
+            value = context.get_request_header(idx, HEADER_LENGTH) or context.get_request_header(
+                idx, HEADER_LENGTH.lower())
+        except (IndexError, KeyError, TypeError):
+            return None
+        if not value:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise WireError(f"{HEADER_LENGTH} must be a byte count, got {str(value)[:40]!r}") from None
+
+    def _oip_answer(self, context: Any, idx: int, leaves: list[np.ndarray], request: OipRequest,
+                    step: int) -> bytes | str:
+        reply = encode_response(leaves, self.spec, request, model_name=self._model_name,
+                                model_version=self._version, step=step, worker=os.getpid())
+        context.set_response_content_type(idx, reply.content_type)
+        if reply.header_length is not None:
+            context.set_response_header(idx, HEADER_LENGTH, str(reply.header_length))
+        return reply.body
 
     @staticmethod
     def _min_step(n: int, context: Any) -> int:
@@ -242,7 +284,8 @@ class EngineHandler(BaseHandler):
         message = str(err) or type(err).__name__
         context.set_response_status(status, message[:200], idx)
         context.set_response_content_type(idx, "application/json")
-        return json.dumps({"code": status, "type": type(err).__name__, "message": message})
+        # "error" is where Open Inference Protocol clients look for the reason.
+        return json.dumps({"code": status, "type": type(err).__name__, "message": message, "error": message})
 
     # --- shutdown ---------------------------------------------------------------------
 

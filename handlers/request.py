@@ -19,7 +19,7 @@ from bray import wire
 from bray.errors import InputError, WireError
 from bray.export import ModelSpec, describe_inputs
 
-__all__ = ["Parsed", "encode_outputs", "parse_payload", "parse_request", "split_outputs"]
+__all__ = ["Parsed", "check_leaves", "encode_outputs", "parse_payload", "parse_request", "split_outputs"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,18 @@ def parse_payload(payload: Any, spec: ModelSpec, *, binary: bool, reject_nonfini
             _json_to_node(kwargs, kwargs_node, "kwargs"),
         )
     leaves = _ordered(value[0], {"k": "list", "items": args_node["items"]}) + _ordered(value[1], kwargs_node)
+    return check_leaves(leaves, spec, binary=binary, reject_nonfinite=reject_nonfinite)
+
+
+def check_leaves(leaves: list[np.ndarray], spec: ModelSpec, *, binary: bool = False,
+                 reject_nonfinite: bool = False) -> Parsed:
+    """Check flat input leaves (in the spec's order) against the spec: dtypes, shapes, batch.
+
+    Shared by every request form (binary, JSON, Open Inference Protocol).
+
+    Raises:
+        InputError: a leaf that does not fit the model.
+    """
     for i, (arr, node) in enumerate(zip(leaves, spec.input_leaves)):
         if arr.dtype != np.dtype(node["dtype"]):
             raise InputError(f"input {i} has dtype {arr.dtype.name}, expected {node['dtype']}")
