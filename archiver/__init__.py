@@ -13,38 +13,50 @@
 
 from __future__ import annotations
 
-from bray.archiver.management import ManagementClient, ModelVersion, TokenAuth
-from bray.archiver.pack import PackedArchive, pack_archive, read_archive_config
-from bray.archiver.publish import (
-    ModelStatus,
-    PublishWatch,
-    VersionStatus,
-    list_versions,
-    prune,
-    publish_version,
-    rollback,
-    scale,
-    set_default,
-    status,
-    watch_and_publish,
-)
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ManagementClient",
-    "ModelStatus",
-    "ModelVersion",
-    "PackedArchive",
-    "PublishWatch",
-    "TokenAuth",
-    "VersionStatus",
-    "list_versions",
-    "pack_archive",
-    "prune",
-    "publish_version",
-    "read_archive_config",
-    "rollback",
-    "scale",
-    "set_default",
-    "status",
-    "watch_and_publish",
-]
+from bray import _lazy_exports
+
+# public name -> module that defines it; resolved on first use, so that `bray-archive --help`,
+# usage errors and shell completion do not pay for numpy and requests.
+_EXPORTS: dict[str, str] = {
+    "ManagementClient": "bray.archiver.management",
+    "ModelStatus": "bray.archiver.publish",
+    "ModelVersion": "bray.archiver.management",
+    "PackedArchive": "bray.archiver.pack",
+    "PublishWatch": "bray.archiver.publish",
+    "TokenAuth": "bray.archiver.management",
+    "VersionStatus": "bray.archiver.publish",
+    "list_versions": "bray.archiver.publish",
+    "pack_archive": "bray.archiver.pack",
+    "prune": "bray.archiver.publish",
+    "publish_version": "bray.archiver.publish",
+    "read_archive_config": "bray.archiver.pack",
+    "rollback": "bray.archiver.publish",
+    "scale": "bray.archiver.publish",
+    "set_default": "bray.archiver.publish",
+    "status": "bray.archiver.publish",
+    "watch_and_publish": "bray.archiver.publish",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.archiver.management import ManagementClient, ModelVersion, TokenAuth
+    from bray.archiver.pack import PackedArchive, pack_archive, read_archive_config
+    from bray.archiver.publish import (
+        ModelStatus,
+        PublishWatch,
+        VersionStatus,
+        list_versions,
+        prune,
+        publish_version,
+        rollback,
+        scale,
+        set_default,
+        status,
+        watch_and_publish,
+    )
+
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

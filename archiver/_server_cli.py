@@ -22,17 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["add_server_parser"]
 
-EXAMPLES = """examples:
-  bray-archive server start                      # ~/.bray/server, ports 8080/8081/8082
-  bray-archive server start --workdir /tmp/ts2 --any-ports --json
-  bray-archive server status
-  bray-archive server stop
-"""
 
 
 def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str], int]],
                       positive_float: Callable[[str], float]) -> None:
     """Add ``server`` and its three subcommands to ``bray-archive``'s subparsers."""
+    from bray.archiver.cli import example
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", metavar="DIR", type=Path,
                         help="the server's working directory: key_file.json, logs/, server.json "
@@ -43,7 +38,9 @@ def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str],
         "server", help="start, stop or look at a TorchServe with the bundled config",
         description="Run TorchServe from bray-serve's bundled config.properties and log4j2.xml, "
                     "token authorization on, loopback only, in one working directory.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        **example("bray-archive server start                      # ~/.bray/server, ports 8080/8081/8082",
+                  "bray-archive server start --workdir /tmp/ts2 --any-ports --json",
+                  "bray-archive server status", "bray-archive server stop"))
     verbs = server.add_subparsers(dest="subcommand", metavar="start|stop|status", required=True)
 
     p = verbs.add_parser(
@@ -51,9 +48,8 @@ def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str],
         description="Start TorchServe in the background from the bundled config, wait until it "
                     "answers /ping, print its addresses, key file and logs. It keeps running "
                     "after this command returns; stop it with `bray-archive server stop`.",
-        epilog="example:\n  bray-archive server start --model-store ~/.bray/model_store\n"
-               "  export BRAY_KEY_FILE=~/.bray/server/key_file.json   # only needed elsewhere",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **example("bray-archive server start --model-store ~/.bray/model_store",
+                  "bray-archive server start --workdir /tmp/ts2 --any-ports   # a second server"))
     p.add_argument("--model-store", metavar="DIR", type=Path,
                    help="TorchServe's model store (default $BRAY_MODEL_STORE or ~/.bray/model_store)")
     for name, port in (("inference", 8080), ("management", 8081), ("metrics", 8082)):
@@ -74,8 +70,7 @@ def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str],
         "stop", parents=[common], help="stop the server started from the working directory",
         description="Stop the TorchServe that `server start` started from the working directory, "
                     "its Python workers included. Nothing running is not an error.",
-        epilog="example:\n  bray-archive server stop --workdir /tmp/ts2",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **example("bray-archive server stop --workdir /tmp/ts2"))
     p.add_argument("--timeout-s", type=positive_float, default=60.0, metavar="S",
                    help="grace period before what is left is killed (default 60)")
     p.set_defaults(run=_stop)
@@ -85,8 +80,8 @@ def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str],
         description="Say whether the server started from the working directory runs and answers "
                     "/ping, and where its addresses, key file and logs are. Exit code 0 when it "
                     "answers, 3 when it is not running, 1 when it runs but does not answer.",
-        epilog="example:\n  until bray-archive server status >/dev/null; do sleep 1; done",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **example("bray-archive server status || bray-archive server start",
+                  "bray-archive server status --workdir /tmp/ts2 --json"))
     p.set_defaults(run=_status)
 
 

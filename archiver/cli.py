@@ -111,7 +111,7 @@ class PackOptions:
 
     engine: str = "torch"
     batch_size: int = 1
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 0
     workers: int = 1
     threads: int = 1
     fixed_batch_size: int = 0
@@ -180,6 +180,21 @@ def _one_node(locations: Locations, env: Mapping[str, str]) -> Locations:
 # --- parser ----------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as argparse does, but prints "example(s):" epilogs line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def example(*lines: str) -> dict[str, Any]:
+    """``add_parser`` keywords for a help page ending in "example(s):" printed as written."""
+    text = "example:\n" if len(lines) == 1 else "examples:\n"
+    return {"epilog": text + "".join(f"  {line}\n" for line in lines), "formatter_class": _HelpFormatter}
+
+
 def _parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("server")
@@ -204,8 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=_ENGINES, default="torch", help="inference engine (default torch)")
     g.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="B",
                    help="TorchServe batch size (default 1)")
-    g.add_argument("--max-batch-delay-ms", type=_int_at_least(0), default=5, metavar="D",
-                   help="how long TorchServe waits to fill a batch (default 5)")
+    g.add_argument("--max-batch-delay-ms", type=_int_at_least(0), default=0, metavar="D",
+                   help="how long TorchServe holds a request to fill a batch (default 0, as RemoteModel: "
+                        "a lone request waits the whole delay, and bray's client batches already)")
     g.add_argument("--workers", type=_int_at_least(0), default=1, metavar="W",
                    help="workers for the new version (default 1)")
     g.add_argument("--threads", type=_int_at_least(1), default=1, metavar="T",
@@ -226,17 +242,25 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bray-archive",
         description="Archive checkpoint-store steps as TorchServe model versions and manage them.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 no server at the address, 130 interrupted.",
+        epilog="examples:\n"
+               "  bray-archive server start\n"
+               "  bray-archive publish --name policy --step 20 --set-default\n"
+               "  bray-archive status\n"
+               "  bray-archive COMMAND --help\n\n"
+               "exit codes: 0 ok, 1 failure, 2 usage error, 3 no server at the address, 130 interrupted\n",
+        formatter_class=_HelpFormatter,
     )
     from bray import __version__
 
     parser.add_argument("--version", action="version", version=f"bray-archive {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("publish", parents=[store, model_store, pack, server],
                        help="pack a step into a .mar and register it as version <step>",
                        description="Pack a step of the store into <model-store>/<name>-<version>.mar, "
-                                   "register it as version <step> of <name>, and wait for its workers.")
+                                   "register it as version <step> of <name>, and wait for its workers.",
+                       **example("bray-archive publish --store ~/.bray/store --name policy --step 20 --set-default",
+                                  "bray-archive publish --name policy --live --engine onnx --batch-size 32"))
     p.add_argument("--name", required=True, help="model name")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=_step_arg, default=-1, metavar="N|latest",
@@ -250,49 +274,61 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_publish)
 
     p = sub.add_parser("versions", parents=[model_store, store, server], help="list the versions of a model",
-                       description="List the registered versions of a model.")
-    p.add_argument("name", metavar="NAME")
+                       description="List the registered versions of a model, the default marked *.",
+                       **example("bray-archive versions policy", "bray-archive versions policy --json"))
+    p.add_argument("name", metavar="NAME", help="model name")
     p.set_defaults(run=_versions)
 
     p = sub.add_parser("set-default", parents=[server], help="make a version the default",
-                       description="Make VERSION the one /predictions/NAME serves.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("version", metavar="STEP", help="the version (a step, or 'latest')")
+                       description="Make VERSION the one /predictions/NAME serves.",
+                       **example("bray-archive set-default policy 20", "bray-archive set-default policy latest"))
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("version", metavar="VERSION", help="the version: a published step, or 'latest'")
     p.set_defaults(run=_set_default)
 
     p = sub.add_parser("rollback", parents=[server], help="make the previous version the default",
-                       description="Make the highest numeric version below the current default the default.")
-    p.add_argument("name", metavar="NAME")
+                       description="Make the highest numeric version below the current default the default.",
+                       **example("bray-archive rollback policy"))
+    p.add_argument("name", metavar="NAME", help="model name")
     p.set_defaults(run=_rollback)
 
     p = sub.add_parser("prune", parents=[model_store, server], help="unregister and delete old versions",
                        description="Unregister the oldest numeric versions and delete their archives, "
-                                   "keeping the newest K; never the default, never 'latest'.")
-    p.add_argument("name", metavar="NAME")
+                                   "keeping the newest K; never the default, never 'latest'.",
+                       **example("bray-archive prune policy --keep 3"))
+    p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("--keep", type=_int_at_least(0), required=True, metavar="K",
                    help="numeric versions to keep besides the default")
     p.set_defaults(run=_prune)
 
     p = sub.add_parser("scale", parents=[server], help="set the worker count of a version",
-                       description="Run W workers for a version of NAME (the default version unless --version).")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--workers", type=_int_at_least(0), required=True, metavar="W")
+                       description="Run W workers for a version of NAME (the default version unless "
+                                   "--model-version), and wait until they are ready.",
+                       **example("bray-archive scale policy --workers 4",
+                                  "bray-archive scale policy --workers 0 --model-version 20"))
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("--workers", type=_int_at_least(0), required=True, metavar="W",
+                   help="worker processes to run (0 stops them all; the version stays registered)")
     p.add_argument("--model-version", dest="model_version", metavar="V", help="version (default: the default one)")
     p.set_defaults(run=_scale)
 
     p = sub.add_parser("status", parents=[store, model_store, server],
                        help="models, versions, workers and the steps they serve",
                        description="Show every registered model (or NAME...), its versions, workers, "
-                                   "default, and the step each version serves.")
-    p.add_argument("names", metavar="NAME", nargs="*")
+                                   "default, and the step each version serves.",
+                       **example("bray-archive status", "bray-archive status policy --json"))
+    p.add_argument("names", metavar="NAME", nargs="*", help="only these models (default: every one)")
     p.set_defaults(run=_status)
 
     p = sub.add_parser("watch", parents=[store, model_store, pack, server],
                        help="publish every N-th step as the trainer publishes it",
                        description="Archive and register every step divisible by N as it appears in the "
-                                   "store, until interrupted (Ctrl-C).")
+                                   "store, until interrupted (Ctrl-C).",
+                       **example("bray-archive watch --store ~/.bray/store --name policy --every 100",
+                                  "bray-archive watch --name policy --every 10 --poll-interval-s 2  # NFS"))
     p.add_argument("--name", required=True, help="model name")
-    p.add_argument("--every", type=_int_at_least(1), required=True, metavar="N")
+    p.add_argument("--every", type=_int_at_least(1), required=True, metavar="N",
+                   help="publish the steps divisible by N (steps already in the store are left alone)")
     p.add_argument("--poll-interval-s", type=_positive_float, metavar="S",
                    help="poll the store instead of inotify (NFS and other shared file systems)")
     p.set_defaults(run=_watch)
@@ -300,6 +336,16 @@ def _parser() -> argparse.ArgumentParser:
     from bray.archiver._server_cli import add_server_parser
 
     add_server_parser(sub, int_at_least=_int_at_least, positive_float=_positive_float)
+
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print a TAB-completion script for bray-archive (subcommands, "
+                                   "flags, choices, file and directory arguments) generated from "
+                                   "this parser by shtab.",
+                       **example('eval "$(bray-archive completion bash)"            # this shell',
+                                 "bray-archive completion bash > ~/.local/share/bash-completion/completions/bray-archive",
+                                 "bray-archive completion zsh > \"${fpath[1]}/_bray-archive\""))
+    p.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell to complete in")
+    p.set_defaults(run=_completion)
     return parser
 
 
@@ -479,6 +525,25 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
             pass
         finally:
             handle.stop()
+    return 0
+
+
+def _completion(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
+    try:
+        import shtab
+    except ImportError as err:
+        raise ConfigError("shell completion needs shtab: pip install shtab") from err
+    parser = _parser()
+    kinds = {"store": shtab.DIRECTORY, "model_store": shtab.DIRECTORY, "workdir": shtab.DIRECTORY,
+             "key_file": shtab.FILE, "config": shtab.FILE}
+    stack = [parser]
+    while stack:  # every (sub)parser: complete path options with paths
+        for action in stack.pop()._actions:
+            if action.dest in kinds:
+                action.complete = kinds[action.dest]  # type: ignore[attr-defined]
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    out.write(shtab.complete(parser, shell=args.shell))
     return 0
 
 

@@ -218,7 +218,7 @@ def pack_archive(
     model_store: str | os.PathLike[str],
     engine: str = "torch",
     batch_size: int = 1,
-    max_batch_delay_ms: int = 5,
+    max_batch_delay_ms: int = 0,
     workers: int = 1,
     threads: int = 1,
     fixed_batch_size: int = 0,
@@ -241,7 +241,8 @@ def pack_archive(
         model_store: TorchServe's model store directory (created if missing).
         engine: ``torch``, ``onnx`` or ``tensorrt``.
         batch_size: TorchServe's batch size (``batchSize``).
-        max_batch_delay_ms: how long TorchServe waits to fill a batch (``maxBatchDelay``).
+        max_batch_delay_ms: how long TorchServe waits to fill a batch (``maxBatchDelay``);
+            0, as ``RemoteModel``: its client already batches, and a wait only delays lone calls.
         workers: workers per version (``minWorkers``).
         threads: intra-op threads per worker.
         fixed_batch_size: ``> 0`` pads every forward to this size.

@@ -126,7 +126,7 @@ def publish_version(
         client.register(
             packed.file_name, model_name=name, initial_workers=workers,
             batch_size=int(pack_options.get("batch_size", 1)),
-            max_batch_delay_ms=int(pack_options.get("max_batch_delay_ms", 5)), synchronous=True,
+            max_batch_delay_ms=int(pack_options.get("max_batch_delay_ms", 0)), synchronous=True,
         )
         registered = True
         client.wait_ready(name, packed.version, timeout_s=wait_timeout_s, min_ready=workers)
