@@ -90,7 +90,8 @@ def connection_failure(err: BaseException) -> str:
         return "name"
     if any(isinstance(e, ConnectionRefusedError) for e in causes):
         return "refused"
-    if names & {"ConnectTimeout", "ConnectTimeoutError", "ServerTimeoutError"} and "ReadTimeout" not in names:
+    # requests/urllib3 and aiohttp (ConnectionTimeoutError; its SocketTimeoutError is a read timeout).
+    if names & {"ConnectTimeout", "ConnectTimeoutError", "ConnectionTimeoutError"} and "ReadTimeout" not in names:
         return "connect-timeout"
     if names & {"ReadTimeout", "ReadTimeoutError"} or any(isinstance(e, TimeoutError) for e in causes):
         return "read-timeout"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from bray import wire
-from bray.archiver.management import TokenAuth, error_message, key_refused
+from bray.archiver.management import START_HINT, TokenAuth, connection_failure, error_message, key_refused
 from bray.errors import (
     AuthError,
     ConfigError,
@@ -41,6 +41,9 @@ from bray.errors import (
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+# connection_failure() kinds as the messages say them.
+_FAILURE_TEXT = {"name": "name not resolved", "refused": "connection refused", "connect-timeout": "connect timed out",
+                 "read-timeout": "read timed out", "reset": "connection reset", "unreachable": "host unreachable"}
 # A node that refused a connection is set aside this long, doubled per further refusal.
 _SET_ASIDE_S = 0.5
 _MAX_SET_ASIDE_S = 8.0
@@ -170,6 +173,7 @@ class InferenceClient:
         refreshed: set[str] = set()
         tried: set[str] = set()
         first_down: float | None = None
+        why: dict[str, str] = {}  # url -> connection_failure() of its last failed attempt
         backoff = 0.05
         while True:
             url = self._pick(tried)
@@ -178,10 +182,11 @@ class InferenceClient:
                 now = time.monotonic()
                 first_down = first_down or now
                 if now - first_down > self.reconnect_timeout_s:
+                    seen = ", ".join(f"{u}: {_FAILURE_TEXT.get(why.get(u, ''), 'no answer')}" for u in self.urls)
                     raise ServerUnreachableError(
                         f"no TorchServe node accepted a connection for {self.reconnect_timeout_s:.0f} s "
-                        f"(tried {', '.join(self.urls)}); is the server running? check BRAY_INFERENCE_URL",
-                        status=None,
+                        f"({seen}); {START_HINT}, or check BRAY_INFERENCE_URL",
+                        status=None, reason="mixed" if len(set(why.values())) > 1 else next(iter(why.values()), "other"),
                     )
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 1.0)
@@ -212,6 +217,7 @@ class InferenceClient:
                     ctype = resp.headers.get("Content-Type", "")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
                 self.stats.connection_errors += 1
+                why[url] = connection_failure(err)
                 refused = isinstance(err, aiohttp.ClientConnectorError)
                 if refused:
                     self._set_aside(url)
@@ -219,7 +225,10 @@ class InferenceClient:
                     continue  # never reached the server: always safe to go elsewhere
                 attempts += 1
                 if attempts > self.max_retries:
-                    raise ServerError(f"the connection to {url} broke {attempts} times during {path}: {err}", status=None) from err
+                    raise ServerError(f"the connection to {url} broke {attempts} times during {path} "
+                                      f"(last: {_FAILURE_TEXT.get(why[url], str(err) or type(err).__name__)}); "
+                                      "see logs/ts_log.log in the server's working directory",
+                                      status=None, reason=why[url]) from err
                 self.stats.retries += 1
                 tried.add(url)
                 continue

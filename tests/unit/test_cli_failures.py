@@ -49,6 +49,15 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def _close_listener(sock: socket.socket) -> None:
+    """Close a listening socket and wake the thread blocked in its accept() (close alone does not)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 @pytest.fixture
 def silent_listener() -> Iterator[socket.socket]:
     """Accepts connections (the kernel does) and never answers."""
@@ -101,7 +110,7 @@ def resetting_server() -> Iterator[int]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield sock.getsockname()[1]
-    sock.close()
+    _close_listener(sock)
     thread.join(5)
 
 
@@ -230,3 +239,86 @@ def test_python_dash_m_bray_archiver_is_the_same_cli() -> None:
     from bray import __version__
 
     assert done.returncode == 0 and done.stdout.strip() == f"bray-archive {__version__}", done.stderr
+
+
+class FlakyServer:
+    """A real HTTP listener that resets the first ``resets`` connections, then answers JSON."""
+
+    def __init__(self, resets: int, body: bytes = b'{"models": []}') -> None:
+        self.resets, self.body, self.requests = resets, body, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0].decode())
+                if len(self.requests) <= self.resets:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(self.body), self.body))
+
+    def close(self) -> None:
+        _close_listener(self.sock)
+        self.thread.join(5)
+
+
+def test_idempotent_gets_are_retried_after_a_reset_and_other_calls_are_not() -> None:
+    from bray.archiver.management import ManagementClient
+    from bray.errors import ServerUnreachableError
+
+    flaky = FlakyServer(resets=2)
+    try:
+        with ManagementClient(flaky.url, key_file=None, timeout_s=10) as client:
+            assert client.list_models() == []  # two resets, then the answer: within the two retries
+        assert [r.split()[0] for r in flaky.requests] == ["GET", "GET", "GET"]
+    finally:
+        flaky.close()
+
+    flaky = FlakyServer(resets=3)  # one more reset than retries: the error names the reset
+    try:
+        with ManagementClient(flaky.url, key_file=None, timeout_s=10) as client:
+            with pytest.raises(ServerUnreachableError, match="connection reset") as err:
+                client.list_models()
+        assert err.value.reason == "reset" and len(flaky.requests) == 3
+    finally:
+        flaky.close()
+
+    flaky = FlakyServer(resets=1)  # a registration is not repeated: it may have taken effect
+    try:
+        with ManagementClient(flaky.url, key_file=None, timeout_s=10) as client:
+            with pytest.raises(ServerUnreachableError, match="POST /models"):
+                client.register("policy-1.mar", initial_workers=0)
+        assert [r.split()[0] for r in flaky.requests] == ["POST"]
+    finally:
+        flaky.close()
+
+
+def test_the_inference_transport_says_why_each_node_failed(resetting_server: int) -> None:
+    from bray.bridge._loop import run_sync
+    from bray.bridge.transport import InferenceClient
+    from bray.errors import ServerError, ServerUnreachableError
+
+    (closed,) = free_ports(1)
+    client = InferenceClient(["http://nonexistent.invalid:8080", f"http://127.0.0.1:{closed}"],
+                             reconnect_timeout_s=0.5)
+    with pytest.raises(ServerUnreachableError) as err:
+        run_sync(client.predict("policy", b"{}"), timeout_s=60)
+    run_sync(client.close(), timeout_s=10)
+    assert "http://nonexistent.invalid:8080: name not resolved" in str(err.value)
+    assert f"http://127.0.0.1:{closed}: connection refused" in str(err.value)
+    assert "bray-archive server start" in str(err.value) and err.value.reason == "mixed"
+
+    client = InferenceClient([f"http://127.0.0.1:{resetting_server}"], max_retries=1, reconnect_timeout_s=0.5)
+    with pytest.raises(ServerError, match=r"broke 2 times during /predictions/policy \(last: connection reset\)"):
+        run_sync(client.predict("policy", b"{}"), timeout_s=60)
+    run_sync(client.close(), timeout_s=10)
