@@ -11,6 +11,9 @@ A store is a directory. Each model name gets its own sub-directory::
         .lock                          flock(2) target that serialises commits
         export/                        the exported model definition (written elsewhere;
                                        retention never touches it)
+        clone.json                     a clone's origin: source model and step (written once)
+        league/<metric>/<writer>.json  league results, one file per writer, each replaced
+                                       atomically (read by :mod:`bray.league`)
 
 Publishing writes into a unique directory under ``.tmp/``, fsyncs it, then, holding an
 exclusive lock, renames it into ``steps/`` and moves ``LATEST`` with :func:`os.replace`.
@@ -66,6 +69,8 @@ STEPS_DIR = "steps"
 TMP_DIR = ".tmp"
 LOCK_FILE = ".lock"
 EXPORT_DIR = "export"
+CLONE_FILE = "clone.json"
+LEAGUE_DIR = "league"
 
 _STEP_DIGITS = 12
 _MAX_STEP = 10**_STEP_DIGITS - 1
@@ -146,10 +151,15 @@ class CheckpointStore:
     Args:
         root: the store directory; created on the first publish, not here.
         keep_last: how many of the newest steps retention keeps (>= 1).
-        checkpoint_interval: every step divisible by this is kept for good (0: none).
+        checkpoint_interval: Bray's rule. An ``int`` N keeps for good every step at
+            least N steps after the previous checkpoint step (with steps published one
+            by one: 0, N, 2N, ...). A ``float`` ``B.F`` keeps steps at least
+            ``max(B, int(F * 10**d))`` after the previous one, where ``d`` is the number
+            of digits of ``step // 10``: the interval grows with the step (``10.1``
+            keeps about every 10% of the run). ``0``: no step-based checkpoints.
         checkpoint_interval_s: a step published at least this many seconds after the
-            previous checkpoint step is kept for good (0: none). With this set, the
-            first step published is a checkpoint.
+            previous checkpoint step is kept for good (0: none).
+            With either set, the first step published is a checkpoint (Bray keeps step 0).
 
     Raises:
         ConfigError: an option is out of range.
@@ -160,18 +170,20 @@ class CheckpointStore:
         root: str | os.PathLike[str],
         *,
         keep_last: int = 5,
-        checkpoint_interval: int = 0,
+        checkpoint_interval: int | float = 0,
         checkpoint_interval_s: float = 0.0,
     ) -> None:
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
             raise ConfigError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if (
-            not isinstance(checkpoint_interval, int)
+            not isinstance(checkpoint_interval, (int, float))
             or isinstance(checkpoint_interval, bool)
+            or not math.isfinite(checkpoint_interval)
             or checkpoint_interval < 0
         ):
             raise ConfigError(
-                f"checkpoint_interval must be an integer >= 0 (0 turns it off), got {checkpoint_interval!r}"
+                "checkpoint_interval must be an integer number of steps >= 0 (0 turns it off) or a "
+                f"float B.F (a growing interval, Bray's meaning), got {checkpoint_interval!r}"
             )
         if (
             not isinstance(checkpoint_interval_s, (int, float))
@@ -223,6 +235,82 @@ class CheckpointStore:
         """
         _check_name(name)
         return self._step_dir(name, step) / WEIGHTS_FILE
+
+    def league_dir(self, name: str, metric: str) -> Path:
+        """Where the league results of ``name`` for ``metric`` live (it may not exist yet).
+
+        One JSON file per writer, each replaced atomically (see :mod:`bray.league`).
+
+        Raises:
+            ConfigError: ``name`` or ``metric`` is not a valid name.
+        """
+        _check_name(name)
+        _check_name(metric, what="metric name")
+        return self.root / name / LEAGUE_DIR / metric
+
+    # ---------------------------------------------------------------- clones
+
+    def clone_origin(self, name: str) -> tuple[str, int] | None:
+        """The ``(source model, step)`` a clone was made from, or ``None`` if ``name`` is no clone.
+
+        Raises:
+            ConfigError: invalid name.
+            CorruptCheckpointError: the record is unreadable.
+        """
+        _check_name(name)
+        try:
+            raw = (self.root / name / CLONE_FILE).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            doc = json.loads(raw)
+            return str(doc["source"]), int(doc["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CorruptCheckpointError(
+                f"{self.root / name / CLONE_FILE} is unreadable ({err}); delete the clone's folder "
+                "and clone again", name=name,
+            ) from err
+
+    def record_clone_origin(self, name: str, *, source: str, step: int) -> tuple[str, int]:
+        """Record once that ``name`` is a clone of ``source`` at ``step``.
+
+        The first writer wins (the record is linked into place, never replaced), so
+        processes cloning at the same time agree on one origin.
+
+        Returns:
+            The recorded origin: the one given, or the one recorded before.
+
+        Raises:
+            ConfigError: invalid name or step.
+            StoreWriteError: the disk refused the write.
+        """
+        _check_name(name)
+        _check_name(source)
+        _check_step(step)
+        mdir = self.root / name
+        tmp_root = mdir / TMP_DIR
+        data = json.dumps({"format": FORMAT_VERSION, "source": source, "step": step, "time": time.time()}).encode()
+        try:
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp = tmp_root / _tmp_name("clone")
+            _write_durable(tmp, data)
+            try:
+                os.link(tmp, mdir / CLONE_FILE)  # fails if recorded already: first writer wins
+                _fsync_dir(mdir)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        except OSError as err:
+            raise StoreWriteError(
+                f"the disk refused the clone record of {name!r} under {mdir} ({err.strerror or err}); "
+                "free space or fix the mount/permissions, then clone again", name=name,
+            ) from err
+        origin = self.clone_origin(name)
+        if origin is None:  # linked just now, by us or another process; deleted since
+            raise StepNotFoundError(f"the clone record of {name!r} vanished while being written; clone again",
+                                    name=name)
+        return origin
 
     # ---------------------------------------------------------------- reading
 
@@ -565,15 +653,38 @@ class CheckpointStore:
         return info
 
     def _is_checkpoint_step(self, name: str, step: int, now: float) -> bool:
-        if self.checkpoint_interval and step % self.checkpoint_interval == 0:
+        if not self.checkpoint_interval and not self.checkpoint_interval_s:
+            return False
+        last: tuple[int, float] | None = None
+        for earlier in reversed(self._listing(name)):
+            info = self._ckpt_info(name, earlier)
+            if info is not None and info[1]:
+                last = (earlier, info[0])
+                break
+        if last is None:
+            return True  # no checkpoint yet: the first step starts the pool (Bray's step 0)
+        every = _step_interval(self.checkpoint_interval, step)
+        if every and step - last[0] >= every:
             return True
-        if self.checkpoint_interval_s:
-            for earlier in reversed(self._listing(name)):
-                info = self._ckpt_info(name, earlier)
-                if info is not None and info[1]:
-                    return now - info[0] >= self.checkpoint_interval_s
-            return True  # no checkpoint yet: the first step starts the pool
-        return False
+        return bool(self.checkpoint_interval_s) and now - last[1] >= self.checkpoint_interval_s
+
+    def checkpoint_steps(self, name: str) -> list[int]:
+        """The kept checkpoint steps of ``name`` (retention never removes them), ascending.
+
+        These are the steps a league samples opponents from (:class:`bray.ModelPool`).
+
+        Raises:
+            ConfigError: ``name`` is not a valid model name.
+        """
+        latest = self.latest(name)
+        if latest is None:
+            return []
+        out = []
+        for step in self._listing(name):
+            info = self._ckpt_info(name, step) if step <= latest else None
+            if info is not None and info[1]:
+                out.append(step)
+        return out
 
     def _retire(self, name: str, tmp_root: Path) -> list[Path]:
         """Move steps retention drops into ``.tmp/`` (call holding the lock).
@@ -759,10 +870,21 @@ def _delete_all(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_name(name: object) -> None:
+def _step_interval(interval: int | float, step: int) -> int:
+    """Steps between checkpoints at ``step``: an int as is; Bray's growing float rule."""
+    if not isinstance(interval, float):
+        return int(interval)
+    base = int(interval)
+    frac, s = interval - base, step // 10
+    while s:
+        frac, s = frac * 10, s // 10
+    return max(base, int(frac))
+
+
+def _check_name(name: object, what: str = "model name") -> None:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"model name must be 1-128 characters of letters, digits, '_', '.' or '-', starting "
+            f"{what} must be 1-128 characters of letters, digits, '_', '.' or '-', starting "
             f"with a letter or digit (it is a directory name), got {name!r}"
         )
 
@@ -860,17 +982,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_latest(mdir: Path, step: int) -> None:
-    tmp = mdir / TMP_DIR / _tmp_name("latest")
+    replace_durable(mdir / LATEST_FILE, f"{step}\n".encode(), tmp_dir=mdir / TMP_DIR)
+
+
+def replace_durable(path: Path, data: bytes, *, tmp_dir: Path) -> None:
+    """Replace ``path`` with ``data`` atomically: write a temporary file, fsync, ``os.replace``.
+
+    A reader sees the old content or the new, never a mix, even if the writer is killed.
+    ``tmp_dir`` must be on the same file system (the store's ``.tmp/`` folders).
+    """
+    tmp = tmp_dir / _tmp_name("replace")
     try:
-        _write_durable(tmp, f"{step}\n".encode())
-        os.replace(tmp, mdir / LATEST_FILE)
+        _write_durable(tmp, data)
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(mdir)
+    _fsync_dir(path.parent)
 
 
 def _discard(path: Path, tmp_root: Path) -> None:

@@ -314,6 +314,23 @@ def test_retention_keeps_newest_and_checkpoints_and_export(tmp_path):
     assert store.names() == ["policy"]
 
 
+def test_int_interval_counts_from_the_previous_checkpoint_as_bray_does(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=1, checkpoint_interval=4)
+    for step in (3, 5, 6, 7, 8, 12):  # steps need not start at 0 nor be consecutive
+        store.publish("policy", {"w": np.zeros(1)}, step=step)
+    # 3 starts the pool (Bray keeps step 0), 7 is 4 after it, 12 is 5 after 7; 8 is not
+    assert store.checkpoint_steps("policy") == [3, 7, 12]
+
+
+def test_float_interval_grows_with_the_step_as_bray_does(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=1, checkpoint_interval=2.5)
+    for _ in range(200):
+        store.publish("policy", {"w": np.zeros(1)})
+    # below step 10 the interval is 2; from 10 it is int(0.5 * 10) = 5 (one digit in step // 10),
+    # from 100 it is int(0.5 * 100) = 50 (two digits); each counts from the previous checkpoint
+    assert store.checkpoint_steps("policy") == [0, 2, 4, 6, 8, *range(13, 99, 5), 148, 198]
+
+
 def test_retention_by_elapsed_time(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=1, checkpoint_interval_s=0.3)
     store.publish("policy", {"w": np.zeros(1)})  # the first step starts the pool
@@ -371,9 +388,10 @@ def test_good_names(tmp_path, name):
     "kwargs,message",
     [({"keep_last": 0}, "keep_last must be an integer >= 1, got 0"),
      ({"keep_last": 2.5}, "keep_last must be an integer >= 1, got 2.5"),
-     ({"checkpoint_interval": -1}, "checkpoint_interval must be an integer >= 0"),
+     ({"checkpoint_interval": -1}, "checkpoint_interval must be an integer number of steps >= 0"),
+     ({"checkpoint_interval": float("inf")}, r"or a float B.F \(a growing interval, Bray's meaning\), got inf"),
      ({"checkpoint_interval_s": float("nan")}, "checkpoint_interval_s must be a finite number")],
-    ids=["keep-zero", "keep-float", "interval-negative", "interval-s-nan"],
+    ids=["keep-zero", "keep-float", "interval-negative", "interval-inf", "interval-s-nan"],
 )
 def test_options_are_validated(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
