@@ -5,10 +5,10 @@
     import bray
     bray.init(project="pong", trial="run1")
     rm = bray.RemoteModel("policy", model=Policy(), forward_args=(obs_batch,), max_batch_size=32)
-    out = rm(obs_batch)                       # sync, batch=True
-    out = await rm.forward(obs, batch=False)  # async; adds and removes the batch dim
-    rm.publish_weights(net.state_dict()).wait(timeout_s=5)
-    opp = rm.clone(step=120)                  # snaps down to a kept step
+    out = rm(obs_batch)                       # sync, batch=True (Bray's __call__ default)
+    out = await rm.forward(obs)               # async, one sample: batch=False (Bray's default)
+    rm.publish_weights(net.state_dict()).wait(timeout_s=5)   # step=-1: the next step
+    opp = rm.clone(step=120, name="opp")      # "policy-clone-step-120-opp"; snaps down to a kept step
 
 How Bray's constructor arguments map onto TorchServe:
 
@@ -29,11 +29,21 @@ gpus_per_worker        ``> 0`` serves on the GPU TorchServe assigns each worker,
                        fractions are not applied (TorchServe gives each worker one GPU)
 memory_per_worker      not applicable: TorchServe has no per-worker memory limit; accepted
                        for Bray compatibility and ignored (a warning says so)
-use_onnx               ``None`` torch engine, ``"infer"`` ONNX Runtime, ``"quantize"`` ONNX
-                       Runtime with dynamic int8 quantization
+use_onnx               ``None`` torch engine, ``"infer"`` ONNX Runtime (weights baked in,
+                       a new session per step), ``"train"`` ONNX Runtime with the weights
+                       as graph inputs (one session, nothing to rebuild per step),
+                       ``"quantize"`` ONNX Runtime with dynamic int8 quantization
 use_tensorrt           TensorRT engine (refitted per step; needs a GPU)
-checkpoint_interval    every N-th step is kept for cloning by the store's retention
-local_mode             the engine runs in this process, following the same store; no server
+checkpoint_interval    steps kept for cloning for good by the store's retention (Bray's
+                       rule): ``int`` N, a step N after the previous checkpoint; ``float``
+                       ``B.F``, an interval growing with the step (see ``CheckpointStore``);
+                       ``None``, every 10 minutes (``checkpoint_interval_s=600``). The first
+                       step is always a checkpoint (Bray's step 0)
+local_mode             ``True``: the engine runs in this process, following the same store;
+                       no server. ``"proxy"``: Bray's client-side batching in front of the
+                       remote workers, which is what the remote path always does here
+                       (concurrent calls of a process are coalesced); it selects
+                       ``client_batching=True``. ``False``: remote, ``client_batching`` as given
 override_model         ``True``: re-export, publish the given weights as a new step and
                        re-register; ``False``: reuse what the store and server already have
 namespace              prefixes the model name (store folder and TorchServe name)
@@ -41,6 +51,7 @@ max_batch_delay_ms     (not Bray's) TorchServe's ``maxBatchDelay``; default 0 be
                        client coalesces already, and TorchServe holds a lone request for
                        the whole delay
 client_batching        (not Bray's) ``False`` sends every call as its own request
+checkpoint_interval_s  (not Bray's) time-based checkpoints, in seconds
 =====================  =====================================================================
 """
 
@@ -219,14 +230,17 @@ class RemoteModel:
             (see ``override_model``); omitted, the model must already be in the store.
         forward_args / forward_kwargs: example inputs with a batch dimension (needed with
             ``model``), as in Bray.
-        checkpoint_interval: keep every N-th step for cloning (``None``: Bray's default 0,
-            only the newest few steps are kept).
+        checkpoint_interval: which steps are kept for cloning, Bray's rule (see the
+            module docstring's table); ``None``: Bray's default, every 10 minutes.
+        checkpoint_interval_s: (not Bray's) keep a step this many seconds after the
+            previous checkpoint; with ``checkpoint_interval=None`` it defaults to 600.
         max_batch_size, num_workers, cpus_per_worker, gpus_per_worker, memory_per_worker,
         use_onnx, use_tensorrt, local_mode, override_model, namespace: see the module
             docstring's table.
         max_batch_delay_ms: TorchServe's ``maxBatchDelay`` when batching.
         client_batching: coalesce concurrent calls of this process into one request
-            (Bray's proxy mode); ``False`` sends every call as its own request.
+            (what Bray's ``local_mode="proxy"`` does); ``False`` sends every call as its
+            own request.
         keep_last: newest steps the store keeps besides checkpoint steps.
         timeout_s: limit for one forward (and for registration waits, x10).
 
@@ -241,26 +255,35 @@ class RemoteModel:
         model: Any = None,
         forward_args: Sequence[Any] = (),
         forward_kwargs: Mapping[str, Any] | None = None,
-        checkpoint_interval: int | None = None,
+        checkpoint_interval: int | float | None = None,
         max_batch_size: int | None = None,
         num_workers: int | None = None,
         cpus_per_worker: float | None = None,
         gpus_per_worker: float | None = None,
         memory_per_worker: int | None = None,
         use_onnx: str | None = None,
-        local_mode: bool = False,
+        local_mode: bool | str = False,
         override_model: bool = True,
         namespace: str | None = None,
         *,
         use_tensorrt: bool = False,
         client_batching: bool = True,
         max_batch_delay_ms: int = 0,
+        checkpoint_interval_s: float | None = None,
         keep_last: int = 5,
         timeout_s: float = 60.0,
         _pinned_step: int | None = None,
     ) -> None:
-        if use_onnx not in (None, "infer", "quantize"):
-            raise ConfigError(f"use_onnx must be None, 'infer' or 'quantize', got {use_onnx!r}")
+        if use_onnx not in (None, "", "infer", "train", "quantize"):
+            raise ConfigError(f"use_onnx must be None, 'infer', 'train' or 'quantize', got {use_onnx!r}")
+        if local_mode not in (True, False, "proxy"):
+            raise ConfigError(f"local_mode must be True, False or 'proxy', got {local_mode!r}")
+        if local_mode == "proxy":
+            # Bray's proxy mode batches a process's calls before they reach the workers,
+            # which the remote path here always does when client batching is on.
+            client_batching, local_mode = True, False
+        if checkpoint_interval is None and checkpoint_interval_s is None:
+            checkpoint_interval_s = 600.0  # Bray saves a checkpoint every 10 minutes
         # Attaching without settings adopts the registered version's batching and workers.
         self._adopt = model is None and max_batch_size is None, model is None and num_workers is None
         if max_batch_size is None:
@@ -290,13 +313,15 @@ class RemoteModel:
         self._forward_args = tuple(forward_args)
         self._forward_kwargs = dict(forward_kwargs or {})
         self._init_kwargs = dict(
-            checkpoint_interval=checkpoint_interval, max_batch_size=max_batch_size, num_workers=num_workers,
+            checkpoint_interval=checkpoint_interval, checkpoint_interval_s=checkpoint_interval_s,
+            max_batch_size=max_batch_size, num_workers=num_workers,
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
             local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
             keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
         )
         self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
         self._quantize = use_onnx == "quantize"
+        self._onnx_weights = "inputs" if use_onnx == "train" else "initializers"
         self._threads = max(1, int(cpus_per_worker or 1))
         self._device = "cuda" if (gpus_per_worker or 0) > 0 else "cpu"
         self._fixed = -max_batch_size if max_batch_size < 0 else 0
@@ -304,7 +329,8 @@ class RemoteModel:
         self._delay_ms = max_batch_delay_ms if max_batch_size else 0
         self._pinned = _pinned_step
         self.store = CheckpointStore(session.store_root, keep_last=keep_last,
-                                     checkpoint_interval=checkpoint_interval or 0)
+                                     checkpoint_interval=checkpoint_interval or 0,
+                                     checkpoint_interval_s=checkpoint_interval_s or 0.0)
         self._lock = threading.Lock()
         self._local: Any = None
         self._client: Any = None
@@ -343,7 +369,8 @@ class RemoteModel:
         from bray.handlers.engines import EngineOptions
 
         device = "cuda:0" if self._device == "cuda" else "cpu"
-        return EngineOptions(device=device, threads=self._threads, quantize=self._quantize)
+        return EngineOptions(device=device, threads=self._threads, quantize=self._quantize,
+                             onnx_weights=self._onnx_weights)
 
     def _start_local(self) -> None:
         from bray.bridge.local import LocalRunner
@@ -419,7 +446,8 @@ class RemoteModel:
                 self.store, self.name, step=self._pinned, client=client, model_store=model_store,
                 set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
                 batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
-                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize, version=version,
+                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize,
+                onnx_weights=self._onnx_weights, version=version,
                 force=True,
             )
         except VersionExistsError:
@@ -524,14 +552,14 @@ class RemoteModel:
             return _add_batch(payload), 1
         return payload, _batch_of(payload)
 
-    async def forward(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
+    async def forward(self, *args: Any, batch: bool = False, return_step: bool = False, **kwargs: Any) -> Any:
         """Run the policy on NestedArray inputs (async).
 
         Args:
             *args / **kwargs: the model's inputs (numpy arrays or tensors, nested in
                 lists, tuples and dicts as the model takes them).
-            batch: ``True``: inputs carry a leading batch dimension; ``False``: one
-                sample, the batch dimension is added and removed here.
+            batch: ``False`` (Bray's default): one sample, the batch dimension is added
+                and removed here; ``True``: inputs carry a leading batch dimension.
             return_step: also return the step whose weights answered.
 
         Returns:
@@ -551,7 +579,7 @@ class RemoteModel:
         return (outputs, step) if return_step else outputs
 
     def __call__(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
-        """Synchronous :meth:`forward` (safe from any thread; calls are coalesced)."""
+        """Synchronous :meth:`forward`, ``batch=True`` by default as in Bray (safe from any thread)."""
         from bray.bridge._loop import run_sync
 
         payload, n = self._payload(args, kwargs, batch)
@@ -565,12 +593,13 @@ class RemoteModel:
 
     # --- weights ----------------------------------------------------------------------
 
-    def publish_weights(self, weights: Any, step: int | None = None) -> PublishHandle:
+    def publish_weights(self, weights: Any, step: int = -1) -> PublishHandle:
         """Publish new weights (a state dict, or a NestedArray of numpy arrays).
 
         Args:
             weights: the new weights; keys must match the model's state dict.
-            step: explicit step (must be above the latest); default latest + 1.
+            step: ``-1`` (Bray's default): the next step, latest + 1; else an explicit
+                step above the latest.
 
         Returns:
             The step, as a handle whose ``wait(timeout_s)`` returns once every worker
@@ -582,7 +611,7 @@ class RemoteModel:
         """
         if self._pinned is not None:
             raise ConfigError(f"{self.name!r} serves pinned step {self._pinned}; publish to the model it was cloned from")
-        return PublishHandle(self.store.publish(self.name, weights, step), self)
+        return PublishHandle(self.store.publish(self.name, weights, None if step == -1 else step), self)
 
     @property
     def step(self) -> int:
@@ -646,21 +675,44 @@ class RemoteModel:
     def clone(self, step: int = -1, name: str | None = None, **overrides: Any) -> "RemoteModel":
         """An independent model starting from ``step``'s weights (Bray's clone).
 
-        A step that is no longer kept snaps down to the largest kept step below it.
-        Cloning the same step (to the same name) again returns the same model. The clone
-        is a model of its own: it serves its starting weights until weights are published
-        to it, and the original keeps training.
+        The clone is named ``<model>-clone-step-<step>``, or ``<model>-clone-step-<step>-<name>``
+        with ``name`` (Bray's ``<model>/clone-step-<step>-<name>``, with ``-`` for ``/``,
+        which TorchServe model names cannot hold). A step that is no longer kept snaps
+        down to the largest kept step below it, and the name carries the step cloned.
+        Cloning the same step with the same ``name`` again returns the same model, in
+        any process. The clone is a model of its own: it serves its starting weights
+        until weights are published to it, and the original keeps training. Its origin
+        (source model and step) is recorded in its store folder.
 
         Args:
             step: the step to clone (``-1``: the latest).
-            name: the clone's name (default ``<name>-clone-<step>``).
+            name: an extra suffix telling clones of the same step apart (Bray's meaning).
             **overrides: constructor arguments that differ from this model's.
 
         Returns:
             The clone.
+
+        Raises:
+            ConfigError: the clone's name already belongs to a clone of another model or
+                step, or to a model that is not a clone (the message says which).
+            StepNotFoundError: no kept step at or below ``step``.
         """
         real = self.store.resolve(self.name, step if self._pinned is None or step != -1 else self._pinned)
-        clone_name = name or f"{self.name}-clone-{real}"
+        clone_name = f"{self.name}-clone-step-{real}" + (f"-{name}" if name else "")
+        self.store.model_dir(clone_name)  # a name TorchServe and the store accept, or ConfigError
+        origin = self.store.clone_origin(clone_name)
+        if origin is None:
+            if self.store.latest(clone_name) is not None:
+                raise ConfigError(
+                    f"{clone_name!r} is already a model of its own in {self.store.root}, not a clone of "
+                    f"{self.name!r} at step {real}; clone with another name= suffix"
+                )
+            origin = self.store.record_clone_origin(clone_name, source=self.name, step=real)
+        if origin != (self.name, real):
+            raise ConfigError(
+                f"{clone_name!r} already names a clone of {origin[0]!r} at step {origin[1]}, not of "
+                f"{self.name!r} at step {real}; clone with another name= suffix"
+            )
         dest = self.store.model_dir(clone_name)
         if self.store.latest(clone_name) is None:
             export_src = self.store.model_dir(self.name) / EXPORT_DIRNAME

@@ -65,7 +65,7 @@ async def _run(rm: Any, *, callers: int, seconds: float, n: int,
         while time.monotonic() < stop_at:
             started = time.monotonic()
             try:
-                out, step = await rm.forward(x, return_step=True)
+                out, step = await rm.forward(x, batch=True, return_step=True)
             except Exception as err:  # every failure is a finding: record it, keep calling
                 report.failures.append(f"{type(err).__name__}: {err}")
                 await asyncio.sleep(0.05)

@@ -105,7 +105,8 @@ def test_default_construction_and_forward(make: Make) -> None:
     assert isinstance(out, np.ndarray) and out.shape == (3, 16)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert step == rm.step == 0
-    assert asyncio.run(rm.forward(OBS)).shape == (3, 16)
+    assert asyncio.run(rm.forward(OBS, batch=True)).shape == (3, 16)
+    np.testing.assert_allclose(asyncio.run(rm.forward(OBS[0])), ref[0], rtol=1e-5, atol=1e-5)  # Bray's batch=False
 
 
 def test_onnx_matches_torch(make: Make) -> None:
@@ -118,6 +119,23 @@ def test_onnx_matches_torch(make: Make) -> None:
     np.testing.assert_allclose(rm(OBS), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_bray_values_use_onnx_train_and_local_mode_proxy(make: Make) -> None:
+    pytest.importorskip("onnxruntime")
+    rm = make("rm_onnx_train", model=probe_net(2), forward_args=(X,), use_onnx="train", local_mode="proxy",
+              max_batch_size=8)
+    assert rm.engine_name == "onnx" and not rm.local_mode and rm.client_batching  # proxy: remote, coalesced
+    np.testing.assert_allclose(rm(X), expected(2))
+    # weights as graph inputs: a new step is served without a new ONNX Runtime session
+    rm.publish_weights(probe_weights(3)).wait(timeout_s=30)
+    np.testing.assert_allclose(rm(X), expected(3))
+    with ManagementClient(rm.locations.management_url, key_file=rm.locations.key_file) as client:
+        (desc,) = client.describe("rm_onnx_train", "latest")
+    import zipfile
+
+    with zipfile.ZipFile(Path(str(rm.locations.model_store)) / desc.url) as zf:
+        assert "onnx_weights: inputs" in zf.read("model-config.yaml").decode()
+
+
 def test_batch_true_and_false_shapes(make: Make) -> None:
     rm = make("rm_shapes", model=probe_net(2), forward_args=(X,))
     assert rm(X).shape == (2, 2)
@@ -126,6 +144,8 @@ def test_batch_true_and_false_shapes(make: Make) -> None:
     assert one.shape == (2,)
     np.testing.assert_allclose(one, expected(2)[0])
     assert asyncio.run(rm.forward(X[0], batch=False)).shape == (2,)
+    assert asyncio.run(rm.forward(X[0])).shape == (2,)  # Bray's default: one sample
+    assert asyncio.run(rm.forward(X, batch=True)).shape == (2, 2)
     assert rm(np.ones((7, 4), np.float32)).shape == (7, 2)
 
 
@@ -168,10 +188,11 @@ def test_clone_clone_with_name_clone_of_clone_and_publish_on_each(make: Make, mo
     rm.publish_weights(probe_weights(2)).wait(timeout_s=30)  # step 1
 
     opp = track(models, rm.clone())
-    assert opp.name == "rm_league-clone-1"
-    named = track(models, rm.clone(step=0, name="rm_league_opponent"))
+    assert opp.name == "rm_league-clone-step-1"
+    named = track(models, rm.clone(step=0, name="opp"))
+    assert named.name == "rm_league-clone-step-0-opp"
     of_clone = track(models, named.clone())
-    assert of_clone.name == "rm_league_opponent-clone-0"
+    assert of_clone.name == "rm_league-clone-step-0-opp-clone-step-0"
     for m, n in ((opp, 2), (named, 1), (of_clone, 1)):
         np.testing.assert_allclose(m(X), expected(n), err_msg=m.name)
 
@@ -234,7 +255,7 @@ def test_override_false_and_constructing_without_model_attach(make: Make) -> Non
 
 
 def test_clear_errors(make: Make) -> None:
-    with pytest.raises(ConfigError, match="use_onnx must be None, 'infer' or 'quantize', got 'yes'"):
+    with pytest.raises(ConfigError, match="use_onnx must be None, 'infer', 'train' or 'quantize', got 'yes'"):
         make("rm_bad", model=PolicyMLP(), forward_args=(OBS,), use_onnx="yes")
     with pytest.raises(ConfigError, match="forward_args"):
         make("rm_bad", model=PolicyMLP())
@@ -245,7 +266,7 @@ def test_clear_errors(make: Make) -> None:
         rm(np.ones((2, 5), np.float32))
     assert "[2, 5]" in str(err.value)
     with pytest.raises(InputError, match=r"expected \[batch, 4\]"):
-        asyncio.run(rm.forward(np.ones((4,), np.float32)))
+        asyncio.run(rm.forward(np.ones((5,), np.float32)))  # one sample of the wrong width
     with pytest.raises(InputError, match="dtype float64, expected float32"):
         rm(np.ones((2, 4), np.float64))
     # a bad call fails alone: the model keeps answering
@@ -260,7 +281,7 @@ def test_many_concurrent_callers_are_coalesced(make: Make) -> None:
     rows = [np.full((1, 4), i, np.float32) for i in range(64)]
 
     async def gather() -> list[np.ndarray]:
-        return await asyncio.gather(*(rm.forward(r) for r in rows))
+        return await asyncio.gather(*(rm.forward(r, batch=True) for r in rows))
 
     for r, out in zip(rows, asyncio.run(gather())):
         np.testing.assert_allclose(out, expected(3, r))
@@ -347,7 +368,7 @@ def test_two_servers_share_the_load_and_survive_one_stopping(
         np.testing.assert_allclose(rm(X), expected(4))
 
     async def burst(n: int) -> list[np.ndarray]:
-        return await asyncio.gather(*(rm.forward(X) for _ in range(n)))
+        return await asyncio.gather(*(rm.forward(X, batch=True) for _ in range(n)))
 
     for out in asyncio.run(burst(40)):
         np.testing.assert_allclose(out, expected(4))
