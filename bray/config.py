@@ -13,6 +13,7 @@ variable                    meaning                                  default
 ``BRAY_MANAGEMENT_URL``     management API address                   ``http://127.0.0.1:8081``
 ``BRAY_KEY_FILE``           TorchServe's ``key_file.json``           see :func:`find_key_file`
 ``BRAY_SERVER_DIR``         ``bray-archive server``'s working dir    ``~/.bray/server``
+``BRAY_METRICS_PORT``       client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
 ==========================  =======================================  ===========================
 """
 
@@ -25,10 +26,12 @@ from typing import Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "check_url", "find_key_file", "server_dir"]
+__all__ = ["Locations", "check_url", "find_key_file", "metrics_address", "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+METRICS_ENV_VAR = "BRAY_METRICS_PORT"
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 def _home() -> Path:
@@ -149,3 +152,33 @@ class Locations:
         key_file = find_key_file(str(key) if key else None, env)
         return cls(store=store, model_store=model_store, inference_urls=urls,
                    management_url=mgmt.rstrip("/"), key_file=key_file)
+
+
+def metrics_address(port: int | str | None, env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """Where ``RemoteModel``'s client metrics exporter listens (:mod:`bray.bridge.metrics`).
+
+    The keyword, else ``BRAY_METRICS_PORT``, else off; the host defaults to 127.0.0.1.
+
+    Args:
+        port: ``RemoteModel``'s ``metrics_port`` (``None``: read the variable; ``0`` or
+            ``""``: off).
+        env: the environment (``os.environ`` when ``None``).
+
+    Returns:
+        ``(host, port)``, or ``None`` when off.
+
+    Raises:
+        ConfigError: not a port number (or ``host:port``).
+    """
+    env = os.environ if env is None else env
+    value = str(env.get(METRICS_ENV_VAR, "")).strip() if port is None else str(port).strip()
+    if not value or value == "0":
+        return None
+    host, _, number = value.rpartition(":")
+    try:
+        parsed = int(number)
+    except ValueError:
+        parsed = -1
+    if not 0 < parsed < 65536:
+        raise ConfigError(f"metrics_port ({METRICS_ENV_VAR}) must be a port 1-65535 or host:port, got {value!r}")
+    return host or DEFAULT_METRICS_HOST, parsed

@@ -52,6 +52,10 @@ max_batch_delay_ms     (not Bray's) TorchServe's ``maxBatchDelay``; default 0 be
                        the whole delay
 client_batching        (not Bray's) ``False`` sends every call as its own request
 checkpoint_interval_s  (not Bray's) time-based checkpoints, in seconds
+metrics_port           (not Bray's) serve this process's client metrics (policy lag as the
+                       callers see it) to Prometheus on this port (``"host:port"`` for another
+                       address than 127.0.0.1); default ``$BRAY_METRICS_PORT``, else off
+                       (see :mod:`bray.bridge.metrics`)
 =====================  =====================================================================
 """
 
@@ -243,6 +247,8 @@ class RemoteModel:
             own request.
         keep_last: newest steps the store keeps besides checkpoint steps.
         timeout_s: limit for one forward (and for registration waits, x10).
+        metrics_port: serve client metrics on this port (see the module docstring);
+            ``None`` reads ``BRAY_METRICS_PORT``; ``0`` turns them off.
 
     Raises:
         ConfigError: invalid arguments (the message says which and why).
@@ -272,8 +278,12 @@ class RemoteModel:
         checkpoint_interval_s: float | None = None,
         keep_last: int = 5,
         timeout_s: float = 60.0,
+        metrics_port: int | str | None = None,
         _pinned_step: int | None = None,
     ) -> None:
+        from bray.config import metrics_address
+
+        metrics_at = metrics_address(metrics_port)
         if use_onnx not in (None, "", "infer", "train", "quantize"):
             raise ConfigError(f"use_onnx must be None, 'infer', 'train' or 'quantize', got {use_onnx!r}")
         if local_mode not in (True, False, "proxy"):
@@ -318,6 +328,7 @@ class RemoteModel:
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
             local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
             keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
+            metrics_port=metrics_port,
         )
         self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
         self._quantize = use_onnx == "quantize"
@@ -362,6 +373,10 @@ class RemoteModel:
             self._start_local()
         else:
             self._register(override=model is not None and override_model)
+        if metrics_at is not None:
+            from bray.bridge.metrics import track
+
+            track(self, metrics_at)
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -572,6 +587,7 @@ class RemoteModel:
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
+            self._seen_step = max(self._seen_step, step)
         else:
             outputs, step = await self._forward_on_loop(payload, n)
         if not batch:
@@ -585,6 +601,7 @@ class RemoteModel:
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
+            self._seen_step = max(self._seen_step, step)
         else:
             outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
         if not batch:

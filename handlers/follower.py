@@ -40,11 +40,14 @@ class StepFollower:
         step: ``-1`` follows the latest step; ``N`` loads step N once and stays there.
         announce: write ``<store>/<name>/.serving/<host>-<pid>.json`` on every staged step
             (how ``publish_weights(...).wait()`` sees that a worker has it).
-        on_swap: called as ``on_swap(step, load_ms)`` after each swap (metrics).
+        on_swap: called as ``on_swap(step, load_ms, published_time)`` after each swap
+            (metrics; ``published_time`` is the step's unix publish time from the store).
+        on_refuse: called as ``on_refuse(step)`` on the watcher thread for a refused step.
     """
 
     def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
-                 announce: bool = False, on_swap: Callable[[int, float], None] | None = None) -> None:
+                 announce: bool = False, on_swap: Callable[[int, float, float], None] | None = None,
+                 on_refuse: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.name = name
         self.engine = engine
@@ -53,11 +56,12 @@ class StepFollower:
         self.step = -1  # what the next batch is served with
         self.staged_step = -1  # newest step loaded (maybe not yet swapped in)
         self.refused: set[int] = set()
-        self._pending: tuple[int, Any, float] | None = None
+        self._pending: tuple[int, Any, float, float] | None = None
         self._pending_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._watch: Any = None
         self._on_swap = on_swap
+        self._on_refuse = on_refuse
         self._serving_file = (
             store.model_dir(name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
         )
@@ -106,19 +110,24 @@ class StepFollower:
                 ckpt = self.store.load(self.name, step)
                 prepared = self.engine.prepare_weights(ckpt.weights)
             except BrayError as err:
-                self.refused.add(step)
+                self._refuse(step)
                 log.error("bray: refusing step %d of %s, still serving step %d: %s", step, self.name, self.staged_step, err)
                 return
             except Exception as err:  # a broken step must never take the worker down
-                self.refused.add(step)
+                self._refuse(step)
                 log.exception("bray: refusing step %d of %s (%s), still serving step %d", step, self.name, err, self.staged_step)
                 return
             load_ms = (time.perf_counter() - started) * 1e3
             with self._pending_lock:
-                self._pending = (ckpt.step, prepared, load_ms)
+                self._pending = (ckpt.step, prepared, load_ms, ckpt.meta.time)
             self.staged_step = ckpt.step
             self._announce(ckpt.step)
             log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.name, load_ms)
+
+    def _refuse(self, step: int) -> None:
+        self.refused.add(step)
+        if self._on_refuse is not None:
+            self._on_refuse(step)
 
     def swap_if_pending(self) -> int:
         """Install a staged step, if any (call between batches). Returns the step served."""
@@ -127,11 +136,11 @@ class StepFollower:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            step, prepared, load_ms = pending
+            step, prepared, load_ms, published_time = pending
             self.engine.swap(prepared)
             self.step = step
             if self._on_swap is not None:
-                self._on_swap(step, load_ms)
+                self._on_swap(step, load_ms, published_time)
         return self.step
 
     def catch_up(self, step: int, *, timeout_s: float) -> None:

@@ -13,6 +13,7 @@ source), serves the pinned step or follows the latest one, and:
   ``X-Bray-Worker`` (the worker's pid);
 - also speaks the Open Inference Protocol (``POST /v2/models/<name>/infer``, which
   TorchServe routes here like ``/predictions/<name>``): see ``oip.py``;
+- reports Prometheus metrics through TorchServe's metrics API (``metrics.py``);
 - announces each staged step in ``<store>/<name>/.serving/`` (``follower.py``), which is
   how ``RemoteModel.publish_weights(...).wait()`` knows every worker has it.
 
@@ -38,6 +39,7 @@ from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
+from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.request import encode_outputs, parse_request, split_outputs
 from bray.handlers.worker_log import quiet_per_batch_log
@@ -50,7 +52,8 @@ log = logging.getLogger(__name__)
 STEP_HEADER, WORKER_HEADER, MIN_STEP_HEADER = wire.STEP_HEADER, wire.WORKER_HEADER, wire.MIN_STEP_HEADER
 # How long a worker waits to catch up to a step its caller has already seen elsewhere.
 MIN_STEP_WAIT_S = 1.0
-BATCH_METRIC_PERIOD_S = 1.0
+# Counters are summed and reported once per period (a report is a line the frontend parses).
+METRIC_PERIOD_S = 1.0
 
 
 def _body(request: dict[str, Any]) -> Any:
@@ -87,11 +90,7 @@ class EngineHandler(BaseHandler):
         self.follower: StepFollower | None = None
         self._store: CheckpointStore | None = None
         self._limits = wire.DEFAULT_LIMITS
-        self._metrics: Any = None
-        self._version = ""
-        self._model_name = ""
-        self._batch_sizes: list[int] = []
-        self._batch_metric_at = 0.0
+        self.metrics = ServingMetrics(None, model="", version="")
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -101,7 +100,11 @@ class EngineHandler(BaseHandler):
         model_dir = Path(props.get("model_dir") or ".")
         cfg = ServingConfig.from_yaml_dict(getattr(context, "model_yaml_config", None))
         self.config = cfg
-        self._metrics = getattr(context, "metrics", None)
+        manifest = getattr(context, "manifest", None) or {}
+        self.metrics = ServingMetrics(getattr(context, "metrics", None),
+                                      model=str(getattr(context, "model_name", "") or cfg.name),
+                                      version=str((manifest.get("model") or {}).get("modelVersion", "")),
+                                      period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
         self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
@@ -117,14 +120,12 @@ class EngineHandler(BaseHandler):
         self.engine = get_engine(cfg.engine).load(export_dir, self.spec, options)
         started = time.perf_counter()
         self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
-                                     announce=not cfg.pinned, on_swap=self._on_swap)
+                                     announce=not cfg.pinned, on_swap=self._on_swap,
+                                     on_refuse=self.metrics.refused)
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
-        manifest = getattr(context, "manifest", None) or {}
-        self._version = str((manifest.get("model") or {}).get("modelVersion", ""))
-        self._model_name = str(getattr(context, "model_name", "") or cfg.name)
-        self._metric("BrayServedStep", step, "count")  # also before the first swap
+        self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))
         self.initialized = True
 
     @property
@@ -161,24 +162,8 @@ class EngineHandler(BaseHandler):
 
         return cfg.step, load_file(str(packed))
 
-    def _on_swap(self, step: int, load_ms: float) -> None:
-        self._metric("BrayWeightReloadMs", load_ms, "ms")
-        self._metric("BrayServedStep", step, "count")
-
-    def _metric(self, name: str, value: float, unit: str) -> None:
-        if self._metrics is None:
-            return
-        try:
-            from ts.metrics.dimension import Dimension
-            from ts.metrics.metric_type_enum import MetricTypes
-
-            # One series per worker and version: without these labels every worker of
-            # the model writes the same series and the last writer wins.
-            dims = [Dimension("ModelName", self._model_name), Dimension("ModelVersion", self._version),
-                    Dimension("WorkerPid", str(os.getpid())), Dimension("Level", "Model")]
-            self._metrics.add_metric(name, value, unit, dimensions=dims, metric_type=MetricTypes.GAUGE)
-        except Exception:  # metrics must never fail a batch
-            log.debug("bray: metric %s not recorded", name, exc_info=True)
+    def _on_swap(self, step: int, load_ms: float, published_time: float) -> None:
+        self.metrics.swapped(step, load_s=load_ms / 1e3, published_time=published_time)
 
     # --- requests --------------------------------------------------------------------
 
@@ -216,14 +201,7 @@ class EngineHandler(BaseHandler):
                 log.exception("bray: forward failed for a batch of %d request(s)", len(good))
                 for idx, _ in good:
                     results[idx] = self._error(context, idx, 500, err)
-            self._batch_sizes.append(sum(p.batch for _, p in good))
-            now = time.monotonic()
-            if now - self._batch_metric_at >= BATCH_METRIC_PERIOD_S:
-                # A metric line per batch costs the frontend a parse per batch: report the
-                # mean samples per forward once per period instead.
-                self._metric("BrayBatchSize", sum(self._batch_sizes) / len(self._batch_sizes), "count")
-                self._batch_sizes.clear()
-                self._batch_metric_at = now
+        self.metrics.batch(requests=len(data), samples=sum(p.batch for _, p in good), forwarded=bool(good))
         for idx in range(len(data)):
             context.set_response_header(idx, STEP_HEADER, str(step))
             context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))

@@ -20,6 +20,22 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ]; then
 fi
 echo "setup: java $(java_major) ok"
 
+# Debian's prometheus and chromium, for the observability tests (a real Prometheus scraping
+# TorchServe; the dashboard page in a headless browser). Optional: where apt-get cannot
+# install them, those tests skip and say how to install them. On a host with systemd the
+# package also enables a system prometheus on :9090; the tests start their own on free ports.
+missing=""
+command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
+  echo "setup: installing$missing with apt-get (optional)"
+  if ! { command -v apt-get >/dev/null 2>&1 && $SUDO apt-get update -qq \
+         && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; }; then
+    echo "setup: could not install$missing; the tests that need them will skip"
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
@@ -31,7 +47,7 @@ if [ ! -f "$stamp" ]; then
   # torch would pull a multi-GB CUDA build.
   $PIP install -q "torch==2.13.0"
   # torchserve 0.12's wheel forgets PyYAML, which its worker imports: pyproject lists it.
-  $PIP install -q -e ".[onnx,test,bench]"
+  $PIP install -q -e ".[onnx,test,bench,metrics]"
   rm -f "$VENV"/.bray-setup-*
   touch "$stamp"
 fi

@@ -1,6 +1,7 @@
 """The TorchServe configuration bray-serve ships, and a launcher for it.
 
-``config_path()`` and ``log_config_path()`` locate the bundled files;
+``config_path()`` and ``log_config_path()`` locate the bundled files,
+``prometheus_config_path()`` and ``grafana_dashboard_path()`` the monitoring ones;
 :mod:`bray.ts_config.server` starts and stops TorchServe instances with them.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["config_path", "log_config_path", "read_properties"]
+__all__ = ["config_path", "grafana_dashboard_path", "log_config_path", "prometheus_config_path", "read_properties"]
 
 
 def config_path() -> Path:
@@ -19,6 +20,16 @@ def config_path() -> Path:
 def log_config_path() -> Path:
     """The bundled ``log4j2.xml``: no access log, no per-request metrics lines."""
     return Path(__file__).resolve().with_name("log4j2.xml")
+
+
+def prometheus_config_path() -> Path:
+    """The bundled Prometheus scrape config (TorchServe, client exporters, the dashboard)."""
+    return Path(__file__).resolve().with_name("prometheus.yml")
+
+
+def grafana_dashboard_path() -> Path:
+    """The bundled Grafana dashboard (import it; its data source is a Prometheus)."""
+    return Path(__file__).resolve().with_name("grafana_dashboard.json")
 
 
 def read_properties(path: str | Path) -> dict[str, str]:

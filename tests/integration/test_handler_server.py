@@ -295,9 +295,6 @@ def test_every_worker_switches_to_each_new_step_without_a_failed_request(
 
 # --- metrics ---------------------------------------------------------------------------
 
-METRICS = ("BrayServedStep", "BrayWeightReloadMs", "BrayBatchSize")
-
-
 def _metrics_text(server: TorchServeProcess) -> str:
     # TorchServe 0.12's token authorization covers the inference and management APIs only.
     resp = requests.get(f"{server.metrics_url}/metrics", timeout=10)
@@ -305,24 +302,38 @@ def _metrics_text(server: TorchServeProcess) -> str:
     return resp.text
 
 
-def _samples(text: str, name: str) -> list[tuple[str, float]]:
-    return [(m.group(1), float(m.group(2)))
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """``(labels, value)`` of every sample of ``name`` in Prometheus text format."""
+    return [(dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))), float(m.group(2)))
             for m in re.finditer(rf"^{name}\{{([^}}]*)\}}\s+(\S+)$", text, flags=re.MULTILINE)]
 
 
 def test_handler_metrics_show_on_the_metrics_api(live: str, server: TorchServeProcess, store: CheckpointStore) -> None:
     # Runs after the hot reload: every worker has swapped weights and answered batches.
+    wanted = ("bray_served_step", "bray_weight_load_seconds", "bray_publish_to_served_seconds_count",
+              "bray_requests_total", "bray_samples_total", "bray_batches_total", "bray_refused_steps_total",
+              "bray_max_batch_requests")
     deadline = time.monotonic() + 15
     while True:
         text = _metrics_text(server)
-        found = {name: [s for s in _samples(text, name) if f'ModelName="{NAME}"' in s[0]] for name in METRICS}
+        found = {name: [(labels, v) for labels, v in _samples(text, name)
+                        if labels.get("model") == NAME and labels.get("version") == live] for name in wanted}
         if all(found.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert all(found.values()), f"missing {[n for n, s in found.items() if not s]} in /metrics:\n{text[-2000:]}"
-    assert {v for _, v in found["BrayServedStep"]} == {float(store.latest(NAME))}
-    assert all(v > 0 for _, v in found["BrayWeightReloadMs"])
-    assert all(1 <= v <= LIVE["batch_size"] * 3 for _, v in found["BrayBatchSize"])
+    bray_lines = "\n".join(line for line in text.splitlines() if "bray_" in line)
+    assert all(found.values()), f"missing {[n for n, s in found.items() if not s]} in /metrics:\n{bray_lines}"
+    served = {labels["worker"]: v for labels, v in found["bray_served_step"]}
+    assert len(served) == LIVE["workers"] and set(served.values()) == {float(store.latest(NAME))}, bray_lines
+    assert all(v > 0 for _, v in found["bray_weight_load_seconds"])
+    assert all(v >= 1 for _, v in found["bray_publish_to_served_seconds_count"])
+    per_worker = {name: {labels["worker"]: v for labels, v in found[name]}
+                  for name in ("bray_requests_total", "bray_samples_total", "bray_batches_total")}
+    assert sum(per_worker["bray_requests_total"].values()) > 0, bray_lines
+    for worker, batches in per_worker["bray_batches_total"].items():
+        assert batches <= per_worker["bray_requests_total"][worker] <= per_worker["bray_samples_total"][worker]
+    assert {v for _, v in found["bray_max_batch_requests"]} == {float(LIVE["batch_size"])}
+    assert {v for _, v in found["bray_refused_steps_total"]} == {0.0}
 
 
 # --- other engines, pinned versions -----------------------------------------------------

@@ -14,7 +14,8 @@ import bray
 from bray import errors
 
 MODULES = ["bray", "bray.errors", "bray.store", "bray.wire", "bray.config", "bray.export", "bray.archiver",
-           "bray.bridge", "bray.handlers.engines", "bray.handlers.request", "bray.handlers.oip"]
+           "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines", "bray.handlers.metrics", "bray.handlers.request",
+           "bray.handlers.oip"]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=MODULES)

@@ -1,0 +1,258 @@
+"""A real Prometheus (Debian's package) scraping a real TorchServe from the bundled config.
+
+The scrape config is the bundled ``ts_config/prometheus.yml`` with its targets pointed at
+this test's ports and a 1 s interval. A ``RemoteModel`` (2 workers, batch 8) serves its
+client metrics on a free port; a thread keeps calling it while the test publishes. Checked
+over Prometheus's HTTP API with PromQL: the served step of every worker follows each
+publish, batch and request sizes are reported, the callers' policy lag is there, and every
+query of the bundled Grafana dashboard names a metric that Prometheus actually scraped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+import bray
+from bray.archiver.management import ManagementClient
+from bray.errors import ModelNotFoundError
+from bray.ts_config import grafana_dashboard_path, prometheus_config_path
+from bray.ts_config.server import TorchServeProcess, free_ports
+from tests.models import PolicyMLP
+
+NAME = "prom-policy"
+WORKERS = 2
+BATCH = 8
+WAIT_S = 90.0  # bound on every wait for Prometheus to show something
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="needs Debian's prometheus package: apt-get install prometheus (scripts/setup.sh installs it "
+           "where apt-get can)")
+
+
+class Prometheus:
+    """A Prometheus server on loopback, queried over its HTTP API."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        resp = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=10)
+        body = resp.json()
+        assert resp.status_code == 200 and body["status"] == "success", f"{promql}: {resp.text}"
+        return body["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        """The single value of an instant query (``None``: no series)."""
+        result = self.query(promql)
+        assert len(result) <= 1, f"{promql} gave {len(result)} series: {result}"
+        return float(result[0]["value"][1]) if result else None
+
+    def names(self) -> set[str]:
+        resp = requests.get(f"{self.url}/api/v1/label/__name__/values", timeout=10)
+        return set(resp.json()["data"])
+
+    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not check():
+            assert self.proc.poll() is None, f"prometheus exited:\n{self.log.read_text()[-3000:]}"
+            if time.monotonic() > deadline:
+                targets = requests.get(f"{self.url}/api/v1/targets", timeout=10).text
+                pytest.fail(f"Prometheus did not show {what} within {WAIT_S} s; targets: {targets[:3000]}")
+            time.sleep(0.5)
+
+
+def scrape_config(targets: dict[str, str], *, interval_s: int = 1) -> dict[str, Any]:
+    """The bundled scrape config with each job's target replaced and a short interval."""
+    config = yaml.safe_load(prometheus_config_path().read_text())
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = f"{interval_s}s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(targets) <= set(jobs), f"bundled jobs are {sorted(jobs)}"
+    for name, target in targets.items():
+        jobs[name]["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = [jobs[name] for name in targets]
+    return config
+
+
+@pytest.fixture(scope="module")
+def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[bray.RemoteModel, int]]:
+    """The model on the session server, with its client exporter on a free port."""
+    store = tmp_path_factory.mktemp("prom-store")
+    bray.init(store=store, model_store=torchserve.model_store, inference_url=torchserve.inference_url,
+              management_url=torchserve.management_url, key_file=torchserve.key_file)
+    (port,) = free_ports(1)
+    rm = bray.RemoteModel(NAME, model=PolicyMLP(), forward_args=(torch.zeros(2, 64),), max_batch_size=BATCH,
+                          num_workers=WORKERS, metrics_port=port)
+    try:
+        yield rm, port
+    finally:
+        rm.close()
+        with ManagementClient(torchserve.management_url, key_file=torchserve.key_file, timeout_s=120) as client:
+            try:
+                client.unregister(NAME)
+            except ModelNotFoundError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def prometheus(served: tuple[bray.RemoteModel, int], torchserve: TorchServeProcess,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = scrape_config({"torchserve": torchserve.metrics_url.removeprefix("http://"),
+                            "bray-clients": f"127.0.0.1:{served[1]}"})
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    (port,) = free_ports(1)
+    log = workdir / "prometheus.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+            cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        prom.wait_for("/-/ready", lambda: _ready(prom.url))
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def traffic(served: tuple[bray.RemoteModel, int]) -> Iterator[None]:
+    """Callers that keep forwarding while the tests publish."""
+    rm, _ = served
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        obs = np.ones((2, 64), np.float32)
+        while not stop.is_set():
+            try:
+                rm(obs)
+            except BaseException as err:  # reported by the fixture, never swallowed
+                errors.append(err)
+                return
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    yield
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+
+
+def test_served_step_of_every_worker_follows_each_publish(served: tuple[bray.RemoteModel, int],
+                                                         prometheus: Prometheus, traffic: None) -> None:
+    rm, _ = served
+    sel = f'bray_served_step{{model="{NAME}",version="latest"}}'
+    for _ in range(2):
+        step = rm.publish_weights(PolicyMLP().state_dict())
+        step.wait(timeout_s=60)
+        prometheus.wait_for(f"every worker at step {step}",
+                            lambda: prometheus.value(f"count({sel} == {int(step)})") == WORKERS)
+        assert prometheus.value(f"max({sel})") == int(step)
+    # Each swap observed one publish-to-served time per worker.
+    count = prometheus.value(f'sum(bray_publish_to_served_seconds_count{{model="{NAME}"}})')
+    assert count is not None and count >= 2 * WORKERS
+    p50 = prometheus.value(f'histogram_quantile(0.5, sum by (le) (bray_publish_to_served_seconds_bucket{{model="{NAME}"}}))')
+    assert p50 is not None and p50 >= 0
+
+
+def test_batch_and_request_sizes_are_reported(prometheus: Prometheus, traffic: None) -> None:
+    sel = f'{{model="{NAME}"}}'
+    prometheus.wait_for("forwarded batches", lambda: (prometheus.value(f"sum(bray_batches_total{sel})") or 0) > 0)
+    samples = prometheus.value(f"sum(bray_samples_total{sel})")
+    requests_ = prometheus.value(f"sum(bray_requests_total{sel})")
+    batches = prometheus.value(f"sum(bray_batches_total{sel})")
+    assert samples is not None and requests_ is not None and batches is not None
+    # Every caller sends 2 samples per call; client batching may merge calls, never split them.
+    assert samples / requests_ >= 2, (samples, requests_)
+    assert 1 <= requests_ / batches <= BATCH, (requests_, batches)
+    assert prometheus.value(f"max(bray_max_batch_requests{sel})") == BATCH
+    assert prometheus.value(f"sum(bray_refused_steps_total{sel})") == 0
+
+
+def test_callers_policy_lag_is_scraped_from_the_client(served: tuple[bray.RemoteModel, int],
+                                                       prometheus: Prometheus, traffic: None) -> None:
+    rm, _ = served
+    sel = f'{{model="{NAME}",job="bray-clients"}}'
+    prometheus.wait_for("the client's answered step",
+                        lambda: prometheus.value(f"bray_client_answered_step{sel}") == rm.step)
+    assert prometheus.value(f"bray_client_published_step{sel}") == rm.step
+    assert prometheus.value(f"bray_client_policy_lag_steps{sel}") == 0
+    assert (prometheus.value(f"bray_client_requests_total{sel}") or 0) > 0
+
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                 "offset", "le", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression reads (function names, label matchers and
+    durations dropped)."""
+    expr = re.sub(r'\{[^}]*\}', " ", expr)          # label matchers
+    expr = re.sub(r'\[[^\]]*\]', " ", expr)         # range durations
+    expr = re.sub(r'\b(by|without|on|ignoring)\s*\([^)]*\)', " ", expr)  # grouping labels
+    expr = re.sub(r'"[^"]*"', " ", expr)
+    names = set()
+    for m in re.finditer(r'\$?[A-Za-z_:][A-Za-z0-9_:]*', expr):
+        if not m.group().startswith("$") and not re.match(r"\s*\(", expr[m.end():]):  # not a function
+            names.add(m.group())
+    return names - _PROMQL_WORDS
+
+
+def test_metric_names_reads_promql() -> None:
+    assert metric_names('sum by (model) (rate(bray_samples_total{model=~"$model"}[1m])) '
+                        '/ on (model) bray_max_batch_requests') == {"bray_samples_total", "bray_max_batch_requests"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """``(panel title, PromQL)`` of every target of the bundled dashboard, and its variables."""
+    board = json.loads(grafana_dashboard_path().read_text())
+    out = [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
+    for var in board.get("templating", {}).get("list", []):
+        query = var.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else str(query or "")
+        match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query)
+        if match:
+            out.append((f"variable {var['name']}", match.group(1)))
+    return out
+
+
+def test_every_dashboard_query_names_a_scraped_metric(prometheus: Prometheus, traffic: None,
+                                                       served: tuple[bray.RemoteModel, int]) -> None:
+    # After the tests above every kind of series exists (a swap, batches, client answers).
+    queries = dashboard_queries()
+    assert len({title for title, _ in queries}) >= 7, queries
+    wanted = set().union(*(metric_names(q) for _, q in queries))
+    prometheus.wait_for("every dashboard metric", lambda: wanted <= prometheus.names())
+    for title, query in queries:
+        assert metric_names(query), f"panel {title!r}: no metric in {query!r}"
+        assert prometheus.query(query.replace("$model", NAME).replace("$__rate_interval", "1m")) is not None
