@@ -333,6 +333,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="poll the store instead of inotify (NFS and other shared file systems)")
     p.set_defaults(run=_watch)
 
+    p = sub.add_parser("proxy", parents=[store, model_store, server],
+                       help="run a model's node proxy in the foreground",
+                       description="Serve the node proxy of a model in this process: RemoteModel(..., "
+                                   "node_proxy=True) callers on this machine attach to it instead of starting "
+                                   "their own. Ctrl-C (or SIGTERM) stops it after answering the calls in flight.",
+                       epilog="example: bray-archive proxy --name policy --idle-exit-s 600")
+    p.add_argument("--name", required=True, help="model name (with its namespace prefix, if any)")
+    p.add_argument("--inference-url", metavar="URL",
+                   help="inference address(es), comma-separated (default $BRAY_INFERENCE_URL or http://127.0.0.1:8080)")
+    p.add_argument("--step", type=_int_at_least(0), metavar="N",
+                   help="serve the pinned version N (a clone's) instead of the live one")
+    p.add_argument("--idle-exit-s", type=_positive_float, metavar="S",
+                   help="exit after S seconds without a caller (default: run until stopped)")
+    p.set_defaults(run=_proxy)
+
     from bray.archiver._server_cli import add_server_parser
 
     add_server_parser(sub, int_at_least=_int_at_least, positive_float=_positive_float)
@@ -608,6 +623,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- entry point -----------------------------------------------------------------------
+
+
+def _proxy(args: argparse.Namespace, opts: ServerOptions, pack: None, out: TextIO) -> int:
+    from bray.bridge.proxy import serve
+
+    loc = opts.locations
+    if args.inference_url:
+        loc = Locations.from_env(store=loc.store, model_store=loc.model_store, inference_url=args.inference_url,
+                                 management_url=loc.management_url, key_file=loc.key_file)
+    return serve(args.name, locations=loc, step=args.step, idle_exit_s=args.idle_exit_s, linger_on_failure=False,
+                 ready=lambda line: print(line, file=out, flush=True))
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:

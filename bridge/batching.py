@@ -8,7 +8,10 @@ together. A lone caller therefore pays no batching delay.
 
 As in Ray Serve's ``batching.py``, what comes back is checked: a reply whose batch
 size does not match what was sent fails every caller of that request with
-:class:`BatchMismatchError`, and a failed request fails every caller's future.
+:class:`BatchMismatchError`, and a failed request fails every caller's future. One
+exception: a coalesced request the server refuses as bad input
+(:class:`~bray.errors.InputError`, its 4xx) is sent again call by call, so only the
+caller whose input was bad gets the error and its neighbours are answered.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Awaitable, Callable, Hashable
 import numpy as np
 
 from bray import wire
-from bray.errors import BrayError, ConfigError, WireError
+from bray.errors import BrayError, ConfigError, InputError, WireError
 
 __all__ = ["BatchMismatchError", "ForwardBatcher"]
 
@@ -79,6 +82,7 @@ class ForwardBatcher:
         self._inflight = 0
         self.requests_sent = 0
         self.calls = 0
+        self.splits = 0  # coalesced requests refused as bad input and sent again call by call
 
     async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
         """Queue one call of ``n`` samples; returns its own slice of the outputs and the step."""
@@ -118,7 +122,13 @@ class ForwardBatcher:
             else:
                 columns = zip(*(c.leaves for c in group))
                 payload = wire.unflatten(group[0].payload, [np.concatenate(col) for col in columns])
-            outputs, step = await self._send(payload)
+            try:
+                outputs, step = await self._send(payload)
+            except InputError:
+                if len(group) == 1:
+                    raise
+                await self._run_apart(group)
+                return
             if len(group) == 1:
                 _settle(group[0].future, (outputs, step))
                 return
@@ -143,6 +153,21 @@ class ForwardBatcher:
         finally:
             self._inflight -= 1
             self._kick()
+
+
+    async def _run_apart(self, group: list[_Call]) -> None:
+        """Send each call of a refused group on its own: the server names the bad one(s)."""
+        self.splits += 1
+        self.requests_sent += len(group)
+
+        async def one(call: _Call) -> None:
+            try:
+                _settle(call.future, await self._send(call.payload))
+            except Exception as err:
+                if not call.future.done():
+                    call.future.set_exception(err)
+
+        await asyncio.gather(*(one(call) for call in group))
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

@@ -56,6 +56,10 @@ metrics_port           (not Bray's) serve this process's client metrics (policy 
                        callers see it) to Prometheus on this port (``"host:port"`` for another
                        address than 127.0.0.1); default ``$BRAY_METRICS_PORT``, else off
                        (see :mod:`bray.bridge.metrics`)
+node_proxy             (not Bray's) ``True``: calls go through the node proxy, one process per
+                       model on this machine that coalesces every process's calls into
+                       requests to TorchServe (started on first use, see ``bray.bridge.proxy``);
+                       ignored in local mode
 =====================  =====================================================================
 """
 
@@ -245,6 +249,9 @@ class RemoteModel:
         client_batching: coalesce concurrent calls of this process into one request
             (what Bray's ``local_mode="proxy"`` does); ``False`` sends every call as its
             own request.
+        node_proxy: send calls through the node proxy, which coalesces the calls of every
+            process on this machine (it is started, or attached to, here; while it cannot
+            be reached, calls go to TorchServe directly and a warning says why).
         keep_last: newest steps the store keeps besides checkpoint steps.
         timeout_s: limit for one forward (and for registration waits, x10).
         metrics_port: serve client metrics on this port (see the module docstring);
@@ -274,6 +281,7 @@ class RemoteModel:
         *,
         use_tensorrt: bool = False,
         client_batching: bool = True,
+        node_proxy: bool = False,
         max_batch_delay_ms: int = 0,
         checkpoint_interval_s: float | None = None,
         keep_last: int = 5,
@@ -328,7 +336,7 @@ class RemoteModel:
             cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
             local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
             keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
-            metrics_port=metrics_port,
+            metrics_port=metrics_port, node_proxy=node_proxy,
         )
         self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
         self._quantize = use_onnx == "quantize"
@@ -354,6 +362,9 @@ class RemoteModel:
         self._not_registering.set()
         self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
         self._seen_step = -1  # newest step this process has been answered with
+        self._proxy: Any = None
+        self._proxy_ok = True
+        self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
         has_export = (export_dir / SPEC_FILE).is_file()
@@ -373,6 +384,8 @@ class RemoteModel:
             self._start_local()
         else:
             self._register(override=model is not None and override_model)
+            if node_proxy:
+                self._start_proxy()
         if metrics_at is not None:
             from bray.bridge.metrics import track
 
@@ -394,6 +407,31 @@ class RemoteModel:
                                   step=self._pinned if self._pinned is not None else -1,
                                   module=copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None,
                                   fixed_batch_size=self._fixed)
+
+    def _start_proxy(self) -> None:
+        """Attach to this model's node proxy, starting it when none runs (bounded by ``timeout_s``)."""
+        import sys
+
+        from bray.bridge._slot import proxy_address
+        from bray.bridge.proxy import DEFAULT_IDLE_EXIT_S
+        from bray.bridge.proxy_client import ProxyClient
+
+        loc = self.locations
+        root = self.store.root.resolve()
+        env = {**os.environ, "BRAY_STORE": str(root), "BRAY_INFERENCE_URL": ",".join(loc.inference_urls),
+               "BRAY_MANAGEMENT_URL": loc.management_url,
+               "BRAY_MODEL_STORE": ",".join(os.path.abspath(p) for p in str(loc.model_store).split(","))}
+        if loc.key_file is not None:
+            env["BRAY_KEY_FILE"] = ",".join(os.path.abspath(p) for p in str(loc.key_file).split(","))
+        idle = os.environ.get("BRAY_PROXY_IDLE_S") or str(DEFAULT_IDLE_EXIT_S)
+        argv = [sys.executable, "-m", "bray.bridge.proxy", "--name", self.name, "--timeout-s", str(self.timeout_s),
+                "--idle-exit-s", idle] + (["--step", str(self._pinned)] if self._pinned is not None else [])
+        self._proxy = ProxyClient(proxy_address(self.name, self._version, loc.inference_urls, root),
+                                  argv=argv, env=env, timeout_s=self.timeout_s)
+        if not self._proxy.start(wait_s=self.timeout_s):
+            self._proxy_ok = False
+            log.warning("bray: %s: no node proxy (%s); calling TorchServe directly until one answers",
+                        self.name, self._proxy.last_error)
 
     def _nodes(self) -> list[tuple[Any, Path]]:
         """``(management client, model store)`` of every node the model is registered on.
@@ -559,6 +597,69 @@ class RemoteModel:
     async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
         return await self._batcher_here().submit(payload, n)
 
+    async def _forward_remote(self, payload: Any, n: int) -> tuple[Any, int]:
+        """One remote forward: through the node proxy when there is one, else (or while it is away) direct."""
+        from bray.bridge._slot import ProxyUnavailableError
+
+        if self._proxy is not None:
+            try:
+                outputs, step = await self._proxy.acall(payload, n, self._seen_step)
+                return self._answered(outputs, step, n, "proxy")
+            except ProxyUnavailableError as err:
+                self._proxy_unavailable(err)
+        outputs, step = await self._forward_on_loop(payload, n)
+        return self._answered(outputs, step, n, "http")
+
+    def _forward_remote_sync(self, payload: Any, n: int) -> tuple[Any, int]:
+        """:meth:`_forward_remote` from a plain thread: the proxy is called on this thread's own socket."""
+        from bray.bridge._loop import run_sync
+        from bray.bridge._slot import ProxyUnavailableError
+
+        if self._proxy is not None:
+            try:
+                outputs, step = self._proxy.call(payload, n, self._seen_step)
+                return self._answered(outputs, step, n, "proxy")
+            except ProxyUnavailableError as err:
+                self._proxy_unavailable(err)
+        outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
+        return self._answered(outputs, step, n, "http")
+
+    def _answered(self, outputs: Any, step: int, n: int, route: str) -> tuple[Any, int]:
+        """Every answered remote forward passes here (``route``: ``"proxy"`` or ``"http"``).
+
+        It keeps the newest step this process was answered with (sent as the minimum step
+        of its next requests), and is the one place to count calls by route.
+        """
+        if step > self._seen_step:
+            self._seen_step = step
+        if route == "proxy" and not self._proxy_ok:
+            self._proxy_ok = True
+            log.warning("bray: %s: the node proxy answers again", self.name)
+        return outputs, step
+
+    def _proxy_unavailable(self, err: Exception) -> None:
+        self.proxy_fallbacks += 1
+        if self._proxy_ok:
+            self._proxy_ok = False
+            log.warning("bray: %s: the node proxy is not available (%s); calling TorchServe directly until it "
+                        "answers again", self.name, err)
+
+    def proxy_stats(self) -> dict[str, Any] | None:
+        """The node proxy's counters over every process it serves, ``None`` without a proxy.
+
+        Returns:
+            ``calls`` and ``samples`` answered, ``requests`` sent to TorchServe,
+            ``clients`` connected now, ``pid``; ``None`` also while it is unreachable.
+        """
+        from bray.bridge._slot import ProxyUnavailableError
+
+        if self._proxy is None:
+            return None
+        try:
+            return self._proxy.stats()
+        except ProxyUnavailableError:
+            return None
+
     def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
         payload: dict[str, Any] = {"args": [to_numpy(a) for a in args]}
         if kwargs:
@@ -589,21 +690,19 @@ class RemoteModel:
             outputs, step = self._local.forward(payload)
             self._seen_step = max(self._seen_step, step)
         else:
-            outputs, step = await self._forward_on_loop(payload, n)
+            outputs, step = await self._forward_remote(payload, n)
         if not batch:
             outputs = _drop_batch(outputs)
         return (outputs, step) if return_step else outputs
 
     def __call__(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
         """Synchronous :meth:`forward`, ``batch=True`` by default as in Bray (safe from any thread)."""
-        from bray.bridge._loop import run_sync
-
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
             self._seen_step = max(self._seen_step, step)
         else:
-            outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
+            outputs, step = self._forward_remote_sync(payload, n)
         if not batch:
             outputs = _drop_batch(outputs)
         return (outputs, step) if return_step else outputs
@@ -757,6 +856,8 @@ class RemoteModel:
         """Stop local followers and close connections (the server keeps the model)."""
         if self._local is not None:
             self._local.close()
+        if self._proxy is not None:
+            self._proxy.close()
         if self._client is not None:
             from bray.bridge._loop import run_sync
 

@@ -31,6 +31,7 @@ import bray
 from bray import wire
 from bray.archiver.management import ManagementClient
 from bray.bridge.remote_model import RemoteModel
+from bray.errors import InputError
 from bray.ts_config.server import TorchServeProcess
 from tests.load import worker_pids
 from tests.models import StepProbe, probe_weights
@@ -219,3 +220,55 @@ def test_bad_requests_in_a_batch_do_not_fail_their_neighbours(served: dict[str, 
     _assert_healthy_and_no_restart(served)
     out, step = served["rm"](GOOD, return_step=True)
     assert step == 0 and np.allclose(out, 3 * 5)  # step 0 holds the weights the model was built with
+
+
+def test_a_bad_input_coalesced_with_good_ones_fails_only_its_caller(served: dict[str, Any]) -> None:
+    import asyncio
+
+    rm = RemoteModel(STRICT)  # attach; its calls in this process are coalesced
+    inputs = [GOOD * (i + 1) for i in range(9)] + [np.full((1, 4), np.nan, np.float32)]
+
+    async def main() -> list[Any]:
+        # The first calls leave at once; the rest wait for a free request slot and leave
+        # together: the NaN one shares a request with good ones.
+        return await asyncio.gather(*(rm.forward(x, batch=True) for x in inputs), return_exceptions=True)
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        rm.close()
+    for x, answer in zip(inputs[:-1], answers[:-1]):
+        assert not isinstance(answer, BaseException), answer
+        assert np.allclose(answer, 3 * (x.sum() + 1))
+    assert isinstance(answers[-1], InputError) and "NaN or infinity" in str(answers[-1]), answers[-1]
+    assert sum(b.splits for b in rm._batcher_stats) >= 1, "the NaN call was never coalesced with a good one"
+    _assert_healthy_and_no_restart(served)
+
+
+def test_through_the_node_proxy_one_actors_bad_input_fails_only_that_actor(served: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+
+    server: TorchServeProcess = served["server"]
+    env = {**os.environ, "BRAY_STORE": str(served["rm"].store.root), "BRAY_MODEL_STORE": str(server.model_store),
+           "BRAY_INFERENCE_URL": server.inference_url, "BRAY_MANAGEMENT_URL": server.management_url,
+           "BRAY_KEY_FILE": str(server.key_file), "BRAY_PROXY_IDLE_S": "2"}
+    repo = Path(__file__).resolve().parents[2]
+
+    def actor(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "tests.proxy_actor", "--name", STRICT, "--weights", "3", *args],
+                                cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [actor("--value", str(k + 1), "--calls", "40") for k in range(3)] + [actor("--value", "0", "--nan",
+                                                                                       "--calls", "20")]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results[:-1]:
+        assert r["answers"] == 40 and r["n_errors"] == 0 and r["wrong"] == 0 and r["fallbacks"] == 0, r
+    bad = results[-1]
+    assert bad["answers"] == 0 and bad["n_errors"] == 20 and bad["fallbacks"] == 0, bad
+    assert all(e.startswith("InputError") and "NaN or infinity" in e for e in bad["errors"]), bad
+    _assert_healthy_and_no_restart(served)

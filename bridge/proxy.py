@@ -1,0 +1,379 @@
+"""The node proxy: one process per model on a node, coalescing every local process's forwards.
+
+Actor processes hand their inputs to it through shared memory (the slot protocol of
+:mod:`bray.bridge._slot`); it feeds every submission to one ``RemoteModel`` of its own,
+so all of them go through the same client-side batcher, transport (load balancing over
+the nodes, retries, token refresh, re-registration after a server restart) and
+monotonic-step hint as a direct caller's, and answers each caller with its own rows and
+the step that produced them. A coalesced request that the server refuses as bad input
+is split by the batcher, so one actor's bad input fails only that actor's call.
+
+Started by the first ``RemoteModel(..., node_proxy=True)`` on the node (``python -m
+bray.bridge.proxy``) or by hand (``bray-archive proxy --name NAME``). It exits when it
+has had no caller for ``idle_exit_s`` seconds, or on SIGTERM/SIGINT after answering the
+calls in flight; nothing of it stays on disk or in ``/dev/shm`` (see ``_slot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from bray.bridge._slot import (
+    HEADER,
+    OP_CALL,
+    OP_HELLO,
+    OP_STATS,
+    ST_ERROR,
+    ST_INLINE,
+    ST_SLOT,
+    ProxyUnavailableError,
+    Slot,
+    check_peer,
+    error_body,
+    proxy_address,
+)
+from bray.config import Locations
+from bray.errors import BrayError, WireError
+
+__all__ = ["DEFAULT_IDLE_EXIT_S", "NodeProxy", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: A spawned proxy exits after this long without a caller (``BRAY_PROXY_IDLE_S`` overrides).
+DEFAULT_IDLE_EXIT_S = 30.0
+# How long a proxy that failed to start keeps answering callers with the reason.
+_FAILED_LINGER_S = 10.0
+_DRAIN_S = 10.0
+
+
+def bind(address: str) -> socket.socket | None:
+    """Listen on ``address``; ``None`` when another proxy already does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            return None
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class _Conn:
+    """One caller connection: its socket, its slot, and whether a call is in flight."""
+
+    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed")
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.slot: Slot | None = None
+        self.fds: list[int] = []
+        self.buf = b""
+        self.busy = False
+        self.closed = False
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class NodeProxy:
+    """Serves the slot protocol on ``listener`` with ``model``'s batcher and transport.
+
+    Args:
+        model: the proxy's own (direct) ``RemoteModel``; ``None`` with ``failure`` when it
+            could not be built: callers are then told why, for a short while.
+        listener: the bound, listening, non-blocking socket.
+        idle_exit_s: exit after this long without a caller (``None``: never).
+        failure: why the model could not be built.
+    """
+
+    def __init__(self, model: Any, listener: socket.socket, *, idle_exit_s: float | None,
+                 failure: BaseException | None = None) -> None:
+        self.model = model
+        self.listener = listener
+        self.idle_exit_s = idle_exit_s
+        self.failure = failure
+        self.calls = 0
+        self.samples = 0
+        self.clients_seen = 0
+        self._conns: set[_Conn] = set()
+        self._idle_since = time.monotonic()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Called with ``(samples, seconds, error)`` after every call answered (``error``
+        #: is ``None`` on success): the place to count the proxy's calls (metrics).
+        self.on_call: Callable[[int, float, BaseException | None], None] | None = None
+
+    def stop(self) -> None:
+        """Stop accepting callers; calls in flight are answered, then it returns from :meth:`serve`."""
+        if self._stop is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def stats(self) -> dict[str, Any]:
+        calls, requests = self.model.batching_stats() if self.model is not None else (0, 0)
+        return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
+                "calls": self.calls, "samples": self.samples, "requests": requests}
+
+    async def serve(self) -> None:
+        """Answer callers until idle for ``idle_exit_s`` (or failed-start linger) or :meth:`stop`."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        loop.add_reader(self.listener.fileno(), self._accept)
+        idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+                if (idle_exit_s is not None and not self._conns
+                        and time.monotonic() - self._idle_since > idle_exit_s):
+                    break
+        finally:
+            loop.remove_reader(self.listener.fileno())
+            self.listener.close()  # the abstract name is free again from here
+            deadline = time.monotonic() + _DRAIN_S
+            while any(c.busy for c in self._conns) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            for conn in list(self._conns):
+                self._drop(conn)
+            client = getattr(self.model, "_client", None)
+            if client is not None:
+                await client.close()
+
+    # --- connections -------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._loop is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.warning("bray proxy: accept failed: %s", err)
+                return
+            try:
+                pid = check_peer(sock)
+            except ProxyUnavailableError as err:
+                log.warning("bray proxy: %s", err)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, pid)
+            self._conns.add(conn)
+            self.clients_seen += 1
+            self._loop.add_reader(sock.fileno(), self._readable, conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        """Forget a connection (its caller closed it, died, or broke the protocol)."""
+        if conn.closed:
+            return
+        conn.closed = True
+        assert self._loop is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        conn.sock.close()
+        self._conns.discard(conn)
+        if not conn.busy:  # else the call in flight releases the slot when it ends
+            conn.release()
+        if not self._conns:
+            self._idle_since = time.monotonic()
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn.sock, 4096, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        conn.fds.extend(fds)
+        if not data:  # EOF: the caller closed its socket or its process died
+            self._drop(conn)
+            return
+        conn.buf += data
+        while len(conn.buf) >= HEADER.size and not conn.closed:
+            head, conn.buf = conn.buf[:HEADER.size], conn.buf[HEADER.size:]
+            try:
+                self._request(conn, *HEADER.unpack(head))
+            except ProxyUnavailableError as err:
+                log.warning("bray proxy: dropping the connection of pid %d: %s", conn.pid, err)
+                self._drop(conn)
+
+    def _request(self, conn: _Conn, op: int, n: int, step: int, nbytes: int, size: int) -> None:
+        if op == OP_HELLO:
+            if self.failure is not None:
+                self._send_error(conn, self.failure)
+                return
+            if not conn.fds or conn.slot is not None:
+                raise ProxyUnavailableError("a hello without exactly one new slot")
+            fd = conn.fds.pop(0)
+            if os.fstat(fd).st_size < size:
+                os.close(fd)
+                raise ProxyUnavailableError(f"a slot announced as {size} bytes holds {os.fstat(fd).st_size}")
+            conn.slot = Slot(fd, size)
+            self._send(conn, HEADER.pack(ST_SLOT, 0, -1, 0, size))
+        elif op == OP_CALL:
+            if conn.slot is None or conn.busy or self.model is None:
+                raise ProxyUnavailableError("a call before the hello, or while one is in flight")
+            conn.slot.follow(size)
+            try:
+                payload = conn.slot.read(nbytes)
+            except WireError as err:
+                self._send_error(conn, err)
+                return
+            conn.busy = True
+            asyncio.get_running_loop().create_task(self._call(conn, payload, n, step))
+        elif op == OP_STATS:
+            body = json.dumps(self.stats()).encode()
+            self._send(conn, HEADER.pack(ST_INLINE, 0, -1, len(body), size) + body)
+        else:
+            raise ProxyUnavailableError(f"unknown operation {op}")
+
+    async def _call(self, conn: _Conn, payload: Any, n: int, min_step: int) -> None:
+        started = time.perf_counter()
+        model = self.model
+        error: BaseException | None = None
+        try:
+            if min_step > model._seen_step:
+                model._seen_step = min_step  # a step the caller was answered with elsewhere
+            outputs, step = await model._forward_on_loop(payload, n)
+            del payload
+            reply = b""
+            if not conn.closed:
+                assert conn.slot is not None
+                nbytes = conn.slot.write(outputs)
+                reply = HEADER.pack(ST_SLOT, n, step, nbytes, conn.slot.size)
+        except Exception as err:  # every call is answered: with its outputs or its error
+            error = err
+            reply = b""
+            if not conn.closed:
+                body = error_body(err)
+                reply = HEADER.pack(ST_ERROR, 0, -1, len(body), conn.slot.size if conn.slot else 0) + body
+        finally:
+            conn.busy = False
+        self.calls += 1
+        self.samples += n
+        if self.on_call is not None:
+            self.on_call(n, time.perf_counter() - started, error)
+        if conn.closed:
+            conn.release()  # the caller died while its call was in flight
+        elif reply:
+            self._send(conn, reply)
+
+    def _send_error(self, conn: _Conn, err: BaseException) -> None:
+        body = error_body(err)
+        self._send(conn, HEADER.pack(ST_ERROR, 0, -1, len(body), conn.slot.size if conn.slot else 0) + body)
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the caller is gone
+            self._drop(conn)
+            return
+        if sent < len(data):  # a full socket buffer: rare, a large error message
+            assert self._loop is not None
+            self._loop.create_task(self._send_rest(conn, data[sent:]))
+
+    async def _send_rest(self, conn: _Conn, data: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().sock_sendall(conn.sock, data)
+        except OSError:
+            self._drop(conn)
+
+
+def serve(name: str, *, locations: Locations | None = None, step: int | None = None,
+          idle_exit_s: float | None = DEFAULT_IDLE_EXIT_S, timeout_s: float = 60.0,
+          linger_on_failure: bool = True, ready: Callable[[str], None] | None = None) -> int:
+    """Run the node proxy of ``name`` in this process until it is idle or stopped.
+
+    Args:
+        name: the model's full name (namespace included); it must be in the store and
+            registered (a ``RemoteModel`` with ``model=`` did that), else it is registered
+            from the store with the defaults.
+        locations: where the store and TorchServe are (default: ``BRAY_*`` variables).
+        step: serve this pinned version (a clone) instead of the live one.
+        idle_exit_s: exit after this long without a caller (``None``: run until stopped).
+        timeout_s: per-request limit towards TorchServe.
+        linger_on_failure: when the model cannot be set up, answer callers with the
+            reason for a few seconds and return 1 (what a proxy started by a caller does);
+            ``False`` raises the error at once.
+        ready: called with a line to print once callers are served.
+
+    Returns:
+        0 when it ran (or another proxy already serves the model), 1 when the model
+        could not be set up (callers were told why).
+
+    Raises:
+        BrayError: the model could not be set up and ``linger_on_failure`` is ``False``.
+    """
+    from bray.bridge.remote_model import LIVE_VERSION, RemoteModel, init
+
+    loc = locations or Locations.from_env()
+    version = LIVE_VERSION if step is None else str(step)
+    address = proxy_address(name, version, loc.inference_urls, loc.store)
+    failure: BaseException | None = None
+    model = None
+    try:
+        init(store=loc.store, model_store=loc.model_store, inference_url=loc.inference_urls,
+             management_url=loc.management_url, key_file=loc.key_file)
+        model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step)
+    except (BrayError, OSError) as err:
+        if not linger_on_failure:
+            raise
+        failure = err
+        log.error("bray proxy: %s could not be set up: %s", name, err)
+    listener = bind(address)
+    if listener is None:
+        if ready is not None:
+            ready(f"a node proxy for {name!r} (version {version}) already runs on this node")
+        return 0
+    proxy = NodeProxy(model, listener, idle_exit_s=idle_exit_s, failure=failure)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, proxy.stop)
+        if ready is not None and failure is None:
+            ready(f"node proxy for {name!r} (version {version}) serving, pid {os.getpid()}; "
+                  + (f"exits after {idle_exit_s:g} s without a caller" if idle_exit_s is not None else "Ctrl-C stops it"))
+        await proxy.serve()
+
+    asyncio.run(main())
+    return 1 if failure is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bray.bridge.proxy --name NAME``: what ``RemoteModel(node_proxy=True)`` starts."""
+    parser = argparse.ArgumentParser(prog="python -m bray.bridge.proxy")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--idle-exit-s", type=float, default=DEFAULT_IDLE_EXIT_S)
+    parser.add_argument("--timeout-s", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    return serve(args.name, step=args.step, idle_exit_s=args.idle_exit_s if args.idle_exit_s > 0 else None,
+                 timeout_s=args.timeout_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

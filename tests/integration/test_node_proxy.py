@@ -1,0 +1,207 @@
+"""The node proxy with real actor processes and a real TorchServe on loopback.
+
+Actors are separate Python processes (``tests/proxy_actor.py``) calling a StepProbe model
+(``y = step * (sum(x) + 1)``) through ``RemoteModel(..., node_proxy=True)``, each with
+its own input value, so a crossed answer or a wrong step label is caught. Every wait is
+bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import bray
+from bray.archiver.management import ManagementClient
+from bray.bridge._slot import proxy_address
+from bray.errors import ModelNotFoundError
+from bray.ts_config.server import TorchServeProcess
+from tests.models import StepProbe, probe_weights
+
+NAME = "proxy-probe"
+REPO = Path(__file__).resolve().parents[2]
+X = np.full((1, 4), 0.5, np.float32)
+
+
+@pytest.fixture(scope="module")
+def env(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``BRAY_*`` for this module's store and the session server; the probe registered at step 0."""
+    store = tmp_path_factory.mktemp("proxy-store")
+    values = {"BRAY_STORE": str(store), "BRAY_MODEL_STORE": str(torchserve.model_store),
+              "BRAY_INFERENCE_URL": torchserve.inference_url, "BRAY_MANAGEMENT_URL": torchserve.management_url,
+              "BRAY_KEY_FILE": str(torchserve.key_file), "BRAY_PROXY_IDLE_S": "2"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    bray.init()
+    net = StepProbe()
+    net.load_state_dict(probe_weights(0))
+    bray.RemoteModel(NAME, model=net, forward_args=(torch.zeros(1, 4),), num_workers=1, max_batch_size=8).close()
+    try:
+        yield {**os.environ, **values}
+    finally:
+        with ManagementClient(torchserve.management_url, key_file=torchserve.key_file, timeout_s=120) as client:
+            try:
+                client.unregister(NAME)
+            except ModelNotFoundError:
+                pass
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_actor(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "tests.proxy_actor", "--name", NAME, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen[str], timeout_s: float = 240) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, f"actor exited with {proc.returncode}: {err[-3000:]}"
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped yet by the actor that started it) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listening(address: str) -> bool:
+    """Whether the abstract socket ``address`` is bound (``/proc/net/unix`` shows it as ``@name``)."""
+    return ("@" + address[1:]) in Path("/proc/net/unix").read_text()
+
+
+def test_actor_processes_share_one_proxy_and_each_gets_its_own_answers(env: dict[str, str]) -> None:
+    rm = bray.RemoteModel(NAME, node_proxy=True)  # starts the proxy (or attaches)
+    try:
+        before = rm.proxy_stats()
+        assert before is not None, rm._proxy.last_error
+        out, step = rm(X, batch=True, return_step=True)
+        np.testing.assert_allclose(out, np.full((1, 2), step * (X.sum() + 1)))
+        procs = [start_actor(env, "--value", str(k + 1), "--calls", "60") for k in range(4)]
+        rm.publish_weights(probe_weights(1)).wait(timeout_s=60)  # steps change while they call
+        results = [result(p) for p in procs]
+        after = rm.proxy_stats()
+    finally:
+        rm.close()
+    for r in results:
+        assert r["answers"] == 60 and r["n_errors"] == 0, r
+        assert r["wrong"] == 0 and r["backwards"] == 0, r
+        assert r["fallbacks"] == 0, r
+    assert {r["proxy_pid"] for r in results} == {before["pid"]}, "every actor used the one proxy"
+    assert after is not None and after["calls"] - before["calls"] == 4 * 60 + 1
+    assert after["requests"] <= after["calls"]
+
+
+def test_an_actor_killed_mid_call_frees_its_slot_and_disturbs_nobody(env: dict[str, str]) -> None:
+    rm = bray.RemoteModel(NAME, node_proxy=True)
+    try:
+        before = rm.proxy_stats()
+        assert before is not None
+        dying = start_actor(env, "--value", "3", "--die-mid-call")
+        dying.communicate(timeout=120)
+        assert dying.returncode == -signal.SIGKILL
+        calm = start_actor(env, "--value", "2", "--calls", "30")
+        r = result(calm)
+        assert r["answers"] == 30 and r["n_errors"] == 0 and r["wrong"] == 0, r
+        # The dead actor's connection is gone: the proxy counts only ours again.
+        stats = wait_for(lambda: (s := rm.proxy_stats()) and s["clients"] == before["clients"] and s,
+                         60, "the dead actor's connection to be dropped")
+        assert stats["pid"] == before["pid"]
+        out, step = rm(X, batch=True, return_step=True)
+        np.testing.assert_allclose(out, np.full((1, 2), step * (X.sum() + 1)))
+    finally:
+        rm.close()
+
+
+def test_a_proxy_killed_under_load_loses_no_call(env: dict[str, str], tmp_path: Path) -> None:
+    rm = bray.RemoteModel(NAME, node_proxy=True)
+    stop = tmp_path / "stop"
+    try:
+        first = rm.proxy_stats()
+        assert first is not None
+        procs = [start_actor(env, "--value", str(k + 1), "--calls", "20", "--until-file", str(stop)) for k in range(3)]
+        wait_for(lambda: (s := rm.proxy_stats()) and s["calls"] > first["calls"] + 60, 120, "the actors to call")
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(lambda: not alive(first["pid"]), 30, "the killed proxy to be gone")
+        # Calls in flight went to TorchServe directly; a new proxy is started by the next callers.
+        def restarted() -> Any:
+            rm(X, batch=True)
+            s = rm.proxy_stats()
+            return s if s and s["pid"] != first["pid"] else None
+
+        second = wait_for(restarted, 120, "a new proxy to serve")
+        wait_for(lambda: (s := rm.proxy_stats()) and s["calls"] > second["calls"] + 30, 120,
+                 "the actors to call through the new proxy")
+        stop.touch()
+        results = [result(p) for p in procs]
+    finally:
+        stop.touch()
+        rm.close()
+    for r in results:
+        assert r["n_errors"] == 0 and r["wrong"] == 0 and r["backwards"] == 0, r
+    assert {r["proxy_pid"] for r in results} == {second["pid"]}
+
+
+def test_the_proxy_exits_when_idle_and_leaves_nothing_behind(env: dict[str, str]) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    address = proxy_address(NAME, "latest", [env["BRAY_INFERENCE_URL"]], env["BRAY_STORE"])
+    rm = bray.RemoteModel(NAME, node_proxy=True)
+    stats = rm.proxy_stats()
+    assert stats is not None and listening(address)
+    rm(X, batch=True)
+    rm.close()  # no caller left: it exits after BRAY_PROXY_IDLE_S (2 s)
+    wait_for(lambda: not alive(stats["pid"]), 60, "the idle proxy to exit")
+    assert not listening(address)
+    assert set(os.listdir("/dev/shm")) <= shm_before, "the proxy left shared memory behind"
+
+
+def test_bray_archive_proxy_runs_one_in_the_foreground_until_sigterm(env: dict[str, str]) -> None:
+    address = proxy_address(NAME, "latest", [env["BRAY_INFERENCE_URL"]], env["BRAY_STORE"])
+    wait_for(lambda: not listening(address), 60, "an earlier test's proxy to exit")
+    cli = subprocess.Popen([sys.executable, "-m", "bray.archiver.cli", "proxy", "--name", NAME, "--idle-exit-s", "600"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = cli.stdout.readline() if cli.stdout else ""
+        assert "serving" in line, line + (cli.stderr.read() if cli.stderr else "")
+        rm = bray.RemoteModel(NAME, node_proxy=True)
+        stats = rm.proxy_stats()
+        r = result(start_actor(env, "--value", "4", "--calls", "10"))
+        rm.close()
+        assert stats is not None and stats["pid"] == cli.pid, (stats, cli.pid)
+        assert r["answers"] == 10 and r["fallbacks"] == 0 and r["proxy_pid"] == cli.pid, r
+        cli.send_signal(signal.SIGTERM)  # what a process manager sends: a clean exit
+        cli.wait(timeout=60)
+        assert cli.returncode == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert not listening(address)
