@@ -1,6 +1,7 @@
 """The main job: an RL-shaped loop on a real TorchServe started from the bundled config.
 
-- a TorchServe instance from ``ts_config/config.properties`` (token auth on, loopback);
+- a TorchServe instance from ``ts_config/config.properties`` (token auth on, loopback),
+  started and stopped with ``bray-archive server start|stop`` as a user would;
 - the policy (an MLP, obs 64 -> hidden -> hidden -> 16) created as ``bray.RemoteModel``:
   exported, archived, registered, served by ``--workers`` workers;
 - a trainer *process* publishing new weights every ``--publish-every-s`` seconds;
@@ -182,6 +183,17 @@ def actor(idx: int, stop_at: float, envs: int, out: Any, league_after_s: float) 
     rm.close()
 
 
+def bray_archive(*argv: str) -> None:
+    """Run this interpreter's ``bray-archive`` (``python -m bray.archiver``); a failure ends the job with its line."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "bray.archiver", *argv], text=True, stdout=subprocess.PIPE,
+                          timeout=600)
+    print("\n".join(f"main: {line}" for line in done.stdout.splitlines()), flush=True)
+    if done.returncode != 0:  # its own one-line reason is already on stderr
+        raise SystemExit(done.returncode)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = JobConfig.from_args(argv)
     import torch
@@ -189,12 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     import bray
     from bray.archiver.management import ManagementClient
     from bray.archiver.publish import status, watch_and_publish
-    from bray.ts_config.server import start_torchserve
+    from bray.ts_config.server import ServerState
 
     print(f"main: work directory {cfg.workdir}", flush=True)
     store_dir, model_store = cfg.workdir / "store", cfg.workdir / "model_store"
     t0 = time.monotonic()
-    server = start_torchserve(workdir=cfg.workdir / "server", model_store=model_store)
+    # Started the way a user starts one (bray-archive server start), on free ports beside others.
+    bray_archive("server", "start", "--workdir", str(cfg.workdir / "server"), "--model-store", str(model_store),
+                 "--any-ports")
+    server = ServerState.read(cfg.workdir / "server")
+    assert server is not None
     print(f"main: TorchServe up in {time.monotonic() - t0:.1f} s at {server.inference_url} "
           f"(management {server.management_url}, key file {server.key_file})", flush=True)
     env = {"BRAY_STORE": str(store_dir), "BRAY_MODEL_STORE": str(model_store), "BRAY_INFERENCE_URL": server.inference_url,
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if archiver is not None:
             archiver.stop()
         t0 = time.monotonic()
-        server.stop()
+        bray_archive("server", "stop", "--workdir", str(cfg.workdir / "server"))
         print(f"main: TorchServe stopped in {time.monotonic() - t0:.1f} s", flush=True)
         if not cfg.keep:
             shutil.rmtree(cfg.workdir, ignore_errors=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the main job: a real TorchServe from the bundled
-# config and an RL-shaped loop (a trainer publishing, actors forwarding, every N-th step
-# archived as a version, an actor playing a clone). Extra arguments go to main_job.py
+# config (started and stopped with `bray-archive server start|stop`) and an RL-shaped loop
+# (a trainer publishing, actors forwarding, every N-th step archived as a version, an
+# actor playing a clone). Extra arguments go to main_job.py
 # (see --help): --duration-s, --hidden, --engine, --actors, --workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
