@@ -338,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Serve the node proxy of a model in this process: RemoteModel(..., "
                                    "node_proxy=True) callers on this machine attach to it instead of starting "
                                    "their own. Ctrl-C (or SIGTERM) stops it after answering the calls in flight.",
-                       epilog="example: bray-archive proxy --name policy --idle-exit-s 600")
+                       **example("bray-archive proxy --name policy --idle-exit-s 600"))
     p.add_argument("--name", required=True, help="model name (with its namespace prefix, if any)")
     p.add_argument("--inference-url", metavar="URL",
                    help="inference address(es), comma-separated (default $BRAY_INFERENCE_URL or http://127.0.0.1:8080)")
