@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from bray.errors import ServerUnreachableError
+from bray.errors import BrayTimeoutError, ServerError, ServerUnreachableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.ts_config.server import ServerState
@@ -115,8 +115,16 @@ def _start(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
             ports[name] = value
     workdir = _workdir(args)
     started = time.perf_counter()
-    state = start_server(workdir=workdir, model_store=opts.locations.model_store, ports=ports,
-                         config=args.config, models=args.models, timeout_s=args.timeout_s)
+    try:
+        state = start_server(workdir=workdir, model_store=opts.locations.model_store, ports=ports,
+                             config=args.config, models=args.models, timeout_s=args.timeout_s)
+    except (ServerError, BrayTimeoutError) as err:
+        # The library's message carries the last log lines; the CLI's is one line saying where they are.
+        first = str(err).splitlines()[0].rstrip(":")
+        if "\n" not in str(err):
+            raise
+        raise type(err)(f"{first}; the server was stopped again, its logs are in {workdir / 'logs'} "
+                        "(torchserve.out, ts_log.log)", **err._attrs) from err
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({**state.as_json(), "seconds": round(seconds, 3)}, indent=1), file=out)

@@ -585,6 +585,9 @@ def failure(err: BaseException) -> tuple[str, int]:
         return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
     if not isinstance(err, BrayError) and type(err).__module__.startswith(("requests", "urllib3")):
         err = _requests_error(err)
+    if isinstance(err, BrayError) and "\n" in str(err):  # keep the promise of one line
+        return failure(type(err)(str(err).splitlines()[0].rstrip(":") + " (the rest: rerun with BRAY_TRACEBACK=1)",
+                                 **err._attrs))
     if isinstance(err, BrayError):
         unreachable = isinstance(err, ServerUnreachableError) or getattr(err, "reason", "") == "connect-timeout"
         code = EXIT_UNREACHABLE if unreachable else EXIT_FAILURE

@@ -241,9 +241,9 @@ class TokenAuth:
         except FileNotFoundError:
             if self._explicit is not None:
                 raise AuthError(
-                    f"TorchServe key file {path} does not exist; start the server (it writes "
-                    "key_file.json into its working directory) or pass the right key_file / "
-                    "BRAY_KEY_FILE",
+                    f"TorchServe key file {path} does not exist; start the server (bray-archive "
+                    "server start writes it into its working directory, ~/.bray/server) or pass the "
+                    "right key_file / BRAY_KEY_FILE",
                     status=None, key_file=str(path),
                 ) from None
             self._keys, self._stamp = {}, None
@@ -487,7 +487,8 @@ class ManagementClient:
         if status == 405:
             return ModelApiDisabledError(
                 f"{where}: TorchServe's model API is disabled ({message}); enable it with "
-                "enable_model_api=true in config.properties or `torchserve --start --enable-model-api`",
+                "enable_model_api=true in config.properties (the bundled one, which bray-archive "
+                "server start uses, has it) or `torchserve --start --enable-model-api`",
                 status=status, ts_type=ts_type,
             )
         if status == 403 and (ts_type == "InvalidModelVersionException" or method == "DELETE"):

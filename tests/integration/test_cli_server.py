@@ -75,3 +75,13 @@ def test_start_on_a_taken_port_says_which(workdir: Path, tmp_path: Path) -> None
     line = one_line(done.stderr)
     assert done.returncode == 1 and f"port(s) already in use on 127.0.0.1: inference {port}" in line
     assert "--any-ports" in line
+
+
+def test_a_start_that_fails_is_one_line_pointing_at_the_logs(workdir: Path, tmp_path: Path) -> None:
+    # TorchServe cannot answer /ping within 10 ms: the start fails, and the server is stopped again.
+    done = bray_archive("server", "start", "--workdir", str(workdir), "--any-ports", "--timeout-s", "0.01",
+                        "--model-store", str(tmp_path / "ms"))
+    line = one_line(done.stderr)
+    assert done.returncode == 1 and "did not answer" in line and "within 0.01 s" in line
+    assert f"its logs are in {workdir / 'logs'}" in line
+    assert bray_archive("server", "status", "--workdir", str(workdir)).returncode == 3

@@ -322,3 +322,18 @@ def test_the_inference_transport_says_why_each_node_failed(resetting_server: int
     with pytest.raises(ServerError, match=r"broke 2 times during /predictions/policy \(last: connection reset\)"):
         run_sync(client.predict("policy", b"{}"), timeout_s=60)
     run_sync(client.close(), timeout_s=10)
+
+
+def test_a_key_file_that_is_not_there_says_where_it_comes_from(tmp_path: Path) -> None:
+    code, _, err = run("status", "--key-file", str(tmp_path / "key_file.json"), "--management", "http://127.0.0.1:9")
+    line = one_line(err)
+    assert code == 1 and f"TorchServe key file {tmp_path / 'key_file.json'} does not exist" in line
+    assert "bray-archive server start" in line
+
+
+def test_a_key_file_that_is_not_one_says_what_was_expected(tmp_path: Path) -> None:
+    bad = tmp_path / "key_file.json"
+    bad.write_text("not json")
+    code, _, err = run("versions", "policy", "--key-file", str(bad), "--management", "http://127.0.0.1:9")
+    line = one_line(err)
+    assert code == 1 and f"cannot read TorchServe key file {bad}" in line and '"management": {"key": ...}' in line
