@@ -8,13 +8,22 @@ weights, new weights served by archiving a new version, registering it
 bray-serve: ``bray.RemoteModel`` (binary wire format, client-side batching, weights
 hot-reloaded from the store), torch and onnx engines.
 
-Both serve the policy MLP (obs 64 -> 256 -> 256 -> 16) with 2 workers. Measured:
-single-caller latency, forwards/s with 1, 16 and 64 concurrent callers (asyncio
-coroutines in this process, one sample per forward), time from new weights to served
-on every worker, and local mode against calling the module directly. Writes
-``results/bench.md``, ``results/bench.json`` and ``results/bench.png``.
+Both serve the policy MLP (obs 64 -> 256 -> 256 -> 16) with 2 workers, TorchServe batch 32.
 
-    .venv/bin/python scripts/bench.py [--duration-s 5] [--publishes 20] [--out results]
+The single-process table (``--tables single``): single-caller latency, forwards/s with 1,
+16 and 64 concurrent callers (asyncio coroutines in this process, one sample per
+forward), time from new weights to served on every worker, and local mode against
+calling the module directly. Writes ``results/bench.md``, ``.json`` and ``.png``.
+
+The multi-process table (``--tables procs``, issue 10): P actor *processes* (1, 4, 16,
+64) each calling sync ``rm(obs)`` with 1 or 16 observations back to back, against stock
+TorchServe at max_batch_delay 0 and 5 ms, bray-serve direct (``RemoteModel``) and
+bray-serve through the node proxy (``RemoteModel(node_proxy=True)``, skipped with the
+reason where this checkout has none): forwards/s, median and p99 call time, samples per
+TorchServe request. Writes ``results/bench_procs.md``, ``.json`` and ``.png``
+(``scripts/bench_procs.py`` holds the actors and the table).
+
+    .venv/bin/python scripts/bench.py [--quick] [--tables single,procs] [--duration-s 5] [--out results]
 """
 
 from __future__ import annotations
@@ -123,8 +132,9 @@ async def latency_ms(call: Callable[[], Awaitable[Any]], n: int) -> float:
 class Stock:
     """The policy served the way TorchServe's docs teach."""
 
-    def __init__(self, server: Any, work: Path, model: Any) -> None:
-        self.server, self.work, self.name = server, work, "policy_stock"
+    def __init__(self, server: Any, work: Path, model: Any, *, name: str = "policy_stock",
+                 max_batch_delay_ms: int = DELAY_MS) -> None:
+        self.server, self.work, self.name, self.delay_ms = server, work, name, max_batch_delay_ms
         (work / "model.py").write_text(STOCK_MODEL)
         (work / "handler.py").write_text(STOCK_HANDLER)
         self.version = 0
@@ -151,7 +161,7 @@ class Stock:
         (self.server.model_store / f"{self.name}.mar").rename(self.server.model_store / mar)
         mgmt, headers = self.server.management_url, self.server.headers("management")
         r = requests.post(f"{mgmt}/models", headers=headers, params={
-            "url": mar, "initial_workers": WORKERS, "batch_size": BATCH, "max_batch_delay": DELAY_MS, "synchronous": "true"})
+            "url": mar, "initial_workers": WORKERS, "batch_size": BATCH, "max_batch_delay": self.delay_ms, "synchronous": "true"})
         r.raise_for_status()
         requests.put(f"{mgmt}/models/{self.name}/{self.version}/set-default", headers=headers).raise_for_status()
         r = requests.post(f"{self.server.inference_url}/predictions/{self.name}", json=self.obs, headers=self.server.headers("inference"))
@@ -172,14 +182,140 @@ class Stock:
             return await resp.json(content_type=None)
 
 
+def single_process(args: argparse.Namespace, server: Any, work: Path, model: Any, stock: Stock) -> dict[str, Any]:
+    """The single-process table: coroutine callers, publish to served, local mode."""
+    import torch
+
+    import bray
+
+    results: dict[str, Any] = {"callers": list(CALLERS)}
+    obs = np.random.default_rng(0).standard_normal(OBS).astype(np.float32)
+    example = (torch.zeros(BATCH, OBS),)
+    systems: dict[str, Any] = {}
+    systems["stock TorchServe (JSON, 32/5 ms)"] = stock.forward
+    for label, kwargs in [
+        ("bray torch (32/5 ms)", dict(max_batch_delay_ms=DELAY_MS)),
+        ("bray torch (32/0 ms)", dict(max_batch_delay_ms=0)),
+        ("bray torch, no client batching (32/0 ms)", dict(max_batch_delay_ms=0, client_batching=False)),
+        ("bray onnx (32/0 ms)", dict(max_batch_delay_ms=0, use_onnx="infer")),
+    ]:
+        print(f"bench: deploying {label}", flush=True)
+        name = "policy_" + label.split()[1].rstrip(",") + ("_d5" if "5 ms" in label else "") + ("_nocb" if "no client" in label else "")
+        rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS, **kwargs)
+        systems[label] = (lambda rm=rm: rm.forward(obs, batch=False))
+        systems[label].rm = rm  # type: ignore[attr-defined]
+
+    async def measure() -> None:
+        for label, call in systems.items():
+            row: dict[str, Any] = {"latency_ms": await latency_ms(call, args.latency_n)}
+            for c in CALLERS:
+                row[f"fps_{c}"] = await rate(call, c, args.duration_s)
+            results[label] = row
+            print(f"bench: {label}: {row}", flush=True)
+        if stock.session is not None:
+            await stock.session.close()
+
+    asyncio.run(measure())
+
+    # New weights -> served on every worker.
+    rm = systems["bray torch (32/0 ms)"].rm
+    served = []
+    for i in range(args.publishes):
+        weights = {k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()}
+        t0 = time.perf_counter()
+        rm.publish_weights(weights).wait(timeout_s=30)
+        served.append(time.perf_counter() - t0)
+    stock_served = [stock.deploy({k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()})
+                    for i in range(args.stock_publishes)]
+    results["publish_to_served_ms"] = {
+        "bray_median": float(np.median(served) * 1e3), "bray_max": float(np.max(served) * 1e3),
+        "stock_median": float(np.median(stock_served) * 1e3), "stock_max": float(np.max(stock_served) * 1e3),
+    }
+    print(f"bench: publish->served {results['publish_to_served_ms']}", flush=True)
+
+    # Local mode against the module itself.
+    local = bray.RemoteModel("policy_local", model=model, forward_args=example, local_mode=True)
+    x1 = obs[None]
+    n = 3000
+    for _ in range(100):
+        local(x1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        local(x1)
+    t_local = (time.perf_counter() - t0) / n
+    with torch.inference_mode():
+        xt = torch.from_numpy(x1)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model(xt).numpy()
+        t_direct = (time.perf_counter() - t0) / n
+    results["local_mode_us"] = {"bray_local": t_local * 1e6, "direct_module": t_direct * 1e6}
+    local.close()
+    from bray.archiver import ManagementClient
+
+    with ManagementClient(server.management_url, key_file=server.key_file) as client:
+        for label, call in systems.items():
+            if hasattr(call, "rm"):
+                call.rm.close()
+                if call.rm.name != PROCS_MODEL:  # free the cores and memory of models done with
+                    client.unregister(call.rm.name)
+    return results
+
+
+PROCS_MODEL = "policy_torch"  # bray direct and proxy in the multi-process table: the 32/0 ms torch model
+
+
+def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any, stock: Stock) -> dict[str, Any]:
+    """The multi-process table (issue 10): P actor processes, sync calls, 1 or 16 observations."""
+    import torch
+
+    import bray
+    import bench_procs
+
+    rm = bray.RemoteModel(PROCS_MODEL, model=model, forward_args=(torch.zeros(BATCH, OBS),), max_batch_size=BATCH,
+                          num_workers=WORKERS, max_batch_delay_ms=0, override_model=False)
+    rm.close()
+    print("bench: deploying stock TorchServe with max_batch_delay 0", flush=True)
+    stock0 = Stock(server, work, model, name="policy_stock_d0", max_batch_delay_ms=0)
+    locations = dict(store=str(work / "store"), model_store=str(server.model_store), inference_url=server.inference_url,
+                     management_url=server.management_url, key_file=str(server.key_file))
+    auth = server.headers("inference")
+    stocks = [{"label": f"stock (JSON, 32/{s.delay_ms} ms)", "kind": "stock", "model": s.name,
+               "url": f"{server.inference_url}/predictions/{s.name}", "headers": auth} for s in (stock0, stock)]
+    brays = [{"label": "bray direct", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL, "locations": locations},
+             {"label": "bray node proxy", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL,
+              "locations": locations, "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()}]
+    res = bench_procs.measure(stocks + brays, procs=args.procs, rows=args.obs_per_call, duration_s=args.procs_duration_s,
+                              metrics_url=server.metrics_url)
+    res["stock_labels"] = [s["label"] for s in stocks]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration-s", type=float, default=5.0, help="seconds per throughput point")
+    p.add_argument("--tables", default="single,procs", help="which tables: single (coroutine callers, publish, "
+                   "local mode), procs (actor processes), or both, comma separated")
+    p.add_argument("--quick", action="store_true", help="a short run: 1.5 s points, P 1 and 16 with 1 observation")
+    p.add_argument("--duration-s", type=float, default=5.0, help="seconds per throughput point (single table)")
     p.add_argument("--latency-n", type=int, default=300, help="sequential forwards for the latency median")
     p.add_argument("--publishes", type=int, default=20, help="weight updates for bray's publish-to-served figure")
     p.add_argument("--stock-publishes", type=int, default=3, help="weight updates for stock's (each takes seconds)")
+    p.add_argument("--procs", default="1,4,16,64", help="actor process counts (procs table)")
+    p.add_argument("--obs-per-call", default="1,16", help="observations per call (procs table)")
+    p.add_argument("--procs-duration-s", type=float, default=4.0, help="seconds per point (procs table)")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
+    tables = {t.strip() for t in args.tables.split(",") if t.strip()}
+    if not tables or tables - {"single", "procs"}:
+        p.error(f"--tables takes single, procs or both, got {args.tables!r}")
+    try:
+        args.procs = tuple(int(x) for x in args.procs.split(","))
+        args.obs_per_call = tuple(int(x) for x in args.obs_per_call.split(","))
+    except ValueError:
+        p.error(f"--procs and --obs-per-call take comma-separated integers, got {args.procs!r}, {args.obs_per_call!r}")
+    if args.quick:
+        args.duration_s, args.latency_n, args.publishes, args.stock_publishes = 1.5, 100, 5, 1
+        args.procs, args.obs_per_call, args.procs_duration_s = (1, 16), (1,), 1.5
 
     import torch
 
@@ -190,80 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     model = policy()
     work = Path(tempfile.mkdtemp(prefix="bray-bench-"))
     server = start_torchserve(workdir=work / "server", model_store=work / "model_store")
-    results: dict[str, Any] = {"callers": list(CALLERS)}
     try:
         bray.init(store=work / "store", model_store=server.model_store, inference_url=server.inference_url,
                   management_url=server.management_url, key_file=server.key_file)
-        obs = np.random.default_rng(0).standard_normal(OBS).astype(np.float32)
-        example = (torch.zeros(BATCH, OBS),)
-        systems: dict[str, Any] = {}
         print("bench: deploying stock TorchServe (docs way)", flush=True)
         stock = Stock(server, work, model)
-        systems["stock TorchServe (JSON, 32/5 ms)"] = stock.forward
-        for label, kwargs in [
-            ("bray torch (32/5 ms)", dict(max_batch_delay_ms=DELAY_MS)),
-            ("bray torch (32/0 ms)", dict(max_batch_delay_ms=0)),
-            ("bray torch, no client batching (32/0 ms)", dict(max_batch_delay_ms=0, client_batching=False)),
-            ("bray onnx (32/0 ms)", dict(max_batch_delay_ms=0, use_onnx="infer")),
-        ]:
-            print(f"bench: deploying {label}", flush=True)
-            name = "policy_" + label.split()[1].rstrip(",") + ("_d5" if "5 ms" in label else "") + ("_nocb" if "no client" in label else "")
-            rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS, **kwargs)
-            systems[label] = (lambda rm=rm: rm.forward(obs, batch=False))
-            systems[label].rm = rm  # type: ignore[attr-defined]
-
-        async def measure() -> None:
-            for label, call in systems.items():
-                row: dict[str, Any] = {"latency_ms": await latency_ms(call, args.latency_n)}
-                for c in CALLERS:
-                    row[f"fps_{c}"] = await rate(call, c, args.duration_s)
-                results[label] = row
-                print(f"bench: {label}: {row}", flush=True)
-            if stock.session is not None:
-                await stock.session.close()
-
-        asyncio.run(measure())
-
-        # New weights -> served on every worker.
-        rm = systems["bray torch (32/0 ms)"].rm
-        served = []
-        for i in range(args.publishes):
-            weights = {k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()}
-            t0 = time.perf_counter()
-            rm.publish_weights(weights).wait(timeout_s=30)
-            served.append(time.perf_counter() - t0)
-        stock_served = [stock.deploy({k: v + 1e-3 * (i + 1) for k, v in model.state_dict().items()})
-                        for i in range(args.stock_publishes)]
-        results["publish_to_served_ms"] = {
-            "bray_median": float(np.median(served) * 1e3), "bray_max": float(np.max(served) * 1e3),
-            "stock_median": float(np.median(stock_served) * 1e3), "stock_max": float(np.max(stock_served) * 1e3),
-        }
-        print(f"bench: publish->served {results['publish_to_served_ms']}", flush=True)
-
-        # Local mode against the module itself.
-        local = bray.RemoteModel("policy_local", model=model, forward_args=example, local_mode=True)
-        x1 = obs[None]
-        n = 3000
-        for _ in range(100):
-            local(x1)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            local(x1)
-        t_local = (time.perf_counter() - t0) / n
-        with torch.inference_mode():
-            xt = torch.from_numpy(x1)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                model(xt).numpy()
-            t_direct = (time.perf_counter() - t0) / n
-        results["local_mode_us"] = {"bray_local": t_local * 1e6, "direct_module": t_direct * 1e6}
-        local.close()
-        for call in systems.values():
-            if hasattr(call, "rm"):
-                call.rm.close()
+        single = single_process(args, server, work, model, stock) if "single" in tables else None
+        procs = multi_process(args, server, work, model, stock) if "procs" in tables else None
     finally:
         server.stop()
-    write(results, args.out)
+    if single is not None:
+        write(single, args.out)
+    if procs is not None:
+        import bench_procs
+
+        print(bench_procs.write(procs, head(), procs["stock_labels"], args.out))
     return 0
 
 
@@ -276,16 +353,21 @@ def versions() -> str:
             f"Python {platform.python_version()}")
 
 
+def head() -> str:
+    """The figures' conditions: date, machine, versions, policy."""
+    import os
+
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores (client and server on one machine, "
+            f"shared with five other engineers' servers and tests: compare ratios within a run), "
+            f"{versions()}; policy MLP 64-256-256-16, {WORKERS} workers, TorchServe batch {BATCH}")
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stock_label = "stock TorchServe (JSON, 32/5 ms)"
     stock = results[stock_label]
     labels = [k for k in results if isinstance(results[k], dict) and "latency_ms" in results[k]]
-    import os
-
-    head = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores (client and server on one machine), "
-            f"{versions()}; policy MLP 64-256-256-16, {WORKERS} workers, TorchServe batch {BATCH}")
-    lines = [f"_{head}_", "", "| system | single-caller latency ms | fwd/s 1 | fwd/s 16 | fwd/s 64 | latency vs stock | fwd/s 64 vs stock |",
+    lines = [f"_{head()}_", "", "| system | single-caller latency ms | fwd/s 1 | fwd/s 16 | fwd/s 64 | latency vs stock | fwd/s 64 vs stock |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         r = results[label]
@@ -301,7 +383,7 @@ def write(results: dict[str, Any], out: Path) -> None:
               f"module directly ({lm['bray_local'] / lm['direct_module']:.2f}x)."]
     md = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(md)
-    (out / "bench.json").write_text(json.dumps({"meta": head, **results}, indent=1))
+    (out / "bench.json").write_text(json.dumps({"meta": head(), **results}, indent=1))
     print(md)
     try:
         import matplotlib

@@ -442,7 +442,8 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if "skipped" in runs[0]:
         return runs[0]
     out = {k: float(np.median([r[k] for r in runs])) for k in ("p50_us", "p99_us", "rt_per_s", "p50_us_many")}
-    out.update(rt_per_s_range=[min(r["rt_per_s"] for r in runs), max(r["rt_per_s"] for r in runs)], rounds=runs)
+    out.update(rt_per_s_range=[min(r["rt_per_s"] for r in runs), max(r["rt_per_s"] for r in runs)],
+               n=runs[0]["n"], clients=runs[0]["clients"], rounds=runs)
     return out
 
 

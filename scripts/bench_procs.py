@@ -1,0 +1,293 @@
+"""``scripts/bench.py``'s multi-process table (issue 10's workload): actor processes and their driver.
+
+Each actor is a separate process, as RL actors are: it builds one client per system it is
+asked about (a ``requests.Session`` posting JSON for stock TorchServe, as its docs do; an
+attached ``bray.RemoteModel`` for bray-serve, direct or through the node proxy) and then
+calls it synchronously in a loop, one call after the other, with ``rows`` observations per
+call, for a given time. The parent drives every actor over a pipe:
+
+- ``("prepare", system, rows)``: build the client (once per system) and warm it up;
+  answers ``("ready",)`` or ``("error", message)``;
+- ``("run", start_at, duration_s)``: from ``start_at`` (``time.monotonic``, which every
+  process on Linux shares) start calls for ``duration_s``; answers ``("done",
+  call_seconds, errors, first_error, elapsed_s)`` (elapsed up to the last answer);
+- ``("stop",)``.
+
+The driver (:func:`measure`) runs every system at each point (P actor processes x rows
+observations per call), the systems interleaved so that a burst of load from the other
+users of the machine hits them alike, and counts TorchServe's requests per model from its
+metrics API (``ts_inference_requests_total``) to give samples per request.
+
+This module imports no torch at the top (actors would each pay ~1 s and ~300 MB for it):
+the forkserver preloads it once and forks every actor from there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import requests
+
+import bray
+
+OBS, ACTIONS = 64, 16
+
+
+def _client(system: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+    if system["kind"] == "stock":
+        session = requests.Session()
+        url, headers = system["url"], system["headers"]
+
+        def stock(obs: np.ndarray) -> Any:
+            # json= as TorchServe's examples post; it sends the body as bytes in the same write as
+            # the headers (a str body goes in a second write and can wait on a delayed ACK).
+            r = session.post(url, json=obs.tolist(), headers=headers, timeout=60)
+            r.raise_for_status()
+            return np.asarray(r.json(), np.float32)
+
+        return stock
+    bray.init(**system["locations"])
+    rm = bray.RemoteModel(system["name"], **system.get("options", {}))
+    # batch=True explicitly: the observations carry their batch dimension (rows x 64).
+    return lambda obs: rm(obs, batch=True)
+
+
+def actor_main(conn: Any, index: int) -> None:
+    """Serve the parent's commands until ``("stop",)``."""
+    clients: dict[str, Callable[[np.ndarray], Any]] = {}
+    call: Callable[[np.ndarray], Any] | None = None
+    obs = np.zeros((1, OBS), np.float32)
+    rng = np.random.default_rng(index)
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        if msg[0] == "prepare":
+            _, system, rows = msg
+            try:
+                if system["label"] not in clients:
+                    clients[system["label"]] = _client(system)
+                call = clients[system["label"]]
+                obs = rng.standard_normal((rows, OBS), dtype=np.float32)
+                for _ in range(3):
+                    out = call(obs)
+                if np.shape(out) != (rows, ACTIONS):
+                    raise RuntimeError(f"answer of shape {np.shape(out)} for {rows} observations")
+                conn.send(("ready",))
+            except Exception as err:  # reported by the parent, which skips the system
+                conn.send(("error", f"{type(err).__name__}: {err}"))
+            continue
+        _, start_at, duration_s = msg
+        assert call is not None, "run before prepare"
+        times: list[float] = []
+        errors, first_error = 0, ""
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        stop_at = start_at + duration_s
+        now = time.monotonic()
+        while now < stop_at:
+            t0 = time.perf_counter()
+            try:
+                out = call(obs)
+                if np.shape(out) != obs.shape[:1] + (ACTIONS,):
+                    raise RuntimeError(f"answer of shape {np.shape(out)} for {obs.shape[0]} observations")
+                times.append(time.perf_counter() - t0)
+            except Exception as err:  # counted: a benchmark that hides failures measures nothing
+                errors += 1
+                first_error = first_error or f"{type(err).__name__}: {err}"
+            now = time.monotonic()
+        conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at))
+
+
+class Actors:
+    """Up to ``n`` actor processes, started as needed and kept for every point."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__])
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+
+    def grow(self, n: int) -> None:
+        while len(self.procs) < n:
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(target=actor_main, args=(child, len(self.procs)), daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    def _answers(self, conns: list[Any], timeout_s: float) -> list[Any]:
+        deadline = time.monotonic() + timeout_s
+        out = []
+        for conn in conns:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"an actor did not answer within {timeout_s} s")
+            out.append(conn.recv())
+        return out
+
+    def prepare(self, system: dict[str, Any], procs: int, rows: int) -> str:
+        """Make the first ``procs`` actors ready to call ``system``; why not, or ``""``."""
+        self.grow(procs)
+        for conn in self.conns[:procs]:
+            conn.send(("prepare", system, rows))
+        errors = [a[1] for a in self._answers(self.conns[:procs], 300) if a[0] == "error"]
+        return f"{len(errors)} of {procs} actors could not call it: {errors[0]}" if errors else ""
+
+    def run(self, procs: int, duration_s: float) -> list[Any]:
+        """Every prepared actor's ``("done", ...)`` answer after ``duration_s`` of calls."""
+        start_at = time.monotonic() + 0.2
+        for conn in self.conns[:procs]:
+            conn.send(("run", start_at, duration_s))
+        return self._answers(self.conns[:procs], duration_s + 120)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def served_requests(metrics_url: str, name: str) -> float | None:
+    """TorchServe's ``ts_inference_requests_total`` for ``name`` (all versions; 0 before the
+    first request), or ``None`` when the metrics API does not answer."""
+    try:
+        text = requests.get(f"{metrics_url}/metrics", params={"name[]": "ts_inference_requests_total"}, timeout=10).text
+    except requests.RequestException:
+        return None
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("ts_inference_requests_total{") and f'model_name="{name}"' in line]
+    return sum(found)
+
+
+def proxy_unsupported() -> str:
+    """Why ``RemoteModel(node_proxy=True)`` cannot be measured here, or ``""``."""
+    if "node_proxy" not in inspect.signature(bray.RemoteModel).parameters:
+        return "this checkout's RemoteModel has no node_proxy option (issue 10's proxy is not on main yet)"
+    return ""
+
+
+def measure(systems: list[dict[str, Any]], *, procs: tuple[int, ...], rows: tuple[int, ...], duration_s: float,
+            metrics_url: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every system at every point. A system is a dict: label, kind (stock / bray), model
+    (its TorchServe name), and what :func:`_client` needs; one with ``skip`` is only listed."""
+    points: list[dict[str, Any]] = []
+    skipped = {s["label"]: s["skip"] for s in systems if s.get("skip")}
+    live = [s for s in systems if not s.get("skip")]
+    actors = Actors()
+    try:
+        for p in procs:
+            for r in rows:
+                for system in live:
+                    if system["label"] in skipped:
+                        continue
+                    why = actors.prepare(system, p, r)
+                    if why:
+                        skipped[system["label"]] = why
+                        log(f"bench: {system['label']}: skipped: {why}")
+                        continue
+                    before = served_requests(metrics_url, system["model"])
+                    done = actors.run(p, duration_s)
+                    after = served_requests(metrics_url, system["model"])
+                    times = np.concatenate([d[1] for d in done]) if done else np.zeros(0)
+                    calls = int(times.size)
+                    sent = (after - before) if before is not None and after is not None else None
+                    point = {
+                        "system": system["label"], "procs": p, "rows": r, "calls": calls,
+                        "calls_per_s": sum(d[1].size / d[4] for d in done),
+                        "forwards_per_s": sum(d[1].size / d[4] for d in done) * r,
+                        "p50_ms": float(np.median(times) * 1e3) if calls else float("nan"),
+                        "p99_ms": float(np.percentile(times, 99) * 1e3) if calls else float("nan"),
+                        # Counted between prepare and the last answer: the calls of the run only.
+                        "samples_per_request": calls * r / sent if sent else None,
+                        "requests": sent, "errors": sum(d[2] for d in done),
+                        "first_error": next((d[3] for d in done if d[3]), ""),
+                    }
+                    points.append(point)
+                    log(f"bench: P={p} x {r} obs, {system['label']}: {point['forwards_per_s']:.0f} forwards/s, "
+                        f"median {point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.2f} ms, "
+                        f"{point['samples_per_request'] or float('nan'):.1f} samples/request, {point['errors']} errors")
+    finally:
+        actors.close()
+    return {"procs": list(procs), "rows": list(rows), "duration_s": duration_s,
+            "systems": [s["label"] for s in systems], "points": points, "skipped": skipped}
+
+
+def _point(res: dict[str, Any], label: str, p: int, r: int) -> dict[str, Any] | None:
+    return next((x for x in res["points"] if x["system"] == label and x["procs"] == p and x["rows"] == r), None)
+
+
+def markdown(res: dict[str, Any], head: str, stocks: list[str]) -> str:
+    """The summary table (forwards/s and ratios against the better stock), then every figure."""
+    others = [s for s in res["systems"] if s not in stocks]
+    lines = [f"_{head}_", "",
+             f"Forwards/s = observations answered per second, all P actor processes together, each calling "
+             f"sync `rm(obs)` (or `requests.post` for stock) back to back for {res['duration_s']:g} s. "
+             "Stock is the better of its two batch delays at each point.", "",
+             "| P processes x obs/call | stock best | " + " | ".join(others) + " | "
+             + " | ".join(f"{o} vs stock" for o in others) + " |",
+             "|---|" + "---:|" * (1 + 2 * len(others))]
+    for p in res["procs"]:
+        for r in res["rows"]:
+            st = [x for x in (_point(res, s, p, r) for s in stocks) if x]
+            best = max(st, key=lambda x: x["forwards_per_s"]) if st else None
+            cells = [f"{best['forwards_per_s']:,.0f} /s, {best['p50_ms']:.1f} ms" if best else "-"]
+            ratios = []
+            for o in others:
+                x = _point(res, o, p, r)
+                cells.append(f"{x['forwards_per_s']:,.0f} /s, {x['p50_ms']:.1f} ms" if x else "-")
+                ratios.append(f"{x['forwards_per_s'] / best['forwards_per_s']:.1f}x" if x and best else "-")
+            lines.append(f"| {p} x {r} | " + " | ".join(cells + ratios) + " |")
+    lines += ["", "| P x obs | system | forwards/s | calls/s | median ms | p99 ms | samples per TorchServe request | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in res["points"]:
+        spr = f"{x['samples_per_request']:.1f}" if x["samples_per_request"] else "-"
+        lines.append(f"| {x['procs']} x {x['rows']} | {x['system']} | {x['forwards_per_s']:,.0f} | {x['calls_per_s']:,.0f} | "
+                     f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {spr} | {x['errors']} |")
+    for label, why in res["skipped"].items():
+        lines.append(f"\nNot measured: {label}: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def write(res: dict[str, Any], head: str, stocks: list[str], out: Path) -> str:
+    """``bench_procs.md``, ``.json`` and ``.png`` in ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(res, head, stocks)
+    (out / "bench_procs.md").write_text(md)
+    (out / "bench_procs.json").write_text(json.dumps({"meta": head, **res}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib missing; no plot (pip install 'bray-serve[bench]')")
+        return md
+    fig, axes = plt.subplots(1, len(res["rows"]), figsize=(5.5 * len(res["rows"]), 4), squeeze=False)
+    for ax, r in zip(axes[0], res["rows"]):
+        for label in res["systems"]:
+            xs = [p for p in res["procs"] if _point(res, label, p, r)]
+            if xs:
+                ax.plot(xs, [_point(res, label, p, r)["forwards_per_s"] for p in xs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(res["procs"], [str(p) for p in res["procs"]])
+        ax.set_xlabel("actor processes (sync calls)")
+        ax.set_ylabel("forwards / s")
+        ax.set_title(f"{r} observation(s) per call", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Many actor processes: policy MLP, 2 workers, batch 32, one machine", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "bench_procs.png", dpi=110)
+    return md
