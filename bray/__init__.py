@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "BrayError": "bray.errors",
     "CheckpointStore": "bray.store",
     "Locations": "bray.config",
+    "ModelPool": "bray.bridge.pool",
     "RemoteModel": "bray.bridge.remote_model",
     "init": "bray.bridge.remote_model",
 }
@@ -23,6 +24,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bray.bridge.pool import ModelPool
     from bray.bridge.remote_model import RemoteModel, init
     from bray.config import Locations
     from bray.errors import BrayError

@@ -1,7 +1,8 @@
-"""The client side: ``RemoteModel`` (forward, publish, clone, step, get_model) and ``init``."""
+"""The client side: ``RemoteModel`` (forward, publish, clone, step, get_model), ``init``, ``ModelPool``."""
 
 from __future__ import annotations
 
+from bray.bridge.pool import ModelPool
 from bray.bridge.remote_model import PublishHandle, RemoteModel, init
 
-__all__ = ["PublishHandle", "RemoteModel", "init"]
+__all__ = ["ModelPool", "PublishHandle", "RemoteModel", "init"]

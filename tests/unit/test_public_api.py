@@ -13,7 +13,7 @@ import pytest
 import bray
 from bray import errors
 
-MODULES = ["bray", "bray.errors", "bray.store", "bray.wire", "bray.config", "bray.export", "bray.archiver",
+MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export", "bray.archiver",
            "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines", "bray.handlers.metrics", "bray.handlers.request",
            "bray.handlers.oip"]
 
