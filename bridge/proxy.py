@@ -130,7 +130,8 @@ class NodeProxy:
     def stats(self) -> dict[str, Any]:
         calls, requests = self.model.batching_stats() if self.model is not None else (0, 0)
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
-                "calls": self.calls, "samples": self.samples, "requests": requests}
+                "calls": self.calls, "samples": self.samples, "requests": requests,
+                "cpu_s": round(time.process_time(), 3)}
 
     async def serve(self) -> None:
         """Answer callers until idle for ``idle_exit_s`` (or failed-start linger) or :meth:`stop`."""

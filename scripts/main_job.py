@@ -51,6 +51,7 @@ class JobConfig:
     max_batch_size: int
     workdir: Path
     keep: bool
+    node_proxy: bool = True
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "JobConfig":
@@ -66,6 +67,8 @@ class JobConfig:
         p.add_argument("--max-batch-size", type=int, default=32, help="Bray's max_batch_size")
         p.add_argument("--workdir", type=Path, default=None, help="store, model store and server files (default: a temp dir)")
         p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+        p.add_argument("--no-node-proxy", action="store_true",
+                       help="actors call TorchServe directly instead of through the node proxy")
         a = p.parse_args(argv)
         for key in ("duration_s", "publish_every_s"):
             if getattr(a, key) <= 0:
@@ -75,7 +78,8 @@ class JobConfig:
                 p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(a, key)}")
         workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bray-main-"))
         return cls(a.duration_s, a.hidden, a.engine, a.actors, a.envs, a.workers, a.publish_every_s,
-                   a.archive_every, a.max_batch_size, workdir.resolve(), a.keep or a.workdir is not None)
+                   a.archive_every, a.max_batch_size, workdir.resolve(), a.keep or a.workdir is not None,
+                   not a.no_node_proxy)
 
 
 def make_policy(hidden: int) -> Any:
@@ -120,12 +124,12 @@ def trainer(stop_at: float, every_s: float, out: Any) -> None:
     rm.close()
 
 
-def actor(idx: int, stop_at: float, envs: int, out: Any, league_after_s: float) -> None:
+def actor(idx: int, stop_at: float, envs: int, out: Any, league_after_s: float, node_proxy: bool) -> None:
     """``envs`` environments stepping concurrently; actor 0 also plays a clone."""
     _init_from_env()
     import bray
 
-    rm = bray.RemoteModel(NAME)
+    rm = bray.RemoteModel(NAME, node_proxy=node_proxy)  # a clone of it gets its own node proxy
     store = rm.store
     rng = np.random.default_rng(idx)
     lat: list[float] = []
@@ -177,7 +181,8 @@ def actor(idx: int, stop_at: float, envs: int, out: Any, league_after_s: float) 
     asyncio.run(main())
     out.put((f"actor{idx}", {"latency_s": lat, "lag": lags, "failures": failures,
                              "opponent": opponent.name if opponent else None, "opponent_forwards": opp_forwards,
-                             "requests": rm.batching_stats()[1]}))
+                             "requests": rm.batching_stats()[1], "fallbacks": rm.proxy_fallbacks,
+                             "opponent_proxy": opponent.proxy_stats() if opponent else None}))
     if opponent is not None:
         opponent.close()
     rm.close()
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         rm = bray.RemoteModel(NAME, model=make_policy(cfg.hidden), forward_args=(torch.zeros(cfg.max_batch_size or 1, OBS),),
                               max_batch_size=cfg.max_batch_size, num_workers=cfg.workers, checkpoint_interval=cfg.archive_every,
-                              use_onnx="infer" if cfg.engine == "onnx" else None)
+                              use_onnx="infer" if cfg.engine == "onnx" else None, node_proxy=cfg.node_proxy)
         print(f"main: {rm!r} exported, archived and serving in {time.monotonic() - t0:.1f} s", flush=True)
         client = ManagementClient(server.management_url, key_file=server.key_file)
         archiver = watch_and_publish(rm.store, NAME, cfg.archive_every, client=client, model_store=model_store,
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic() + 2.0  # children need a moment to import
         stop_at = start + cfg.duration_s
         procs = [ctx.Process(target=trainer, args=(stop_at, cfg.publish_every_s, out), name="trainer")]
-        procs += [ctx.Process(target=actor, args=(i, stop_at, cfg.envs, out, cfg.duration_s / 3), name=f"actor{i}")
+        procs += [ctx.Process(target=actor, args=(i, stop_at, cfg.envs, out, cfg.duration_s / 3, cfg.node_proxy), name=f"actor{i}")
                   for i in range(cfg.actors)]
         for p in procs:
             p.start()
@@ -271,7 +276,11 @@ def report(cfg: JobConfig, rm: Any, results: dict[str, Any], archiver: Any, mode
     lat = np.array([x for a in actors for x in a["latency_s"]]) * 1e3
     lag = np.array([x for a in actors for x in a["lag"]])
     failures = sum(a["failures"] for a in actors)
-    requests = sum(a["requests"] for a in actors)
+    proxy = rm.proxy_stats()  # the node proxy's counters over every actor process
+    opp_proxies = [a["opponent_proxy"] for a in actors if a.get("opponent_proxy")]
+    via_proxy = (proxy["requests"] if proxy else 0) + sum(p["requests"] for p in opp_proxies)
+    requests = sum(a["requests"] for a in actors) + via_proxy
+    fallbacks = sum(a.get("fallbacks", 0) for a in actors)
     trainer = results.get("trainer", {})
     served = np.array(trainer.get("served_wait_s", [])) * 1e3
     forwards = int(lat.size)
@@ -283,7 +292,12 @@ def report(cfg: JobConfig, rm: Any, results: dict[str, Any], archiver: Any, mode
         f"MLP hidden {cfg.hidden}, {cfg.duration_s:.0f} s",
         f"- steps published: {trainer.get('published', 0)} (last step {trainer.get('last_step')})",
         f"- forwards served: {forwards} ({forwards / cfg.duration_s:.0f}/s) in {requests} HTTP requests "
-        f"(client-side batching x{forwards / max(1, requests):.1f}); failed: {failures}",
+        f"(x{forwards / max(1, requests):.1f} samples per request); failed: {failures}",
+        (f"- node proxy (pid {proxy['pid']}): {proxy['calls']} calls of {cfg.actors} actor processes "
+         f"({proxy['clients_seen']} connections), {proxy['samples']} samples in {proxy['requests']} TorchServe requests: "
+         f"x{proxy['samples'] / max(1, proxy['requests']):.1f} samples per request across processes; "
+         f"{fallbacks} calls sent directly while it was away" if proxy else
+         "- node proxy: off (--no-node-proxy)" if not cfg.node_proxy else "- node proxy: not reachable at the end"),
         f"- latency ms: p50 {np.percentile(lat, 50):.2f}, p90 {np.percentile(lat, 90):.2f}, p99 {np.percentile(lat, 99):.2f}"
         if forwards else "- latency: no forwards",
         f"- policy lag seen by actors (steps): mean {lag.mean():.2f}, max {int(lag.max())}" if lag.size else "- policy lag: n/a",
