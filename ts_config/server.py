@@ -1,4 +1,6 @@
-"""Start and stop real TorchServe instances: used by the test fixtures and the main job.
+"""Start and stop real TorchServe instances: the test fixtures (:func:`start_torchserve`, tied to
+the caller) and ``bray-archive server start|stop|status`` (:func:`start_server`, which leaves
+the server running and records it in ``<workdir>/server.json``; the main job uses it too).
 
 Each instance gets its own working directory, which holds everything TorchServe would
 otherwise share between instances on one machine:
