@@ -2,7 +2,8 @@
 
 ``config_path()`` and ``log_config_path()`` locate the bundled files,
 ``prometheus_config_path()`` and ``grafana_dashboard_path()`` the monitoring ones;
-:mod:`bray.ts_config.server` starts and stops TorchServe instances with them.
+:mod:`bray.ts_config.server` starts and stops TorchServe instances with them
+(from the shell: ``bray-archive server start``).
 """
 
 from __future__ import annotations
