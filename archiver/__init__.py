@@ -6,6 +6,8 @@
   :func:`set_default`, :func:`rollback`, :func:`prune`, :func:`scale` and :func:`status`
   manage what is registered; :func:`watch_and_publish` publishes every N-th step as the
   trainer publishes it;
+- :func:`export_kserve` writes a published model as KServe deploys it (storage layout
+  and manifests, :mod:`bray.archiver.kserve`);
 - :class:`ManagementClient` is the one client of TorchServe's management API (token
   authorization included);
 - ``bray-archive`` (:mod:`bray.archiver.cli`) drives all of it from the shell.
@@ -20,6 +22,8 @@ from bray import _lazy_exports
 # public name -> module that defines it; resolved on first use, so that `bray-archive --help`,
 # usage errors and shell completion do not pay for numpy and requests.
 _EXPORTS: dict[str, str] = {
+    "KServeExport": "bray.archiver.kserve",
+    "KServeOptions": "bray.archiver.kserve",
     "ManagementClient": "bray.archiver.management",
     "ModelStatus": "bray.archiver.publish",
     "ModelVersion": "bray.archiver.management",
@@ -27,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "PublishWatch": "bray.archiver.publish",
     "TokenAuth": "bray.archiver.management",
     "VersionStatus": "bray.archiver.publish",
+    "export_kserve": "bray.archiver.kserve",
     "list_versions": "bray.archiver.publish",
     "pack_archive": "bray.archiver.pack",
     "prune": "bray.archiver.publish",
@@ -42,6 +47,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bray.archiver.kserve import KServeExport, KServeOptions, export_kserve
     from bray.archiver.management import ManagementClient, ModelVersion, TokenAuth
     from bray.archiver.pack import PackedArchive, pack_archive, read_archive_config
     from bray.archiver.publish import (

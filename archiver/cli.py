@@ -119,6 +119,7 @@ class PackOptions:
     quantize: bool = False
     reject_nonfinite: bool = False
     max_request_bytes: int = 64 << 20
+    poll_interval_ms: int = 0
     force: bool = False
     progress: bool = False
 
@@ -148,7 +149,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         engine=args.engine, batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         workers=args.workers, threads=args.threads, fixed_batch_size=args.fixed_batch_size,
         onnx_weights=args.onnx_weights, quantize=args.quantize, reject_nonfinite=args.reject_nonfinite,
-        max_request_bytes=args.max_request_mb << 20, force=getattr(args, "force", False),
+        max_request_bytes=args.max_request_mb << 20, poll_interval_ms=args.poll_interval_ms,
+        force=getattr(args, "force", False),
         progress=not args.no_progress and not args.json and sys.stderr.isatty(),
     )
     return server, pack
@@ -234,6 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--reject-nonfinite", action="store_true", help="answer 400 to inputs holding NaN or infinity")
     g.add_argument("--max-request-mb", type=_int_at_least(1), default=64, metavar="MB",
                    help="largest request body the handler decodes (default 64)")
+    g.add_argument("--poll-interval-ms", type=_int_at_least(0), default=0, metavar="MS",
+                   help="workers read the store's LATEST this often instead of inotify: a store on "
+                        "NFS or another shared file system (default 0: inotify)")
     g.add_argument("--set-default", action="store_true", help="make the new version the default")
     g.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
                    help="how long to wait for the workers to be ready (default 300)")
@@ -347,6 +352,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit-s", type=_positive_float, metavar="S",
                    help="exit after S seconds without a caller (default: run until stopped)")
     p.set_defaults(run=_proxy)
+
+    p = sub.add_parser("kserve", parents=[store, pack],
+                       help="write the KServe storage layout and manifests for a published model",
+                       description="Write DIR/models (config/config.properties + model-store/NAME-latest.mar, "
+                                   "what KServe's TorchServe runtime loads from a storage URI) and "
+                                   "DIR/kubernetes (ServingRuntime, InferenceService, ReadWriteMany claim for "
+                                   "the live store).",
+                       **example("bray-archive kserve policy --out deploy/policy --replicas 4 "
+                                 "--storage-class nfs-client"))
+    p.add_argument("name", metavar="NAME", help="a model published in the store")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    k = p.add_argument_group("kubernetes")
+    k.add_argument("--storage-uri", metavar="URI", help="where DIR/models is uploaded (default pvc://bray-models/NAME)")
+    k.add_argument("--replicas", type=_int_at_least(1), default=2, metavar="N", help="predictor pods (default 2)")
+    k.add_argument("--image", default="bray-serve-torchserve:0.12.0",
+                   help="TorchServe 0.12 + bray-serve image (deploy/kserve/Dockerfile)")
+    k.add_argument("--store-claim", default="bray-store", metavar="PVC", help="claim of the live store (default bray-store)")
+    k.add_argument("--store-mount", default="/mnt/bray-store", metavar="PATH",
+                   help="where every pod mounts the live store; BRAY_STORE (default /mnt/bray-store)")
+    k.add_argument("--store-size-gi", type=_int_at_least(1), default=20, metavar="G", help="claim size (default 20)")
+    k.add_argument("--storage-class", metavar="CLASS", help="a storage class with ReadWriteMany (NFS, CephFS, EFS ...)")
+    k.add_argument("--cpu", default="2", help="CPU per pod, requests = limits (default 2)")
+    k.add_argument("--memory", default="4Gi", help="memory per pod (default 4Gi)")
+    k.add_argument("--gpus", type=_int_at_least(0), default=0, metavar="N", help="nvidia.com/gpu per pod (default 0)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
+    p.set_defaults(run=_kserve, poll_interval_ms=50)
 
     from bray.archiver._server_cli import add_server_parser
 
@@ -505,6 +538,28 @@ def _status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) 
             rows += [(m.name, v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
                       f"{v.ready_workers}/{v.workers}", v.archive) for v in m.versions]
         _table(rows, o)
+
+    _emit(opts, data, human, out)
+    return 0
+
+
+def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
+    from bray.archiver.kserve import KServeOptions, export_kserve
+
+    kserve = KServeOptions(storage_uri=args.storage_uri, replicas=args.replicas, image=args.image,
+                           store_claim=args.store_claim, store_mount=args.store_mount,
+                           store_size_gi=args.store_size_gi, storage_class=args.storage_class, cpu=args.cpu,
+                           memory=args.memory, gpus=args.gpus)
+    kwargs = {k: v for k, v in pack.as_kwargs().items() if k != "force"}
+    done = export_kserve(opts.store(must_exist=True), args.name, out=args.out, options=kserve, force=args.force,
+                         **kwargs)
+    data = {"out": str(done.out), "models": str(done.models), "config": str(done.config),
+            "archive": str(done.archive), "manifests": [str(m) for m in done.manifests],
+            "storage_uri": done.storage_uri}
+
+    def human(o: TextIO) -> None:
+        print(f"wrote {done.out}: upload {done.models} to {done.storage_uri}, then "
+              f"kubectl apply -f {done.out / 'kubernetes'}", file=o)
 
     _emit(opts, data, human, out)
     return 0

@@ -226,6 +226,8 @@ def pack_archive(
     quantize: bool = False,
     reject_nonfinite: bool = False,
     max_request_bytes: int = 64 << 20,
+    poll_interval_ms: int = 0,
+    store_path: str | None = None,
     version: str | None = None,
     force: bool = False,
     progress: bool = False,
@@ -250,6 +252,11 @@ def pack_archive(
         quantize: dynamic int8 quantization (onnx engine).
         reject_nonfinite: answer 400 to inputs holding NaN or infinity.
         max_request_bytes: largest request body the handler decodes.
+        poll_interval_ms: ``> 0``: the workers read the store's ``LATEST`` this often
+            instead of using inotify (a store on NFS or another shared file system).
+        store_path: where the workers find the store, when that is not where this
+            process does (a volume mounted at another path in a pod); default
+            ``store``'s own absolute path.
         version: overrides the version string.
         force: overwrite an existing archive of that version.
         progress: show a progress bar (stderr) when packing takes more than a moment.
@@ -272,9 +279,10 @@ def pack_archive(
         meta = store.meta(name, serving_step)
     version = version or (LIVE_VERSION if step is None else str(serving_step))
     serving = ServingConfig(
-        name=name, store=str(Path(store.root).resolve()), engine=engine, step=serving_step,
+        name=name, store=store_path or str(Path(store.root).resolve()), engine=engine, step=serving_step,
         fixed_batch_size=fixed_batch_size, threads=threads, onnx_weights=onnx_weights,
         quantize=quantize, reject_nonfinite=reject_nonfinite, max_request_bytes=max_request_bytes,
+        poll_interval_ms=poll_interval_ms,
     )
     export_dir = store.model_dir(name) / EXPORT_DIRNAME
     export_files = _export_files(export_dir, engine)

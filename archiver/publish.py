@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 _PACK_KEYS = frozenset({
     "engine", "batch_size", "max_batch_delay_ms", "workers", "threads", "fixed_batch_size",
-    "onnx_weights", "quantize", "reject_nonfinite", "max_request_bytes", "version", "force", "progress",
+    "onnx_weights", "quantize", "reject_nonfinite", "max_request_bytes", "poll_interval_ms", "version", "force",
+    "progress",
 })
 
 

@@ -595,9 +595,13 @@ class CheckpointStore:
         Args:
             name: the model name (it need not be published yet).
             callback: called with each new latest step.
-            poll_interval_s: poll the file system at this interval instead of using
-                inotify (for NFS and other shared file systems). Without it, inotify is
-                used, falling back to polling every second where inotify cannot start.
+            poll_interval_s: read the ``LATEST`` pointer at this interval instead of
+                using inotify (NFS and other shared file systems, where inotify sees only
+                this host's writes). Each poll opens and reads that one small file, so NFS's
+                close-to-open consistency gives a fresh answer without waiting out the
+                attribute cache. Without it, inotify is used (re-checking every 5 s even
+                without an event), falling back to polling every second where inotify
+                cannot start.
 
         Returns:
             A running :class:`StoreWatch`; call ``stop()`` or use it as a context manager.
@@ -738,7 +742,8 @@ class StoreWatch:
         self._watched: Any = None
         self._last = store.latest(name)
         self.polling = poll_interval_s is not None
-        self._observer = self._new_observer()
+        # Polling asked for: no observer at all, the worker thread reads LATEST itself.
+        self._observer: Any = None if self.polling else self._new_observer()
         self._ensure_watch()
         self._thread = threading.Thread(target=self._run, name=f"bray-store-watch-{name}", daemon=True)
         self._thread.start()
@@ -758,10 +763,11 @@ class StoreWatch:
         self._wake.set()
         with self._lock:
             observer = self._observer
-        observer.stop()
+        if observer is not None:
+            observer.stop()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
-        if threading.current_thread() is not observer:
+        if observer is not None and threading.current_thread() is not observer:
             observer.join(timeout_s)
 
     # The observer only wakes the worker thread; the worker reads LATEST and calls back,
@@ -791,6 +797,8 @@ class StoreWatch:
         return path
 
     def _ensure_watch(self) -> None:
+        if self._poll_interval_s is not None:
+            return  # nothing to schedule: _run polls
         target = self._target()
         if target == self._watched_path:
             return
@@ -858,7 +866,7 @@ class StoreWatch:
             except Exception:
                 logger.warning("watch on %r could not (re)schedule its observer", self._name, exc_info=True)
             self._check()
-            self._wake.wait(_WATCH_SAFETY_S)
+            self._wake.wait(self._poll_interval_s or _WATCH_SAFETY_S)
             self._wake.clear()
 
 

@@ -14,6 +14,7 @@ The archiver writes it (``ServingConfig.to_yaml_dict``), the handler reads it
         step: -1             # -1 follows the latest step; N pins version N
         fixed_batch_size: 0  # > 0 pads every forward to this size (Bray's max_batch_size < 0)
         threads: 1
+        poll_interval_ms: 0  # > 0 reads the store's LATEST this often (shared file systems)
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class ServingConfig:
         reject_nonfinite: answer 400 to inputs holding NaN or infinity.
         max_request_bytes: largest request body accepted, in bytes.
         max_batch: largest TensorRT profile batch.
+        poll_interval_ms: ``0`` follows the store with inotify (one machine); ``> 0``
+            reads its ``LATEST`` pointer this often instead, which is what a store on
+            NFS or another shared file system needs (inotify sees only local writes).
     """
 
     name: str
@@ -64,6 +68,7 @@ class ServingConfig:
     reject_nonfinite: bool = False
     max_request_bytes: int = 64 << 20
     max_batch: int = 256
+    poll_interval_ms: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,7 +79,7 @@ class ServingConfig:
         for key in ("step",):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < -1:
                 raise ConfigError(f"{key} must be -1 (latest) or a step >= 0, got {getattr(self, key)!r}")
-        for key in ("fixed_batch_size",):
+        for key in ("fixed_batch_size", "poll_interval_ms"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be an integer >= 0, got {getattr(self, key)!r}")
         for key in ("threads", "max_request_bytes", "max_batch"):

@@ -43,11 +43,14 @@ class StepFollower:
         on_swap: called as ``on_swap(step, load_ms, published_time)`` after each swap
             (metrics; ``published_time`` is the step's unix publish time from the store).
         on_refuse: called as ``on_refuse(step)`` on the watcher thread for a refused step.
+        poll_interval_s: read the store's ``LATEST`` this often instead of inotify
+            (shared file systems); ``None``: inotify.
     """
 
     def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
                  announce: bool = False, on_swap: Callable[[int, float, float], None] | None = None,
-                 on_refuse: Callable[[int], None] | None = None) -> None:
+                 on_refuse: Callable[[int], None] | None = None,
+                 poll_interval_s: float | None = None) -> None:
         self.store = store
         self.name = name
         self.engine = engine
@@ -62,6 +65,7 @@ class StepFollower:
         self._watch: Any = None
         self._on_swap = on_swap
         self._on_refuse = on_refuse
+        self._poll_interval_s = poll_interval_s
         self._serving_file = (
             store.model_dir(name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
         )
@@ -94,7 +98,7 @@ class StepFollower:
         self.step = self.staged_step = step
         if not self.pinned:
             self._announce(step)
-            self._watch = self.store.watch(self.name, self.on_step)
+            self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
             latest = self.store.latest(self.name)
             if latest is not None and latest > step:  # published while we were starting
                 self.on_step(latest)

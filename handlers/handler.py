@@ -91,6 +91,8 @@ class EngineHandler(BaseHandler):
         self._store: CheckpointStore | None = None
         self._limits = wire.DEFAULT_LIMITS
         self.metrics = ServingMetrics(None, model="", version="")
+        self._model_name = ""
+        self._version = ""
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -101,10 +103,11 @@ class EngineHandler(BaseHandler):
         cfg = ServingConfig.from_yaml_dict(getattr(context, "model_yaml_config", None))
         self.config = cfg
         manifest = getattr(context, "manifest", None) or {}
-        self.metrics = ServingMetrics(getattr(context, "metrics", None),
-                                      model=str(getattr(context, "model_name", "") or cfg.name),
-                                      version=str((manifest.get("model") or {}).get("modelVersion", "")),
-                                      period_s=METRIC_PERIOD_S)
+        # The registered name and version: metric labels, and the OIP answer's model_name/_version.
+        self._model_name = str(getattr(context, "model_name", "") or cfg.name)
+        self._version = str((manifest.get("model") or {}).get("modelVersion", ""))
+        self.metrics = ServingMetrics(getattr(context, "metrics", None), model=self._model_name,
+                                      version=self._version, period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
         self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
@@ -121,7 +124,8 @@ class EngineHandler(BaseHandler):
         started = time.perf_counter()
         self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
                                      announce=not cfg.pinned, on_swap=self._on_swap,
-                                     on_refuse=self.metrics.refused)
+                                     on_refuse=self.metrics.refused,
+                                     poll_interval_s=cfg.poll_interval_ms / 1e3 if cfg.poll_interval_ms else None)
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
                  options.device, (time.perf_counter() - started) * 1e3)

@@ -48,6 +48,11 @@ if [ ! -f "$stamp" ]; then
   $PIP install -q "torch==2.13.0"
   # torchserve 0.12's wheel forgets PyYAML, which its worker imports: pyproject lists it.
   $PIP install -q -e ".[onnx,test,bench,metrics]"
+  # KServe's CRD classes for the manifest checks (tests/unit/test_kserve_export.py): the
+  # wheel only, not installed, since its model-server dependencies would downgrade
+  # protobuf and psutil; the test loads the generated classes from it.
+  mkdir -p "$VENV/share/bray-kserve"
+  $PIP download -q --no-deps "kserve==0.21.0" -d "$VENV/share/bray-kserve"
   rm -f "$VENV"/.bray-setup-*
   touch "$stamp"
 fi

@@ -43,7 +43,8 @@ from bray.ts_config import config_path, log_config_path
 if TYPE_CHECKING:  # pragma: no cover
     from bray.archiver.management import TokenAuth
 
-__all__ = ["ServerState", "TorchServeProcess", "free_ports", "start_server", "start_torchserve", "stop_server"]
+__all__ = ["ServerState", "TorchServeProcess", "free_ports", "ping_status", "start_server", "start_torchserve",
+           "stop_server"]
 
 # Keys this launcher writes into the per-instance config.
 _ADDRESS_KEYS = (
@@ -198,22 +199,40 @@ class TorchServeProcess:
 
 def _ping(inference_url: str, key_file: Path, auth: "TokenAuth", *, timeout_s: float) -> bool:
     """True when ``GET /ping`` answers 200, with the inference key while ``key_file`` exists."""
+    return ping_status(inference_url, auth if key_file.is_file() else None, timeout_s=timeout_s) == 200
+
+
+def ping_status(inference_url: str, auth: "TokenAuth | None", *, timeout_s: float = 2.0) -> int | None:
+    """The status ``GET <inference_url>/ping`` answers with the inference key; ``None``: no answer.
+
+    TorchServe 0.12 answers a ping without a valid key 400 (InvalidKeyException), so an
+    expired key (60 minutes by default) is regenerated once through the API key and the
+    ping sent again. Shared by the launchers here and the Kubernetes probe
+    (``python -m bray.ts_config.probe``).
+
+    Args:
+        inference_url: the inference address.
+        auth: the server's keys; ``None`` sends no key (token authorization off).
+        timeout_s: per HTTP call.
+    """
     import requests
 
     from bray.archiver.management import key_refused
 
+    status = None
     for attempt in range(2):
         try:
-            headers = auth.headers("inference") if key_file.is_file() else {}
-            resp = requests.get(f"{inference_url}/ping", headers=headers, timeout=timeout_s)
-            if attempt == 0 and headers and key_refused(resp.status_code, resp.content):
+            headers = auth.headers("inference") if auth is not None else {}
+            resp = requests.get(f"{inference_url.rstrip('/')}/ping", headers=headers, timeout=timeout_s)
+            status = resp.status_code
+            if attempt == 0 and auth is not None and headers and key_refused(resp.status_code, resp.content):
                 # Keys expire (60 min by default): regenerate through the API key, once.
-                auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):])
+                auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):], timeout_s=timeout_s)
                 continue
         except (requests.RequestException, BrayError):
-            return False
-        return resp.status_code == 200
-    return False
+            return status
+        return status
+    return status
 
 
 def _stop_tree(launcher_pid: int | None, java_pid: int | None, *, timeout_s: float,
