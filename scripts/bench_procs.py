@@ -10,7 +10,8 @@ call, for a given time. The parent drives every actor over a pipe:
   answers ``("ready",)`` or ``("error", message)``;
 - ``("run", start_at, duration_s)``: from ``start_at`` (``time.monotonic``, which every
   process on Linux shares) start calls for ``duration_s``; answers ``("done",
-  call_seconds, errors, first_error, elapsed_s)`` (elapsed up to the last answer);
+  call_seconds, errors, first_error, elapsed_s, proxy)`` (elapsed up to the last answer;
+  ``proxy``: actor 0's reading of the node proxy's counters over the run, or ``None``);
 - ``("stop",)``.
 
 The driver (:func:`measure`) runs every system at each point (P actor processes x rows
@@ -27,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +41,11 @@ import bray
 OBS, ACTIONS = 64, 16
 
 
-def _client(system: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+Stats = Callable[[], "dict[str, Any] | None"]
+
+
+def _client(system: dict[str, Any]) -> tuple[Callable[[np.ndarray], Any], Stats]:
+    """The system's call, and its node proxy's counters (``None`` without one)."""
     if system["kind"] == "stock":
         session = requests.Session()
         url, headers = system["url"], system["headers"]
@@ -51,17 +57,19 @@ def _client(system: dict[str, Any]) -> Callable[[np.ndarray], Any]:
             r.raise_for_status()
             return np.asarray(r.json(), np.float32)
 
-        return stock
+        return stock, lambda: None
     bray.init(**system["locations"])
     rm = bray.RemoteModel(system["name"], **system.get("options", {}))
+    stats = getattr(rm, "proxy_stats", lambda: None)
     # batch=True explicitly: the observations carry their batch dimension (rows x 64).
-    return lambda obs: rm(obs, batch=True)
+    return (lambda obs: rm(obs, batch=True)), stats
 
 
 def actor_main(conn: Any, index: int) -> None:
     """Serve the parent's commands until ``("stop",)``."""
-    clients: dict[str, Callable[[np.ndarray], Any]] = {}
+    clients: dict[str, tuple[Callable[[np.ndarray], Any], Stats]] = {}
     call: Callable[[np.ndarray], Any] | None = None
+    stats: Stats = lambda: None  # noqa: E731
     obs = np.zeros((1, OBS), np.float32)
     rng = np.random.default_rng(index)
     while True:
@@ -73,7 +81,7 @@ def actor_main(conn: Any, index: int) -> None:
             try:
                 if system["label"] not in clients:
                     clients[system["label"]] = _client(system)
-                call = clients[system["label"]]
+                call, stats = clients[system["label"]]
                 obs = rng.standard_normal((rows, OBS), dtype=np.float32)
                 for _ in range(3):
                     out = call(obs)
@@ -87,6 +95,8 @@ def actor_main(conn: Any, index: int) -> None:
         assert call is not None, "run before prepare"
         times: list[float] = []
         errors, first_error = 0, ""
+        # Every actor is warmed up by now (the parent waited for all), none has started.
+        before = stats() if index == 0 else None
         time.sleep(max(0.0, start_at - time.monotonic()))
         stop_at = start_at + duration_s
         now = time.monotonic()
@@ -101,7 +111,9 @@ def actor_main(conn: Any, index: int) -> None:
                 errors += 1
                 first_error = first_error or f"{type(err).__name__}: {err}"
             now = time.monotonic()
-        conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at))
+        after = stats() if index == 0 else None
+        proxy = {k: after[k] - before[k] for k in ("calls", "samples", "requests")} if before and after else None
+        conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at, proxy))
 
 
 class Actors:
@@ -213,6 +225,9 @@ def measure(systems: list[dict[str, Any]], *, procs: tuple[int, ...], rows: tupl
                         "samples_per_request": calls * r / sent if sent else None,
                         "requests": sent, "errors": sum(d[2] for d in done),
                         "first_error": next((d[3] for d in done if d[3]), ""),
+                        # The node proxy's own count: a call it did not answer went direct.
+                        "proxy": done[0][5] if done else None,
+                        "loadavg_1min": os.getloadavg()[0],
                     }
                     points.append(point)
                     log(f"bench: P={p} x {r} obs, {system['label']}: {point['forwards_per_s']:.0f} forwards/s, "
@@ -234,7 +249,10 @@ def markdown(res: dict[str, Any], head: str, stocks: list[str]) -> str:
     lines = [f"_{head}_", "",
              f"Forwards/s = observations answered per second, all P actor processes together, each calling "
              f"sync `rm(obs)` (or `requests.post` for stock) back to back for {res['duration_s']:g} s. "
-             "Stock is the better of its two batch delays at each point.", "",
+             "Stock is the better of its two batch delays at each point. In the second table, calls via the "
+             "proxy = the proxy's own count of calls answered during the point (read by one actor at its start and "
+             "end) over the calls made, so a fallback to direct HTTP shows; load avg = the 1-minute load average "
+             "at the end of the point (2 cores).", "",
              "| P processes x obs/call | stock best | " + " | ".join(others) + " | "
              + " | ".join(f"{o} vs stock" for o in others) + " |",
              "|---|" + "---:|" * (1 + 2 * len(others))]
@@ -249,12 +267,15 @@ def markdown(res: dict[str, Any], head: str, stocks: list[str]) -> str:
                 cells.append(f"{x['forwards_per_s']:,.0f} /s, {x['p50_ms']:.1f} ms" if x else "-")
                 ratios.append(f"{x['forwards_per_s'] / best['forwards_per_s']:.1f}x" if x and best else "-")
             lines.append(f"| {p} x {r} | " + " | ".join(cells + ratios) + " |")
-    lines += ["", "| P x obs | system | forwards/s | calls/s | median ms | p99 ms | samples per TorchServe request | errors |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| P x obs | system | forwards/s | calls/s | median ms | p99 ms | samples per TorchServe request "
+              "| calls via the proxy | errors | load avg |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in res["points"]:
         spr = f"{x['samples_per_request']:.1f}" if x["samples_per_request"] else "-"
+        via = f"{min(1.0, x['proxy']['calls'] / x['calls']):.0%}" if x.get("proxy") and x["calls"] else "-"
+        load = f"{x['loadavg_1min']:.0f}" if "loadavg_1min" in x else "-"
         lines.append(f"| {x['procs']} x {x['rows']} | {x['system']} | {x['forwards_per_s']:,.0f} | {x['calls_per_s']:,.0f} | "
-                     f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {spr} | {x['errors']} |")
+                     f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {spr} | {via} | {x['errors']} | {load} |")
     for label, why in res["skipped"].items():
         lines.append(f"\nNot measured: {label}: {why}.")
     return "\n".join(lines) + "\n"
@@ -287,7 +308,8 @@ def write(res: dict[str, Any], head: str, stocks: list[str], out: Path) -> str:
         ax.set_ylabel("forwards / s")
         ax.set_title(f"{r} observation(s) per call", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("Many actor processes: policy MLP, 2 workers, batch 32, one machine", fontsize=10)
+    fig.suptitle("Many actor processes: policy MLP, 2 workers, batch 32; one run on 2 shared cores "
+                 "(compare systems, not runs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "bench_procs.png", dpi=110)
     return md
