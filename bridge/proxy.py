@@ -128,10 +128,15 @@ class NodeProxy:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     def stats(self) -> dict[str, Any]:
+        import resource
+
         calls, requests = self.model.batching_stats() if self.model is not None else (0, 0)
+        transport = getattr(self.model, "_client", None)
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
                 "calls": self.calls, "samples": self.samples, "requests": requests,
-                "cpu_s": round(time.process_time(), 3)}
+                "requests_by_url": dict(transport.stats.by_url) if transport is not None else {},
+                "cpu_s": round(time.process_time(), 3),
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     async def serve(self) -> None:
         """Answer callers until idle for ``idle_exit_s`` (or failed-start linger) or :meth:`stop`."""

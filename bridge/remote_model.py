@@ -365,6 +365,7 @@ class RemoteModel:
         self._proxy: Any = None
         self._proxy_ok = True
         self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
+        self._proxy_calls = 0
 
         export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
         has_export = (export_dir / SPEC_FILE).is_file()
@@ -549,8 +550,13 @@ class RemoteModel:
         return batcher
 
     def batching_stats(self) -> tuple[int, int]:
-        """``(forward calls, HTTP requests)`` so far, over every event loop used."""
-        return (sum(b.calls for b in self._batcher_stats), sum(b.requests_sent for b in self._batcher_stats))
+        """``(forward calls, HTTP requests this process sent)`` so far, over every event loop used.
+
+        Calls answered through the node proxy count as calls; the proxy's own requests
+        are in :meth:`proxy_stats`.
+        """
+        return (sum(b.calls for b in self._batcher_stats) + self._proxy_calls,
+                sum(b.requests_sent for b in self._batcher_stats))
 
     async def _send(self, payload: Any) -> tuple[Any, int]:
         import asyncio
@@ -632,9 +638,11 @@ class RemoteModel:
         """
         if step > self._seen_step:
             self._seen_step = step
-        if route == "proxy" and not self._proxy_ok:
-            self._proxy_ok = True
-            log.warning("bray: %s: the node proxy answers again", self.name)
+        if route == "proxy":
+            self._proxy_calls += 1
+            if not self._proxy_ok:
+                self._proxy_ok = True
+                log.warning("bray: %s: the node proxy answers again", self.name)
         return outputs, step
 
     def _proxy_unavailable(self, err: Exception) -> None:
@@ -648,8 +656,9 @@ class RemoteModel:
         """The node proxy's counters over every process it serves, ``None`` without a proxy.
 
         Returns:
-            ``calls`` and ``samples`` answered, ``requests`` sent to TorchServe,
-            ``clients`` connected now, ``pid``; ``None`` also while it is unreachable.
+            ``calls`` and ``samples`` answered, ``requests`` sent to TorchServe (and
+            ``requests_by_url``), ``clients`` connected now and ``clients_seen``, its
+            ``pid``, ``cpu_s`` and ``max_rss_mb``; ``None`` also while it is unreachable.
         """
         from bray.bridge._slot import ProxyUnavailableError
 

@@ -205,3 +205,30 @@ def test_bray_archive_proxy_runs_one_in_the_foreground_until_sigterm(env: dict[s
             cli.kill()
             cli.wait()
     assert not listening(address)
+
+
+def test_the_proxy_balances_over_several_nodes(env: dict[str, str], torchserve: TorchServeProcess,
+                                              torchserve_factory: Any, tmp_path: Path) -> None:
+    a, b = torchserve, torchserve_factory()
+    bray.init(store=tmp_path / "store", inference_url=f"{a.inference_url},{b.inference_url}",
+              management_url=f"{a.management_url},{b.management_url}", key_file=f"{a.key_file},{b.key_file}",
+              model_store=f"{a.model_store},{b.model_store}")
+    rm = None
+    try:
+        net = StepProbe()
+        net.load_state_dict(probe_weights(0))
+        rm = bray.RemoteModel("proxy-two-nodes", model=net, forward_args=(torch.zeros(1, 4),), num_workers=1,
+                              max_batch_size=8, node_proxy=True)
+        rm.publish_weights(probe_weights(1)).wait(timeout_s=60)  # every worker of both nodes serves step 1
+        for _ in range(20):
+            out, step = rm(X, batch=True, return_step=True)
+            assert step == 1 and np.allclose(out, X.sum() + 1)
+        stats = rm.proxy_stats()
+        assert stats is not None and rm.proxy_fallbacks == 0
+        assert set(stats["requests_by_url"]) == {a.inference_url, b.inference_url}, stats
+    finally:
+        if rm is not None:
+            rm.close()
+            with ManagementClient(a.management_url, key_file=a.key_file, timeout_s=120) as client:
+                client.unregister(rm.name)
+        bray.init()  # back to this module's BRAY_* variables
