@@ -85,3 +85,29 @@ def test_a_start_that_fails_is_one_line_pointing_at_the_logs(workdir: Path, tmp_
     assert done.returncode == 1 and "did not answer" in line and "within 0.01 s" in line
     assert f"its logs are in {workdir / 'logs'}" in line
     assert bray_archive("server", "status", "--workdir", str(workdir)).returncode == 3
+
+
+def test_models_given_at_start_are_registered(workdir: Path, tmp_path: Path) -> None:
+    """`--models` (what the README advises for versions that must come back after a restart)."""
+    import numpy as np
+    import torch
+
+    from bray.archiver.pack import pack_archive
+    from bray.export import export_model
+    from bray.store import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "store")
+    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=store.model_dir("policy") / "export")
+    store.publish("policy", {"weight": np.ones((2, 4), np.float32), "bias": np.zeros(2, np.float32)}, step=5)
+    packed = pack_archive(store, "policy", step=5, model_store=tmp_path / "ms")
+
+    done = bray_archive("server", "start", "--workdir", str(workdir), "--any-ports", "--model-store",
+                        str(tmp_path / "ms"), "--models", f"policy={packed.file_name}", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    versions = bray_archive("versions", "policy", "--json", "--management", info["management_url"],
+                            "--key-file", info["key_file"], "--model-store", str(tmp_path / "ms"),
+                            "--store", str(store.root))
+    assert versions.returncode == 0, versions.stderr
+    (version,) = json.loads(versions.stdout)
+    assert (version["version"], version["step"], version["is_default"]) == ("5", 5, True)
