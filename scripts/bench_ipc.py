@@ -11,6 +11,8 @@ Candidates (``--transports``, comma separated):
 
 - ``shm+seqpacket``: ``multiprocessing.shared_memory`` slots; wake-ups are one byte over
   a per-actor ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair; the server ``epoll``s them all.
+- ``memfd+stream``: what issue 10's node proxy chose (``bridge/_slot.py``): a ``memfd_create``
+  slot and a 32-byte header each way over a per-actor ``SOCK_STREAM`` socket pair.
 - ``shm+dgram``: the same slots; one ``SOCK_DGRAM`` server socket (abstract address) that
   every actor sends its slot number to, answered with ``sendto`` to the actor's own socket.
 - ``shm+eventfd``: the same slots; two ``os.eventfd`` per actor (request, answer), made
@@ -62,16 +64,29 @@ REQ_FLOATS, REP_FLOATS = MAX_ROWS * OBS, MAX_ROWS * ACT
 
 
 class Slots:
-    """One shared-memory segment: per actor a header, a request area and an answer area."""
+    """One shared-memory segment: per actor a header, a request area and an answer area.
 
-    def __init__(self, clients: int) -> None:
+    ``memfd=True`` backs it with ``memfd_create`` (no name in /dev/shm at all) instead of
+    ``multiprocessing.shared_memory``; the forked processes inherit the mapping either way.
+    """
+
+    def __init__(self, clients: int, *, memfd: bool = False) -> None:
+        import mmap
         from multiprocessing import shared_memory
 
         self.clients = clients
         size = clients * (HEADER * 8 + (REQ_FLOATS + REP_FLOATS) * 4)
-        # Random name, 0600 by default on Linux (shm_open with mode 0o600 in CPython).
-        self.shm = shared_memory.SharedMemory(name=f"bray-bench-{secrets.token_hex(8)}", create=True, size=size)
-        buf = self.shm.buf
+        self.shm: Any = None
+        if memfd:
+            fd = os.memfd_create("bray-bench-slots")
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+            os.close(fd)
+            buf: Any = self.map
+        else:
+            # Random name, 0600 by default on Linux (shm_open with mode 0o600 in CPython).
+            self.shm = shared_memory.SharedMemory(name=f"bray-bench-{secrets.token_hex(8)}", create=True, size=size)
+            buf = self.shm.buf
         h = clients * HEADER * 8
         r = h + clients * REQ_FLOATS * 4
         self.header = np.ndarray((clients, HEADER), np.int64, buf, 0)
@@ -98,6 +113,9 @@ class Slots:
 
     def close(self) -> None:
         del self.header, self.req, self.rep
+        if self.shm is None:
+            self.map.close()
+            return
         self.shm.close()
         self.shm.unlink()
 
@@ -164,6 +182,52 @@ class ShmSeqpacket(Transport):
             a.close()
             b.close()
         super().close()
+
+
+class MemfdStream(ShmSeqpacket):
+    """What issue 10's proxy chose (bridge/_slot.py): a memfd slot, a 32-byte header each way
+    over a per-actor ``SOCK_STREAM`` Unix socket (read exactly, as a stream needs)."""
+
+    name = "memfd+stream"
+    MSG = 32
+
+    def setup(self, clients: int) -> None:
+        self.clients = clients
+        self.slots = Slots(clients, memfd=True)
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(clients)]
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> None:
+        while n:
+            got = len(sock.recv(n))
+            if not got:
+                raise EOFError("peer closed")
+            n -= got
+
+    def serve(self) -> None:
+        ep = select.epoll()
+        by_fd = {}
+        for i, (_, srv) in enumerate(self.pairs):
+            ep.register(srv.fileno(), select.EPOLLIN)
+            by_fd[srv.fileno()] = (i, srv)
+        reply = bytes(self.MSG)
+        while True:
+            for fd, _ in ep.poll():
+                i, srv = by_fd[fd]
+                self._read(srv, self.MSG)
+                self.slots.answer(i)
+                srv.sendall(reply)
+
+    def connect(self, i: int) -> Callable[[np.ndarray, int], np.ndarray]:
+        sock, slots, msg = self.pairs[i][0], self.slots, bytes(self.MSG)
+
+        def rt(obs: np.ndarray, seq: int) -> np.ndarray:
+            slots.put(i, obs, seq)
+            sock.sendall(msg)
+            self._read(sock, self.MSG)
+            return slots.take(i, obs.shape[0])
+
+        return rt
 
 
 class ShmDgram(Transport):
@@ -366,7 +430,7 @@ class SeqpacketPayload(ShmSeqpacket):
 
 
 TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (
-    ShmSeqpacket, ShmDgram, ShmEventfd, ShmPosixIpc, ShmSemaphores, ZmqIpc, SeqpacketPayload)}
+    ShmSeqpacket, MemfdStream, ShmDgram, ShmEventfd, ShmPosixIpc, ShmSemaphores, ZmqIpc, SeqpacketPayload)}
 
 
 def _actor(t: Transport, i: int, rows: int, n: int, until: float, start: Any, out: Any) -> None:
