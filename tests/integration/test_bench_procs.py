@@ -1,0 +1,93 @@
+"""scripts/bench_procs.py (bench.py's multi-process table) against a real TorchServe.
+
+Real actor processes call the policy MLP through ``RemoteModel`` direct and through the
+node proxy. What the table reports must be what happened: direct sends exactly one
+TorchServe request per call (so samples per request equals the observations per call,
+read from TorchServe's own request counter), the proxy's own counters saw the calls, no
+call failed, and a system that cannot run is listed with its reason, not measured.
+Nothing is timed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+import bray
+from bray.archiver.management import ManagementClient
+from bray.errors import ModelNotFoundError
+from bray.ts_config.server import TorchServeProcess
+from tests.models import PolicyMLP
+
+NAME = "bench-procs-policy"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench_procs() -> Any:
+    sys.path.insert(0, str(SCRIPTS))  # the forkserver imports it by name, with this sys.path
+    try:
+        import bench_procs
+
+        yield bench_procs
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(scope="module")
+def locations(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    values = dict(store=str(tmp_path_factory.mktemp("bench-procs-store")), model_store=str(torchserve.model_store),
+                  inference_url=torchserve.inference_url, management_url=torchserve.management_url,
+                  key_file=str(torchserve.key_file))
+    saved = os.environ.get("BRAY_PROXY_IDLE_S")
+    os.environ["BRAY_PROXY_IDLE_S"] = "2"  # the actors' proxy goes soon after the test
+    bray.init(**values)
+    bray.RemoteModel(NAME, model=PolicyMLP().eval(), forward_args=(torch.zeros(2, 64),), num_workers=1,
+                     max_batch_size=8).close()
+    try:
+        yield values
+    finally:
+        if saved is None:
+            os.environ.pop("BRAY_PROXY_IDLE_S", None)
+        else:
+            os.environ["BRAY_PROXY_IDLE_S"] = saved
+        with ManagementClient(torchserve.management_url, key_file=torchserve.key_file, timeout_s=120) as client:
+            try:
+                client.unregister(NAME)
+            except ModelNotFoundError:
+                pass
+
+
+def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, str], torchserve: TorchServeProcess,
+                                         tmp_path: Path) -> None:
+    systems = [
+        {"label": "direct", "kind": "bray", "model": NAME, "name": NAME, "locations": locations},
+        {"label": "proxy", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
+         "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()},
+        {"label": "absent", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
+         "skip": "not built here"},
+    ]
+    res = bench_procs.measure(systems, procs=(2,), rows=(1, 3), duration_s=0.5, metrics_url=torchserve.metrics_url,
+                              log=lambda line: None)
+    assert res["skipped"]["absent"] == "not built here"
+    points = {(p["system"], p["rows"]): p for p in res["points"]}
+    assert {s for s, _ in points} == {"direct", "proxy"} - set(res["skipped"])
+    for (system, rows), p in points.items():
+        assert p["errors"] == 0, p["first_error"]
+        assert p["calls"] > 0 and p["forwards_per_s"] == pytest.approx(p["calls_per_s"] * rows)
+        assert p["p50_ms"] <= p["p99_ms"]
+        if system == "direct":  # one request per call, counted by TorchServe itself
+            assert p["requests"] == p["calls"]
+            assert p["samples_per_request"] == pytest.approx(rows)
+            assert p["proxy"] is None
+        else:  # the proxy answered the calls (one actor's reading spans the run)
+            assert p["proxy"]["calls"] > 0
+            assert p["proxy"]["samples"] >= p["proxy"]["calls"] * rows
+    md = bench_procs.write(res, "test run", [], tmp_path)
+    assert "Not measured: absent: not built here." in md
+    assert (tmp_path / "bench_procs.json").is_file()
