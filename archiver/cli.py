@@ -381,6 +381,21 @@ def _parser() -> argparse.ArgumentParser:
     # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
     p.set_defaults(run=_kserve, poll_interval_ms=50)
 
+    p = sub.add_parser("dashboard", parents=[store, model_store, server],
+                       help="a read-only web page of the store and the server serving it",
+                       description="Serve a page that refreshes itself: the models in the store, their "
+                                   "registered versions and default, the step each worker serves, and the "
+                                   "league table with a plot of win rate by opponent step. Read-only; it "
+                                   "never shows TorchServe's keys. /metrics serves the league to Prometheus.",
+                       **example("bray-archive dashboard --store ~/.bray/store/pong/run1",
+                                 "bray-archive dashboard --port 8091 --refresh-s 5"))
+    p.add_argument("--port", type=_int_at_least(1), default=8090, metavar="P", help="port (default 8090)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 lets other machines look)")
+    p.add_argument("--refresh-s", type=_positive_float, default=2.0, metavar="S",
+                   help="how often the page refreshes itself (default 2)")
+    p.set_defaults(run=_dashboard)
+
     from bray.archiver._server_cli import add_server_parser
 
     add_server_parser(sub, int_at_least=_int_at_least, positive_float=_positive_float)
@@ -595,6 +610,29 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
             pass
         finally:
             handle.stop()
+    return 0
+
+
+def _dashboard(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+    from bray.archiver.dashboard import DashboardOptions, run_dashboard
+    from bray.archiver.management import ManagementClient
+
+    if args.port > 65535:
+        raise ConfigError(f"--port must be 1-65535, got {args.port}")
+    locations = opts.locations
+
+    def client() -> ManagementClient:  # short: a page refresh must not hang on a stuck server
+        return ManagementClient(locations.management_url, key_file=locations.key_file, timeout_s=3.0)
+
+    def started(url: str) -> None:
+        print(f"dashboard of {locations.store} on {url} (read-only; Ctrl-C to stop)", file=out, flush=True)
+
+    try:
+        run_dashboard(DashboardOptions(store=locations.store, host=args.host, port=args.port,
+                                       refresh_s=args.refresh_s, model_store=locations.model_store,
+                                       client=client), started=started)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -26,11 +26,10 @@ import torch
 import yaml
 
 import bray
-from bray.archiver.management import ManagementClient
-from bray.errors import ModelNotFoundError
 from bray.ts_config import grafana_dashboard_path, prometheus_config_path
 from bray.ts_config.server import TorchServeProcess, free_ports
 from tests.models import PolicyMLP
+from tests.serving import init_for, unregister_all
 
 NAME = "prom-policy"
 WORKERS = 2
@@ -91,8 +90,7 @@ def scrape_config(targets: dict[str, str], *, interval_s: int = 1) -> dict[str, 
 def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[bray.RemoteModel, int]]:
     """The model on the session server, with its client exporter on a free port."""
     store = tmp_path_factory.mktemp("prom-store")
-    bray.init(store=store, model_store=torchserve.model_store, inference_url=torchserve.inference_url,
-              management_url=torchserve.management_url, key_file=torchserve.key_file)
+    init_for(torchserve, store)
     (port,) = free_ports(1)
     rm = bray.RemoteModel(NAME, model=PolicyMLP(), forward_args=(torch.zeros(2, 64),), max_batch_size=BATCH,
                           num_workers=WORKERS, metrics_port=port)
@@ -100,11 +98,7 @@ def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFacto
         yield rm, port
     finally:
         rm.close()
-        with ManagementClient(torchserve.management_url, key_file=torchserve.key_file, timeout_s=120) as client:
-            try:
-                client.unregister(NAME)
-            except ModelNotFoundError:
-                pass
+        unregister_all(torchserve, {NAME})
 
 
 @pytest.fixture(scope="module")

@@ -22,21 +22,15 @@ import bray
 from bray import wire
 from bray.archiver.management import ManagementClient
 from bray.bridge.transport import InferenceClient, Reply
-from bray.errors import ConfigError, InputError, ModelNotFoundError, StepNotFoundError
+from bray.errors import ConfigError, InputError, StepNotFoundError
 from bray.ts_config.server import TorchServeProcess, free_ports
 from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
+from tests.serving import init_for, unregister_all
 
 OBS = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
 X = np.ones((2, 4), np.float32)
 
 Make = Callable[..., bray.RemoteModel]
-
-
-def init_for(server: TorchServeProcess, store: Path, **overrides: object) -> None:
-    kwargs: dict[str, object] = dict(store=store, model_store=server.model_store, inference_url=server.inference_url,
-                                     management_url=server.management_url, key_file=server.key_file)
-    kwargs.update(overrides)
-    bray.init(**kwargs)  # type: ignore[arg-type]
 
 
 def expected(step: int, x: np.ndarray = X) -> np.ndarray:
@@ -48,15 +42,6 @@ def probe_net(step: int) -> StepProbe:
     net = StepProbe()
     net.load_state_dict(probe_weights(step))
     return net
-
-
-def unregister_all(server: TorchServeProcess, names: set[str]) -> None:
-    with ManagementClient(server.management_url, key_file=server.key_file, timeout_s=120) as client:
-        for name in sorted(names):
-            try:
-                client.unregister(name)
-            except ModelNotFoundError:
-                pass
 
 
 @pytest.fixture
