@@ -88,12 +88,9 @@ def check_store(root: Path) -> list[str]:
 # --- the data -----------------------------------------------------------------------
 
 
-def _league(root: Path, name: str) -> list[dict[str, Any]] | None:
-    """The league table of ``name``; ``None`` where this install has no league (bray.league)."""
-    try:
-        from bray.league import read_league
-    except ImportError:  # bray.league comes with ModelPool
-        return None
+def _league(root: Path, name: str) -> list[dict[str, Any]]:
+    from bray.league import read_league
+
     return [asdict(s) for s in read_league(root, name)]
 
 
@@ -193,9 +190,9 @@ def _table(head: list[str], rows: list[list[Any]], *, left: int = 1, attrs: str 
     return f"<table {attrs}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _plot(league: list[dict[str, Any]], *, width: int = 420, height: int = 180) -> str:
+def _plot(league: list[dict[str, Any]], *, width: int = 440, height: int = 200) -> str:
     """Win rate (all games, and recent) by opponent step, as an inline SVG."""
-    pad_l, pad_b, pad_t, pad_r = 40, 28, 10, 10
+    pad_l, pad_b, pad_t, pad_r = 40, 36, 10, 10
     steps = [s["step"] for s in league]
     lo, hi = min(steps), max(steps)
     span = (hi - lo) or 1
@@ -212,17 +209,16 @@ def _plot(league: list[dict[str, Any]], *, width: int = 420, height: int = 180) 
         parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y(rate):.1f}" y2="{y(rate):.1f}" '
                      f'stroke="#ddd"/><text x="{pad_l - 6}" y="{y(rate) + 4:.1f}" text-anchor="end">{rate:g}</text>')
     for step in sorted({lo, hi}):
-        parts.append(f'<text x="{x(step):.1f}" y="{height - 10}" text-anchor="middle">{step}</text>')
-    parts.append(f'<text x="{(pad_l + width) / 2:.0f}" y="{height - 0}" text-anchor="middle" '
-                 f'class="muted">opponent step</text>')
-    for key, color in (("mean", "#1f77b4"), ("recent", "#ff7f0e")):
+        parts.append(f'<text x="{x(step):.1f}" y="{height - pad_b + 14}" text-anchor="middle">{step}</text>')
+    parts.append(f'<text x="{width - pad_r}" y="{height - 4}" text-anchor="end" fill="#777">opponent step</text>')
+    for key, color, dash in (("mean", "#1f77b4", ""), ("recent", "#ff7f0e", ' stroke-dasharray="4 3"')):
         points = " ".join(f"{x(s['step']):.1f},{y(s[key]):.1f}" for s in league)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/>')
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{points}"/>')
         parts += [f'<circle cx="{x(s["step"]):.1f}" cy="{y(s[key]):.1f}" r="3" fill="{color}">'
                   f'<title>step {s["step"]}: {key} {s[key]:.3f} over {s["games"]} games</title></circle>'
                   for s in league]
-    parts.append(f'<text x="{width - pad_r}" y="{pad_t + 10}" text-anchor="end"><tspan fill="#1f77b4">'
-                 f'all games</tspan> <tspan fill="#ff7f0e">recent</tspan></text></svg>')
+    parts.append(f'<text x="{pad_l}" y="{height - 4}"><tspan fill="#1f77b4">'
+                 f'all games</tspan> <tspan fill="#ff7f0e">recent (dashed)</tspan></text></svg>')
     return "".join(parts)
 
 
@@ -245,9 +241,7 @@ def _model_section(m: dict[str, Any], has_server: bool) -> str:
                    + _table(["worker", "step", "version", "status", "announced"], rows, attrs='class="workers"'))
     else:
         out.append('<p class="muted">no worker announces a step of this model (pinned versions do not)</p>')
-    if m["league"] is None:
-        out.append('<p class="muted">league: this install has no bray.league</p>')
-    elif m["league"]:
+    if m["league"]:
         rows = [[_E(s["opponent"]), str(s["step"]), str(s["games"]), f'{s["mean"]:.3f}', f'{s["recent"]:.3f}']
                 for s in m["league"]]
         out.append("<h3>League</h3>" + _table(["opponent", "step", "games", "win rate", "recent"], rows,
@@ -290,7 +284,7 @@ def render_metrics(state: dict[str, Any]) -> bytes:
             for m in state["models"]:
                 if m["latest"] is not None:
                     latest.add_metric([m["name"]], m["latest"])
-                for s in m["league"] or []:
+                for s in m["league"]:
                     labels = [m["name"], s["opponent"], str(s["step"])]
                     rate.add_metric(labels, s["mean"])
                     recent.add_metric(labels, s["recent"])

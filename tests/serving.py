@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import bray
 from bray.archiver.management import ManagementClient
 from bray.errors import ModelNotFoundError
-from bray.ts_config.server import TorchServeProcess
+from bray.ts_config.server import TorchServeProcess, free_ports
 
 
 def init_for(server: TorchServeProcess, store: Path, **overrides: object) -> None:
@@ -26,3 +31,25 @@ def unregister_all(server: TorchServeProcess, names: set[str]) -> None:
                 client.unregister(name)
             except ModelNotFoundError:
                 pass
+
+
+@contextmanager
+def dashboard_process(store: Path, server: TorchServeProcess, log: Path, *, refresh_s: float = 0.5) -> Iterator[str]:
+    """``bray-archive dashboard`` as a user starts it, in its own process; yields its URL."""
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "bray.archiver", "dashboard", "--store", str(store), "--port", str(port),
+           "--management", server.management_url, "--key-file", str(server.key_file),
+           "--model-store", str(server.model_store), "--refresh-s", str(refresh_s)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while b"dashboard of" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"dashboard did not start:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

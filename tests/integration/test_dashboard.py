@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,15 +28,15 @@ import requests
 import torch
 
 import bray
-from bray.ts_config.server import TorchServeProcess, free_ports
+from bray.league import LeagueResults
+from bray.ts_config.server import TorchServeProcess
 from tests.models import PolicyMLP
-from tests.serving import init_for, unregister_all
+from tests.serving import dashboard_process, init_for, unregister_all
 
 NAME = "dash-policy"
 WORKERS = 2
 WAIT_S = 90.0
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's chromium package: apt-get install chromium (scripts/setup.sh "
@@ -56,15 +55,14 @@ def run(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory)
 
     def main_job() -> None:
         try:
-            league = _league_writer(rm)
+            league = LeagueResults(rm.store, NAME)
             obs = np.ones((2, 64), np.float32)
             rng = np.random.default_rng(0)
             while not stop.is_set():
                 rm.publish_weights(PolicyMLP().state_dict()).wait(timeout_s=60)
                 rm(obs)
-                if league is not None:
-                    for step in rm.store.steps(NAME)[:-1]:
-                        league.record(f"{NAME}-clone-step-{step}", step, float(rng.random() < 0.3 + step / 40))
+                for step in rm.store.steps(NAME)[:-1]:
+                    league.record(f"{NAME}-clone-step-{step}", step, float(rng.random() < 0.3 + step / 40))
                 stop.wait(0.4)
         except BaseException as err:
             errors.append(err)
@@ -81,35 +79,10 @@ def run(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory)
     assert not errors, errors
 
 
-def _league_writer(rm: bray.RemoteModel) -> Any:
-    try:
-        from bray.league import LeagueResults
-    except ImportError:  # the league comes with ModelPool
-        return None
-    return LeagueResults(rm.store, NAME)
-
-
 @pytest.fixture(scope="module")
 def dashboard(run: Path, torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``bray-archive dashboard`` as a user starts it, in its own process."""
-    (port,) = free_ports(1)
-    log = tmp_path_factory.mktemp("dashboard") / "dashboard.out"
-    cmd = [sys.executable, "-m", "bray.archiver", "dashboard", "--store", str(run), "--port", str(port),
-           "--management", torchserve.management_url, "--key-file", str(torchserve.key_file),
-           "--model-store", str(torchserve.model_store), "--refresh-s", "0.5"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while b"dashboard of" not in log.read_bytes():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"dashboard did not start:\n{log.read_text()}"
-            time.sleep(0.2)
+    with dashboard_process(run, torchserve, tmp_path_factory.mktemp("dashboard") / "dashboard.out") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 class DevTools:
@@ -142,7 +115,7 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
          f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-         "--window-size=1100,1400", "about:blank"],
+         "--window-size=1000,900", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -202,12 +175,7 @@ def test_page_shows_steps_advancing_by_itself_and_no_keys(dashboard: str, chromi
     assert shown == sorted(shown) and shown[-1] > shown[0], f"the shown step must advance: {shown}"
     assert not got["reloaded"], "the page reloaded itself instead of updating its content"
     assert len(got["workers"]) == WORKERS and all(int(s) >= shown[0] for s in got["workers"].values())
-    try:
-        import bray.league  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        assert got["league_rows"] >= 1 and got["has_plot"], "league table and plot missing"
+    assert got["league_rows"] >= 1 and got["has_plot"], "league table and plot missing"
     keys = json.loads(torchserve.key_file.read_text())
     secrets = [v["key"] for v in keys.values() if isinstance(v, dict) and v.get("key")]
     state = requests.get(f"{dashboard}api/state", timeout=10).text

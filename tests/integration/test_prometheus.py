@@ -4,8 +4,9 @@ The scrape config is the bundled ``ts_config/prometheus.yml`` with its targets p
 this test's ports and a 1 s interval. A ``RemoteModel`` (2 workers, batch 8) serves its
 client metrics on a free port; a thread keeps calling it while the test publishes. Checked
 over Prometheus's HTTP API with PromQL: the served step of every worker follows each
-publish, batch and request sizes are reported, the callers' policy lag is there, and every
-query of the bundled Grafana dashboard names a metric that Prometheus actually scraped.
+publish, batch and request sizes are reported, the callers' policy lag is there, the league
+comes from ``bray-archive dashboard``'s ``/metrics``, and every query of the bundled Grafana
+dashboard names a metric that Prometheus actually scraped.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 import yaml
 
 import bray
+from bray.league import LeagueResults
 from bray.ts_config import grafana_dashboard_path, prometheus_config_path
 from bray.ts_config.server import TorchServeProcess, free_ports
 from tests.models import PolicyMLP
-from tests.serving import init_for, unregister_all
+from tests.serving import dashboard_process, init_for, unregister_all
 
 NAME = "prom-policy"
 WORKERS = 2
@@ -94,6 +96,9 @@ def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFacto
     (port,) = free_ports(1)
     rm = bray.RemoteModel(NAME, model=PolicyMLP(), forward_args=(torch.zeros(2, 64),), max_batch_size=BATCH,
                           num_workers=WORKERS, metrics_port=port)
+    league = LeagueResults(rm.store, NAME)
+    for won in (1.0, 0.0, 1.0):
+        league.record(f"{NAME}-clone-step-0", 0, won)
     try:
         yield rm, port
     finally:
@@ -102,11 +107,20 @@ def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def prometheus(served: tuple[bray.RemoteModel, int], torchserve: TorchServeProcess,
+def dashboard(served: tuple[bray.RemoteModel, int], torchserve: TorchServeProcess,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("dashboard") / "dashboard.out"
+    with dashboard_process(served[0].store.root, torchserve, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prometheus(served: tuple[bray.RemoteModel, int], torchserve: TorchServeProcess, dashboard: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     workdir = tmp_path_factory.mktemp("prometheus")
     config = scrape_config({"torchserve": torchserve.metrics_url.removeprefix("http://"),
-                            "bray-clients": f"127.0.0.1:{served[1]}"})
+                            "bray-clients": f"127.0.0.1:{served[1]}",
+                            "bray-dashboard": dashboard.removeprefix("http://").rstrip("/")})
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     (port,) = free_ports(1)
     log = workdir / "prometheus.log"
@@ -202,6 +216,12 @@ def test_callers_policy_lag_is_scraped_from_the_client(served: tuple[bray.Remote
     assert prometheus.value(f"bray_client_published_step{sel}") == rm.step
     assert prometheus.value(f"bray_client_policy_lag_steps{sel}") == 0
     assert (prometheus.value(f"bray_client_requests_total{sel}") or 0) > 0
+
+
+def test_league_is_scraped_from_the_dashboard(prometheus: Prometheus) -> None:
+    sel = f'{{model="{NAME}",opponent="{NAME}-clone-step-0",opponent_step="0",job="bray-dashboard"}}'
+    prometheus.wait_for("the league's win rate", lambda: prometheus.value(f"bray_league_games{sel}") == 3)
+    assert prometheus.value(f"bray_league_win_rate{sel}") == pytest.approx(2 / 3)
 
 
 _PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
