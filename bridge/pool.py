@@ -25,6 +25,9 @@ published: all of them on the first sample, then each with probability 0.2 per
 ``refresh_s`` (Bray's ``pool_update_rate``), so a fixed set of served models plays the
 whole league.
 
+Without ``pool`` every checkpoint sampled is a served clone with ``clone_workers``
+TorchServe workers of its own: space the checkpoints or use ``pool`` for long leagues.
+
 Results go to the checkpoint store (:mod:`bray.league`): every process and node sharing
 the store shares them, they survive restarts, and concurrent writers never tear or lose
 one. Beyond Bray: Bray's ModelPool is one Ray actor for the cluster; here each process
@@ -96,6 +99,7 @@ class ModelPool:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._clones: dict[str, RemoteModel] = {}
+        self._making: dict[str, threading.Lock] = {}
         self._steps: dict[str, int] = {}  # candidate name -> checkpoint step
         self._table: dict[str, Standing] = {}
         self._read_at = -math.inf
@@ -185,11 +189,15 @@ class ModelPool:
             name = self._sample_name()
             step = self._steps[name]
             clone = self._clones.get(name)
+            making = self._making.setdefault(name, threading.Lock())
         if clone is None:
-            overrides = {} if self._clone_workers is None else {"num_workers": self._clone_workers}
-            clone = self.remote_model.clone(step, **overrides)
-            with self._lock:
-                clone = self._clones.setdefault(name, clone)
+            with making:  # one clone per name, however many threads sample it at once
+                clone = self._clones.get(name)
+                if clone is None:
+                    overrides = {} if self._clone_workers is None else {"num_workers": self._clone_workers}
+                    clone = self.remote_model.clone(step, **overrides)
+                    with self._lock:
+                        self._clones[name] = clone
         return clone
 
     def _sample_pool(self) -> RemoteModel:
@@ -232,6 +240,11 @@ class ModelPool:
                 )
             self._results.record(name, self._steps[name], value)
             self._table[name] = next(s for s in self._results.standings() if s.opponent == name)
+
+    def clones(self) -> list[RemoteModel]:
+        """The opponent clones :meth:`sample` has made in this object so far."""
+        with self._lock:
+            return list(self._clones.values())
 
     def close(self) -> None:
         """Close the clones this pool made (the server keeps them registered)."""
