@@ -4,17 +4,18 @@ One place reads the ``BRAY_*`` environment variables, so the bridge, the CLI and
 main job agree. Defaults match the bundled ``ts_config/config.properties`` started the
 way the README says (from the directory that then holds ``key_file.json``).
 
-==========================  =======================================  ===========================
-variable                    meaning                                  default
-==========================  =======================================  ===========================
-``BRAY_STORE``              checkpoint store root                    ``~/.bray/store``
-``BRAY_MODEL_STORE``        TorchServe model store (``.mar`` files)  ``~/.bray/model_store``
-``BRAY_INFERENCE_URL``      one address, or several, comma-separated ``http://127.0.0.1:8080``
-``BRAY_MANAGEMENT_URL``     management API address                   ``http://127.0.0.1:8081``
-``BRAY_KEY_FILE``           TorchServe's ``key_file.json``           see :func:`find_key_file`
-``BRAY_SERVER_DIR``         ``bray-archive server``'s working dir    ``~/.bray/server``
-``BRAY_METRICS_PORT``       client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
-==========================  =======================================  ===========================
+============================  =======================================  ===========================
+variable                      meaning                                  default
+============================  =======================================  ===========================
+``BRAY_STORE``                checkpoint store root                    ``~/.bray/store``
+``BRAY_MODEL_STORE``          TorchServe model store (``.mar`` files)  ``~/.bray/model_store``
+``BRAY_INFERENCE_URL``        one address, or several, comma-separated ``http://127.0.0.1:8080``
+``BRAY_MANAGEMENT_URL``       management API address                   ``http://127.0.0.1:8081``
+``BRAY_KEY_FILE``             TorchServe's ``key_file.json``           see :func:`find_key_file`
+``BRAY_SERVER_DIR``           ``bray-archive server``'s working dir    ``~/.bray/server``
+``BRAY_METRICS_PORT``         client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
+``BRAY_PROXY_METRICS_PORT``   the node proxy's own exporter            off; as ``BRAY_METRICS_PORT``
+============================  =======================================  ===========================
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["Locations", "check_url", "find_key_file", "metrics_address", "server
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 METRICS_ENV_VAR = "BRAY_METRICS_PORT"
+PROXY_METRICS_ENV_VAR = "BRAY_PROXY_METRICS_PORT"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
 

@@ -42,7 +42,7 @@ from bray.bridge._slot import (
     error_body,
     proxy_address,
 )
-from bray.config import Locations
+from bray.config import PROXY_METRICS_ENV_VAR, Locations
 from bray.errors import BrayError, WireError
 
 __all__ = ["DEFAULT_IDLE_EXIT_S", "NodeProxy", "serve"]
@@ -342,7 +342,10 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
     try:
         init(store=loc.store, model_store=loc.model_store, inference_url=loc.inference_urls,
              management_url=loc.management_url, key_file=loc.key_file)
-        model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step)
+        # This process inherits BRAY_METRICS_PORT from the caller that started it, whose
+        # exporter holds that port: the proxy's own view has a variable of its own.
+        model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step,
+                            metrics_port=os.environ.get(PROXY_METRICS_ENV_VAR) or 0)
     except (BrayError, OSError) as err:
         if not linger_on_failure:
             raise
