@@ -43,6 +43,7 @@ def test_wheel_holds_every_subpackage_the_config_files_and_py_typed(wheel: tuple
                     "bray/ts_config"):
         assert f"{package}/__init__.py" in names, package
     for data in ("bray/py.typed", "bray/ts_config/config.properties", "bray/ts_config/log4j2.xml",
+                 "bray/ts_config/prometheus.yml", "bray/ts_config/grafana_dashboard.json",
                  "bray/archiver/__main__.py"):
         assert data in names, data
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
