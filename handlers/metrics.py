@@ -71,7 +71,9 @@ class ServingMetrics:
                         "ModelName": model, "Level": "Model"}
         self._period_s = period_s
         self._lock = threading.Lock()
-        self._pending = {REQUESTS: 0, SAMPLES: 0, BATCHES: 0}
+        # Reported in this order, so a scrape between two lines still sees samples >=
+        # requests >= batches.
+        self._pending = {SAMPLES: 0, REQUESTS: 0, BATCHES: 0}
         self._reported_at = time.monotonic()
 
     def start(self, *, step: int, max_batch_requests: int) -> None:
