@@ -40,6 +40,7 @@ class _Call:
     leaves: list[np.ndarray]
     n: int
     future: asyncio.Future[Any]
+    at: float = 0.0  # loop time it was submitted
 
 
 def _flatten(obj: Any, out: list[np.ndarray]) -> Hashable:
@@ -68,9 +69,15 @@ class ForwardBatcher:
         send: ``await send(payload) -> (outputs, step)`` for one batched payload.
         max_batch_samples: most samples in one request; ``0`` disables coalescing.
         max_inflight: requests on the wire at once (keep every server worker busy).
+        more_coming: says whether more calls are about to arrive (the node proxy: callers
+            answered a moment ago that have not called again). While it says so and a
+            request is on the wire already, a further request waits for them, at most
+            ``max_wait_s``; with nothing on the wire a call always leaves at once.
+        max_wait_s: see ``more_coming``.
     """
 
-    def __init__(self, send: Send, *, max_batch_samples: int, max_inflight: int) -> None:
+    def __init__(self, send: Send, *, max_batch_samples: int, max_inflight: int,
+                 more_coming: Callable[[], bool] | None = None, max_wait_s: float = 0.0) -> None:
         if max_batch_samples < 0:
             raise ConfigError(f"max_batch_samples must be an integer >= 0, got {max_batch_samples}")
         if max_inflight < 1:
@@ -83,6 +90,9 @@ class ForwardBatcher:
         self.requests_sent = 0
         self.calls = 0
         self.splits = 0  # coalesced requests refused as bad input and sent again call by call
+        self.more_coming = more_coming
+        self.max_wait_s = max_wait_s
+        self._wait_handle: asyncio.TimerHandle | None = None
 
     async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
         """Queue one call of ``n`` samples; returns its own slice of the outputs and the step."""
@@ -93,12 +103,21 @@ class ForwardBatcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         leaves: list[np.ndarray] = []
         key = _flatten(payload, leaves)
-        self._pending.append(_Call(key, payload, leaves, n, future))
+        self._pending.append(_Call(key, payload, leaves, n, future, asyncio.get_running_loop().time()))
         self._kick()
         return await future
 
     def _kick(self) -> None:
+        if self._wait_handle is not None:
+            self._wait_handle.cancel()
+            self._wait_handle = None
         while self._pending and self._inflight < self.max_inflight:
+            if self._inflight and self.more_coming is not None and self.more_coming():
+                loop = asyncio.get_running_loop()
+                left = self._pending[0].at + self.max_wait_s - loop.time()
+                if left > 0:
+                    self._wait_handle = loop.call_later(left, self._kick)
+                    return
             first = self._pending.popleft()
             group, total = [first], first.n
             rest: deque[_Call] = deque()

@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 #: A spawned proxy exits after this long without a caller (``BRAY_PROXY_IDLE_S`` overrides).
 DEFAULT_IDLE_EXIT_S = 30.0
+# A caller answered this recently that has not called again is expected back soon (actors
+# step in lockstep); while one is, a request waits for it, at most _WAIT_S, when another
+# request keeps the server busy meanwhile.
+_RECENT_S = 0.05
+_WAIT_S = 0.005
 # How long a proxy that failed to start keeps answering callers with the reason.
 _FAILED_LINGER_S = 10.0
 _DRAIN_S = 10.0
@@ -74,7 +79,7 @@ def bind(address: str) -> socket.socket | None:
 class _Conn:
     """One caller connection: its socket, its slot, and whether a call is in flight."""
 
-    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed")
+    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed", "answered_at")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
@@ -84,6 +89,7 @@ class _Conn:
         self.buf = b""
         self.busy = False
         self.closed = False
+        self.answered_at = 0.0
 
     def release(self) -> None:
         if self.slot is not None:
@@ -143,6 +149,9 @@ class NodeProxy:
         loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         loop.add_reader(self.listener.fileno(), self._accept)
+        if self.model is not None:
+            batcher = self.model._batcher_here()
+            batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
         idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
         try:
             while not self._stop.is_set():
@@ -164,6 +173,12 @@ class NodeProxy:
             client = getattr(self.model, "_client", None)
             if client is not None:
                 await client.close()
+
+    def _more_coming(self) -> bool:
+        """Whether a caller answered a moment ago has not called again yet."""
+        assert self._loop is not None
+        recent = self._loop.time() - _RECENT_S
+        return any(not c.busy and c.answered_at > recent for c in self._conns)
 
     # --- connections -------------------------------------------------------------------
 
@@ -282,6 +297,7 @@ class NodeProxy:
         if conn.closed:
             conn.release()  # the caller died while its call was in flight
         elif reply:
+            conn.answered_at = self._loop.time() if self._loop is not None else 0.0
             self._send(conn, reply)
 
     def _send_error(self, conn: _Conn, err: BaseException) -> None:

@@ -146,3 +146,43 @@ def test_errors_cross_the_socket_as_their_own_class(err: Exception, cls: type) -
         raise_error(error_body(err))
     assert str(err) in str(caught.value)
     assert getattr(caught.value, "status", None) == getattr(err, "status", None)
+
+
+def test_repeated_structures_reuse_their_layout_and_stay_exact() -> None:
+    """The cached layouts write what bray.wire writes and read what it reads, structure after structure."""
+    from bray import wire
+    from bray.errors import WireError
+
+    caller = Slot.create()
+    proxy = Slot(os.dup(caller.fd), caller.size)
+    rng = np.random.default_rng(1)
+    structures = [
+        lambda: {"args": [rng.standard_normal((1, 64)).astype(np.float32)]},
+        lambda: {"args": [rng.standard_normal((3, 64)).astype(np.float32)]},  # another batch size
+        lambda: {"args": [rng.integers(0, 9, (1, 64))], "kwargs": {"m": rng.random((1, 2)) > 0.5}},
+        lambda: ({"a": rng.standard_normal((2, 5)).astype(np.float16)}, [np.zeros((2, 0), np.float32)]),
+    ]
+    try:
+        for _ in range(3):  # the second and third rounds hit the caches
+            for make in structures:
+                obj = make()
+                nbytes = caller.write(obj)
+                assert bytes(caller.mm[:nbytes]) == wire.encode(obj)
+                got = proxy.read(nbytes)
+                assert wire.structure(got) == wire.structure(obj)
+                for a, b in zip(wire.leaves(got), wire.leaves(obj)):
+                    np.testing.assert_array_equal(a, b)
+                del got
+        assert caller._written and proxy._read
+        # A cached header with fewer bytes than its arrays need is checked in full again.
+        obj = structures[0]()
+        nbytes = caller.write(obj)
+        with pytest.raises(WireError, match="only 248 bytes follow"):
+            proxy.read(nbytes - 8)
+        # A non-contiguous array is written by the general path, correctly.
+        view = rng.standard_normal((1, 128)).astype(np.float32)[:, ::2]
+        nbytes = caller.write({"args": [view]})
+        np.testing.assert_array_equal(proxy.read(nbytes)["args"][0], view)
+    finally:
+        caller.close()
+        proxy.close()
