@@ -119,6 +119,7 @@ class NodeProxy:
         self.failure = failure
         self.calls = 0
         self.samples = 0
+        self.call_s = 0.0  # summed time from a call's arrival to its answer, inside the proxy
         self.clients_seen = 0
         self._conns: set[_Conn] = set()
         self._idle_since = time.monotonic()
@@ -139,7 +140,7 @@ class NodeProxy:
         calls, requests = self.model.batching_stats() if self.model is not None else (0, 0)
         transport = getattr(self.model, "_client", None)
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
-                "calls": self.calls, "samples": self.samples, "requests": requests,
+                "calls": self.calls, "samples": self.samples, "requests": requests, "call_s": round(self.call_s, 6),
                 "requests_by_url": dict(transport.stats.by_url) if transport is not None else {},
                 "cpu_s": round(time.process_time(), 3),
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -290,10 +291,12 @@ class NodeProxy:
                 reply = HEADER.pack(ST_ERROR, 0, -1, len(body), conn.slot.size if conn.slot else 0) + body
         finally:
             conn.busy = False
+        elapsed = time.perf_counter() - started
         self.calls += 1
         self.samples += n
+        self.call_s += elapsed
         if self.on_call is not None:
-            self.on_call(n, time.perf_counter() - started, error)
+            self.on_call(n, elapsed, error)
         if conn.closed:
             conn.release()  # the caller died while its call was in flight
         elif reply:
