@@ -24,12 +24,12 @@ from bray import _lazy_exports
 _EXPORTS: dict[str, str] = {
     "KServeExport": "bray.archiver.kserve",
     "KServeOptions": "bray.archiver.kserve",
-    "ManagementClient": "bray.archiver.management",
+    "ManagementClient": "bray.torchserve.management",
     "ModelStatus": "bray.archiver.publish",
-    "ModelVersion": "bray.archiver.management",
+    "ModelVersion": "bray.torchserve.management",
     "PackedArchive": "bray.archiver.pack",
     "PublishWatch": "bray.archiver.publish",
-    "TokenAuth": "bray.archiver.management",
+    "TokenAuth": "bray.torchserve.management",
     "VersionStatus": "bray.archiver.publish",
     "export_kserve": "bray.archiver.kserve",
     "list_versions": "bray.archiver.publish",
@@ -48,7 +48,6 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.archiver.kserve import KServeExport, KServeOptions, export_kserve
-    from bray.archiver.management import ManagementClient, ModelVersion, TokenAuth
     from bray.archiver.pack import PackedArchive, pack_archive, read_archive_config
     from bray.archiver.publish import (
         ModelStatus,
@@ -63,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
         status,
         watch_and_publish,
     )
+    from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
 
 
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

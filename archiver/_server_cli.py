@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 from bray.errors import BrayTimeoutError, ServerError, ServerUnreachableError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.ts_config.server import ServerState
+    from bray.torchserve.launcher import ServerState
 
 __all__ = ["add_server_parser"]
 
@@ -106,7 +106,7 @@ def _exports(state: ServerState) -> str:
 
 
 def _start(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
-    from bray.ts_config.server import DEFAULT_PORTS, start_server
+    from bray.torchserve.launcher import DEFAULT_PORTS, start_server
 
     ports: dict[str, int | None] = {k: 0 for k in DEFAULT_PORTS} if args.any_ports else {}
     for name in ("inference", "management", "metrics"):
@@ -143,7 +143,7 @@ def _start(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
 
 
 def _stop(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
-    from bray.ts_config.server import stop_server
+    from bray.torchserve.launcher import stop_server
 
     workdir = _workdir(args)
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def _stop(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
-    from bray.ts_config.server import ServerState
+    from bray.torchserve.launcher import ServerState
 
     workdir = _workdir(args)
     state = ServerState.read(workdir)

@@ -28,7 +28,7 @@ from bray.config import Locations, check_url
 from bray.errors import BrayError, ConfigError, ServerUnreachableError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.archiver.management import ManagementClient, ModelVersion
+    from bray.torchserve.management import ManagementClient, ModelVersion
 
 __all__ = ["failure", "main"]
 
@@ -83,7 +83,7 @@ class ServerOptions:
     json: bool
 
     def client(self) -> ManagementClient:
-        from bray.archiver.management import ManagementClient
+        from bray.torchserve.management import ManagementClient
 
         return ManagementClient(self.locations.management_url, key_file=self.locations.key_file,
                                 timeout_s=self.timeout_s)
@@ -615,7 +615,7 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
 
 def _dashboard(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.dashboard import DashboardOptions, run_dashboard
-    from bray.archiver.management import ManagementClient
+    from bray.torchserve.management import ManagementClient
 
     if args.port > 65535:
         raise ConfigError(f"--port must be 1-65535, got {args.port}")
@@ -695,7 +695,7 @@ def failure(err: BaseException) -> tuple[str, int]:
 def _requests_error(err: BaseException) -> BrayError:
     import requests
 
-    from bray.archiver.management import connection_error
+    from bray.torchserve.management import connection_error
 
     request = getattr(err, "request", None)
     url = getattr(request, "url", None) or ""

@@ -38,7 +38,7 @@ from bray.errors import BrayError, ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
-    from bray.archiver.management import ManagementClient
+    from bray.torchserve.management import ManagementClient
 
 __all__ = ["DashboardOptions", "collect_state", "make_app", "render_page", "run_dashboard"]
 

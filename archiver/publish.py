@@ -1,7 +1,7 @@
 """Store steps as TorchServe model versions: publish, list, set-default, roll back, prune, scale.
 
 The programmatic API behind ``bray-archive`` (and ``RemoteModel.clone``). Every function
-talks to one server through a :class:`~bray.archiver.management.ManagementClient`.
+talks to one server through a :class:`~bray.torchserve.management.ManagementClient`.
 
 Version strings: a pinned archive of step N is version ``"N"``; a live archive (following
 the store's latest step) is version ``"latest"``. "Older" and "newer" compare numeric
@@ -28,8 +28,8 @@ from bray.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.archiver.management import ManagementClient, ModelVersion
     from bray.store import CheckpointStore, StoreWatch
+    from bray.torchserve.management import ManagementClient, ModelVersion
 
 __all__ = [
     "ModelStatus",

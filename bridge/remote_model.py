@@ -442,7 +442,7 @@ class RemoteModel:
         order; a single model store is taken as shared by every node.
         """
         if self._mgmt_nodes is None:
-            from bray.archiver.management import ManagementClient
+            from bray.torchserve.management import ManagementClient
 
             mgmt_urls, key_files = _per_node(self.locations)
             stores = [Path(p.strip()) for p in str(self.locations.model_store).split(",") if p.strip()]
@@ -462,7 +462,7 @@ class RemoteModel:
         return self._nodes()[0][0]
 
     def _inference_auth(self) -> Any:
-        from bray.archiver.management import TokenAuth
+        from bray.torchserve.management import TokenAuth
 
         mgmt_urls, key_files = _per_node(self.locations)
         urls = self.locations.inference_urls
@@ -535,7 +535,7 @@ class RemoteModel:
             return batcher
         with self._lock:
             from bray.bridge.batching import ForwardBatcher
-            from bray.bridge.transport import InferenceClient
+            from bray.torchserve.inference import InferenceClient
 
             if self._client is None:
                 self._client = InferenceClient(self.locations.inference_urls, auth=self._inference_auth(),

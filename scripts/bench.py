@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import bray
-    from bray.ts_config.server import start_torchserve
+    from bray.torchserve.launcher import start_torchserve
 
     torch.manual_seed(0)
     model = policy()

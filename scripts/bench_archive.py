@@ -37,7 +37,7 @@ from bray.archiver.cli import main as bray_archive
 from bray.archiver.pack import pack_archive
 from bray.export import export_model
 from bray.store import CheckpointStore
-from bray.ts_config.server import start_torchserve
+from bray.torchserve.launcher import start_torchserve
 
 MODELS = {
     # name: (layer sizes, label)

@@ -51,7 +51,7 @@ from bray.export import export_model
 from bray.handlers.handler import STEP_HEADER, WORKER_HEADER
 from bray.handlers.follower import read_serving
 from bray.store import CheckpointStore
-from bray.ts_config.server import start_torchserve
+from bray.torchserve.launcher import start_torchserve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.models import PolicyMLP  # noqa: E402  (the policy the tests and benchmarks share)

@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bray import wire  # noqa: E402
-from bray.archiver.management import ManagementClient  # noqa: E402
 from bray.archiver.publish import publish_version  # noqa: E402
 from bray.export import export_model  # noqa: E402
 from bray.handlers.follower import read_serving  # noqa: E402
 from bray.store import CheckpointStore  # noqa: E402
-from bray.ts_config.server import start_torchserve  # noqa: E402
+from bray.torchserve.launcher import start_torchserve  # noqa: E402
+from bray.torchserve.management import ManagementClient  # noqa: E402
 from tests.models import PolicyMLP  # noqa: E402
 
 

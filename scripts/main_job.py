@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import bray
-    from bray.archiver.management import ManagementClient
     from bray.archiver.publish import status, watch_and_publish
-    from bray.ts_config.server import ServerState
+    from bray.torchserve.launcher import ServerState
+    from bray.torchserve.management import ManagementClient
 
     print(f"main: work directory {cfg.workdir}", flush=True)
     store_dir, model_store = cfg.workdir / "store", cfg.workdir / "model_store"

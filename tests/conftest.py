@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from bray.ts_config.server import TorchServeProcess, start_torchserve
+from bray.torchserve.launcher import TorchServeProcess, start_torchserve
 
 _TIERS = ("unit", "integration", "e2e")
 GPU_SKIP_REASON = "needs a CUDA GPU; none found"

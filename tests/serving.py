@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Iterator
 
 import bray
-from bray.archiver.management import ManagementClient
 from bray.errors import ModelNotFoundError
-from bray.ts_config.server import TorchServeProcess, free_ports
+from bray.torchserve.launcher import TorchServeProcess, free_ports
+from bray.torchserve.management import ManagementClient
 
 
 def init_for(server: TorchServeProcess, store: Path, **overrides: object) -> None:

@@ -1,8 +1,8 @@
-"""The TorchServe configuration bray-serve ships, and a launcher for it.
+"""The TorchServe configuration bray-serve ships.
 
 ``config_path()`` and ``log_config_path()`` locate the bundled files,
 ``prometheus_config_path()`` and ``grafana_dashboard_path()`` the monitoring ones;
-:mod:`bray.ts_config.server` starts and stops TorchServe instances with them
+:mod:`bray.torchserve.launcher` starts and stops TorchServe instances with them
 (from the shell: ``bray-archive server start``).
 """
 

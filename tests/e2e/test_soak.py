@@ -18,7 +18,7 @@ import pytest
 import bray
 from bray.bridge.remote_model import RemoteModel
 from bray.handlers.follower import read_serving
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
 from tests.load import Publisher, probe_input, probe_ok, run_callers, worker_pids
 from tests.models import StepProbe, probe_weights
 

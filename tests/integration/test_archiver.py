@@ -26,7 +26,7 @@ from bray import wire
 from bray.archiver import ManagementClient, TokenAuth, watch_and_publish
 from bray.archiver.cli import main
 from bray.store import CheckpointStore
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
 
 NAME = "arch-policy"
 X = [[1.0, 1.0, 1.0, 1.0]]

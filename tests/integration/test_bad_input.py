@@ -29,10 +29,10 @@ import requests
 
 import bray
 from bray import wire
-from bray.archiver.management import ManagementClient
 from bray.bridge.remote_model import RemoteModel
 from bray.errors import InputError
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
+from bray.torchserve.management import ManagementClient
 from tests.load import worker_pids
 from tests.models import StepProbe, probe_weights
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import bray
-from bray.archiver.management import ManagementClient
 from bray.errors import ModelNotFoundError
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
+from bray.torchserve.management import ManagementClient
 from tests.models import PolicyMLP
 
 NAME = "bench-procs-policy"

@@ -29,7 +29,7 @@ import torch
 
 import bray
 from bray.league import LeagueResults
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
 from tests.models import PolicyMLP
 from tests.serving import dashboard_process, init_for, unregister_all
 

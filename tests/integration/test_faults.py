@@ -34,13 +34,13 @@ import requests
 
 import bray
 from bray.archiver.cli import main as archive_cli
-from bray.archiver.management import ManagementClient
 from bray.bridge.remote_model import RemoteModel
 from bray.errors import ManagementError, ServerUnreachableError, StepConflictError, StoreWriteError
 from bray.handlers.follower import read_serving
 from bray.store import CheckpointStore
+from bray.torchserve.launcher import TorchServeProcess, free_ports, start_torchserve
+from bray.torchserve.management import ManagementClient
 from bray.ts_config import config_path, read_properties
-from bray.ts_config.server import TorchServeProcess, free_ports, start_torchserve
 from tests.load import Publisher, probe_input, probe_ok, run_callers, wait_workers, worker_pids
 from tests.models import StepProbe, probe_weights
 
@@ -193,7 +193,7 @@ def test_torchserve_restart_while_publishing_reregisters_from_the_store_and_lose
 
 def test_reconnect_is_bounded_with_a_clear_error() -> None:
     from bray.bridge._loop import run_sync
-    from bray.bridge.transport import InferenceClient
+    from bray.torchserve.inference import InferenceClient
 
     (port,) = free_ports(1)
     client = InferenceClient([f"http://127.0.0.1:{port}"], reconnect_timeout_s=1.0)

@@ -37,7 +37,7 @@ from bray.archiver.publish import publish_version
 from bray.export import export_model
 from bray.handlers.handler import STEP_HEADER, WORKER_HEADER
 from bray.store import CheckpointStore
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
 from tests.models import PolicyMLP
 
 NAME = "handler-policy"

@@ -29,7 +29,7 @@ from bray import wire
 from bray.archiver.cli import main
 from bray.export import export_model
 from bray.store import CheckpointStore
-from bray.ts_config.server import free_ports
+from bray.torchserve.launcher import free_ports
 from tests.models import StepProbe, probe_weights
 
 X = np.ones((2, 4), np.float32)

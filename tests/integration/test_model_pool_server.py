@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import bray
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
 from tests.integration.test_remote_model import expected, init_for, probe_net, unregister_all
 from tests.models import probe_weights
 

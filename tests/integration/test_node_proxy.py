@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import bray
-from bray.archiver.management import ManagementClient
 from bray.bridge._slot import proxy_address
 from bray.errors import ModelNotFoundError
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
+from bray.torchserve.management import ManagementClient
 from tests.models import StepProbe, probe_weights
 
 NAME = "proxy-probe"

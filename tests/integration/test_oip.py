@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import bray
-from bray.archiver.management import ManagementClient
 from bray.errors import ModelNotFoundError
-from bray.ts_config.server import TorchServeProcess
+from bray.torchserve.launcher import TorchServeProcess
+from bray.torchserve.management import ManagementClient
 from tests.models import PolicyMLP
 
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the test extra)")

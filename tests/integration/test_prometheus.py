@@ -28,8 +28,8 @@ import yaml
 
 import bray
 from bray.league import LeagueResults
+from bray.torchserve.launcher import TorchServeProcess, free_ports
 from bray.ts_config import grafana_dashboard_path, prometheus_config_path
-from bray.ts_config.server import TorchServeProcess, free_ports
 from tests.models import PolicyMLP
 from tests.serving import dashboard_process, init_for, unregister_all
 

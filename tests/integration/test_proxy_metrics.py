@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from bray.ts_config.server import free_ports
+from bray.torchserve.launcher import free_ports
 from tests.integration.test_node_proxy import NAME, env  # noqa: F401  (the module's fixture)
 
 CALLER = textwrap.dedent("""

@@ -18,8 +18,8 @@ import psutil
 import pytest
 import requests
 
+from bray.torchserve.launcher import free_ports
 from bray.ts_config import config_path, log_config_path
-from bray.ts_config.server import free_ports
 
 
 def test_readme_start_command_serves_on_env_overridden_loopback_ports(tmp_path: Path) -> None:

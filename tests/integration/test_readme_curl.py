@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bray.store import CheckpointStore
-from bray.ts_config.server import DEFAULT_PORTS, _port_in_use
+from bray.torchserve.launcher import DEFAULT_PORTS, _port_in_use
 
 ROOT = Path(__file__).resolve().parents[2]
 

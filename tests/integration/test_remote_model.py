@@ -20,10 +20,10 @@ import torch
 
 import bray
 from bray import wire
-from bray.archiver.management import ManagementClient
-from bray.bridge.transport import InferenceClient, Reply
 from bray.errors import ConfigError, InputError, StepNotFoundError
-from bray.ts_config.server import TorchServeProcess, free_ports
+from bray.torchserve.inference import InferenceClient, Reply
+from bray.torchserve.launcher import TorchServeProcess, free_ports
+from bray.torchserve.management import ManagementClient
 from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
 from tests.serving import init_for, unregister_all
 

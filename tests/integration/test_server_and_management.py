@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from bray.archiver.management import ManagementClient, ModelVersion, TokenAuth
 from bray.errors import (
     AuthError,
     BrayTimeoutError,
@@ -24,8 +23,9 @@ from bray.errors import (
     ServerUnreachableError,
     VersionExistsError,
 )
+from bray.torchserve.launcher import TorchServeProcess, free_ports
+from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
 from bray.ts_config import config_path, read_properties
-from bray.ts_config.server import TorchServeProcess, free_ports
 
 HANDLER = '''\
 """Docs-style custom handler: answers JSON naming the archive version."""

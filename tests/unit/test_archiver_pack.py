@@ -240,7 +240,8 @@ def test_progress_bar_packs_the_same_archive(store: CheckpointStore, model_store
 
 
 def test_public_surface_is_sorted_and_complete() -> None:
-    from bray.archiver import kserve, management, pack, publish
+    from bray.archiver import kserve, pack, publish
+    from bray.torchserve import management
 
     # Names resolve lazily (the CLI starts without numpy and requests); each is the defining module's.
     assert bray.archiver.__all__ == sorted(bray.archiver.__all__)

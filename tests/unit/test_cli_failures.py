@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from bray.ts_config.server import free_ports
+from bray.torchserve.launcher import free_ports
 
 
 def _console_script() -> str:
@@ -273,8 +273,8 @@ class FlakyServer:
 
 
 def test_idempotent_gets_are_retried_after_a_reset_and_other_calls_are_not() -> None:
-    from bray.archiver.management import ManagementClient
     from bray.errors import ServerUnreachableError
+    from bray.torchserve.management import ManagementClient
 
     flaky = FlakyServer(resets=2)
     try:
@@ -305,8 +305,8 @@ def test_idempotent_gets_are_retried_after_a_reset_and_other_calls_are_not() -> 
 
 def test_the_inference_transport_says_why_each_node_failed(resetting_server: int) -> None:
     from bray.bridge._loop import run_sync
-    from bray.bridge.transport import InferenceClient
     from bray.errors import ServerError, ServerUnreachableError
+    from bray.torchserve.inference import InferenceClient
 
     (closed,) = free_ports(1)
     client = InferenceClient(["http://nonexistent.invalid:8080", f"http://127.0.0.1:{closed}"],

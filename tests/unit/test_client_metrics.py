@@ -45,7 +45,7 @@ SCENARIO = textwrap.dedent("""
     import numpy as np, torch
     import bray
     from bray.errors import ConfigError
-    from bray.ts_config.server import free_ports
+    from bray.torchserve.launcher import free_ports
     from tests.models import PolicyMLP
 
     bray.init(store=sys.argv[1])

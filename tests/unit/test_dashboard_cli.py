@@ -54,7 +54,7 @@ def test_port_out_of_range_exits_1(store: Path, capsys: pytest.CaptureFixture[st
 
 def test_page_without_a_server_shows_the_store_and_says_why(store: Path) -> None:
     def unreachable():  # type: ignore[no-untyped-def]
-        from bray.archiver.management import ManagementClient
+        from bray.torchserve.management import ManagementClient
 
         return ManagementClient("http://127.0.0.1:9", timeout_s=2)
 

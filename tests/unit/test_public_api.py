@@ -13,9 +13,9 @@ import pytest
 import bray
 from bray import errors
 
-MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export", "bray.archiver",
-           "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines", "bray.handlers.metrics", "bray.handlers.request",
-           "bray.handlers.oip",
+MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export",
+           "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines",
+           "bray.handlers.metrics", "bray.handlers.request", "bray.handlers.oip",
            "bray.archiver.kserve", "bray.ts_config.probe"]
 
 

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
 from bray.errors import BrayError, BrayTimeoutError, ConfigError, ServerError
-from bray.ts_config import config_path, log_config_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.archiver.management import TokenAuth
+    from bray.torchserve.management import TokenAuth
 
 __all__ = ["ServerState", "TorchServeProcess", "free_ports", "ping_status", "start_server", "start_torchserve",
            "stop_server"]
@@ -131,8 +130,8 @@ class TorchServeProcess:
 
     @property
     def auth(self) -> "TokenAuth":
-        """A :class:`~bray.archiver.management.TokenAuth` on this instance's key file."""
-        from bray.archiver.management import TokenAuth
+        """A :class:`~bray.torchserve.management.TokenAuth` on this instance's key file."""
+        from bray.torchserve.management import TokenAuth
 
         if self._auth is None:
             self._auth = TokenAuth(self.key_file, management_url=self.management_url)
@@ -217,7 +216,7 @@ def ping_status(inference_url: str, auth: "TokenAuth | None", *, timeout_s: floa
     """
     import requests
 
-    from bray.archiver.management import key_refused
+    from bray.torchserve.management import key_refused
 
     status = None
     for attempt in range(2):
@@ -284,7 +283,7 @@ def _stop_tree(launcher_pid: int | None, java_pid: int | None, *, timeout_s: flo
 def _write_config(base: Path, dest: Path, overrides: Mapping[str, str]) -> None:
     # Java Properties and TorchServe's launcher both let the last duplicate key win.
     lines = [base.read_text().rstrip("\n"), "",
-             "# --- per-instance values written by bray.ts_config.server ---"]
+             "# --- per-instance values written by bray.torchserve.launcher ---"]
     lines += [f"{key}={value}" for key, value in overrides.items()]
     dest.write_text("\n".join(lines) + "\n")
 
@@ -327,6 +326,9 @@ def start_torchserve(
         ServerError: TorchServe exited during start (the message holds its last log lines).
         BrayTimeoutError: ``/ping`` did not answer in time (the server is stopped).
     """
+    # The bundled files are bray.ts_config's package data (that package imports nothing of bray).
+    from bray.ts_config import config_path, log_config_path
+
     config = Path(config) if config is not None else config_path()
     log_config = Path(log_config) if log_config is not None else log_config_path()
     for what, path in (("config", config), ("log_config", log_config)):
@@ -509,7 +511,7 @@ class ServerState:
 
     def ping(self, *, timeout_s: float = 2.0) -> bool:
         """True when the server answers ``GET /ping`` (with its inference key)."""
-        from bray.archiver.management import TokenAuth
+        from bray.torchserve.management import TokenAuth
 
         auth = TokenAuth(self.key_file, management_url=self.management_url)
         try:

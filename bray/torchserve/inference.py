@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from bray import wire
-from bray.archiver.management import START_HINT, TokenAuth, connection_failure, error_message, key_refused
 from bray.errors import (
     AuthError,
     ConfigError,
@@ -37,6 +36,7 @@ from bray.errors import (
     ServerError,
     ServerUnreachableError,
 )
+from bray.torchserve.management import START_HINT, TokenAuth, connection_failure, error_message, key_refused
 
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 

@@ -1,0 +1,49 @@
+"""bray.torchserve: the one way bray-serve speaks to TorchServe.
+
+- :mod:`~bray.torchserve.management`: :class:`ManagementClient` and :class:`ModelVersion`,
+  :class:`TokenAuth` (the key file and key refresh), the mapping of answers to errors;
+- :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (aiohttp): load balancing,
+  failover, retries, key refresh;
+- :mod:`~bray.torchserve.launcher`: start and stop TorchServe instances.
+
+The bridge, the archiver and ts_config speak to TorchServe only through here (none of
+them reaches into another for it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bray import _lazy_exports
+
+# public name -> module that defines it; resolved on first use (no requests or aiohttp at import).
+_EXPORTS: dict[str, str] = {
+    "InferenceClient": "bray.torchserve.inference",
+    "ManagementClient": "bray.torchserve.management",
+    "ModelVersion": "bray.torchserve.management",
+    "Reply": "bray.torchserve.inference",
+    "ServerState": "bray.torchserve.launcher",
+    "TokenAuth": "bray.torchserve.management",
+    "TorchServeProcess": "bray.torchserve.launcher",
+    "free_ports": "bray.torchserve.launcher",
+    "start_server": "bray.torchserve.launcher",
+    "start_torchserve": "bray.torchserve.launcher",
+    "stop_server": "bray.torchserve.launcher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.torchserve.inference import InferenceClient, Reply
+    from bray.torchserve.launcher import (
+        ServerState,
+        TorchServeProcess,
+        free_ports,
+        start_server,
+        start_torchserve,
+        stop_server,
+    )
+    from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
+
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
