@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "ModelVersion": "bray.torchserve.management",
     "PackedArchive": "bray.archiver.pack",
     "PublishWatch": "bray.archiver.publish",
-    "TokenAuth": "bray.torchserve.management",
+    "TokenAuth": "bray.torchserve.auth",
     "VersionStatus": "bray.archiver.publish",
     "export_kserve": "bray.archiver.kserve",
     "list_versions": "bray.archiver.publish",
@@ -62,7 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover
         status,
         watch_and_publish,
     )
-    from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
+    from bray.torchserve.auth import TokenAuth
+    from bray.torchserve.management import ManagementClient, ModelVersion
 
 
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

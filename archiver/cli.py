@@ -695,7 +695,7 @@ def failure(err: BaseException) -> tuple[str, int]:
 def _requests_error(err: BaseException) -> BrayError:
     import requests
 
-    from bray.torchserve.management import connection_error
+    from bray.torchserve.answers import connection_error
 
     request = getattr(err, "request", None)
     url = getattr(request, "url", None) or ""

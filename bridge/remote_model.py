@@ -462,7 +462,7 @@ class RemoteModel:
         return self._nodes()[0][0]
 
     def _inference_auth(self) -> Any:
-        from bray.torchserve.management import TokenAuth
+        from bray.torchserve.auth import TokenAuth
 
         mgmt_urls, key_files = _per_node(self.locations)
         urls = self.locations.inference_urls

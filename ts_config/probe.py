@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
 
+    from bray.torchserve.auth import TokenAuth
     from bray.torchserve.launcher import ping_status
-    from bray.torchserve.management import TokenAuth
 
     key_file = Path(args.key_file) if args.key_file else find_key_file()
     if key_file is None or not key_file.is_file():

@@ -1,7 +1,10 @@
 """bray.torchserve: the one way bray-serve speaks to TorchServe.
 
-- :mod:`~bray.torchserve.management`: :class:`ManagementClient` and :class:`ModelVersion`,
-  :class:`TokenAuth` (the key file and key refresh), the mapping of answers to errors;
+- :mod:`~bray.torchserve.auth`: :class:`TokenAuth`, the key file and key refresh;
+- :mod:`~bray.torchserve.answers`: the one mapping from TorchServe's answers and from
+  failed connections to the errors of :mod:`bray.errors`;
+- :mod:`~bray.torchserve.management`: :class:`ManagementClient` (requests) and
+  :class:`ModelVersion`;
 - :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (aiohttp): load balancing,
   failover, retries, key refresh;
 - :mod:`~bray.torchserve.launcher`: start and stop TorchServe instances.
@@ -23,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ModelVersion": "bray.torchserve.management",
     "Reply": "bray.torchserve.inference",
     "ServerState": "bray.torchserve.launcher",
-    "TokenAuth": "bray.torchserve.management",
+    "TokenAuth": "bray.torchserve.auth",
     "TorchServeProcess": "bray.torchserve.launcher",
     "free_ports": "bray.torchserve.launcher",
     "start_server": "bray.torchserve.launcher",
@@ -34,6 +37,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bray.torchserve.auth import TokenAuth
     from bray.torchserve.inference import InferenceClient, Reply
     from bray.torchserve.launcher import (
         ServerState,
@@ -43,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         start_torchserve,
         stop_server,
     )
-    from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
+    from bray.torchserve.management import ManagementClient, ModelVersion
 
 
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

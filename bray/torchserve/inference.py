@@ -1,4 +1,4 @@
-"""The inference transport: async HTTP to one or more TorchServe nodes.
+"""The inference client: async HTTP to one or more TorchServe nodes.
 
 - one pooled ``aiohttp`` session (keep-alive) per event loop;
 - least-outstanding-requests load balancing over the inference addresses;
@@ -11,11 +11,13 @@
 - 5xx answers from a dying worker are retried (a forward is a pure function of its
   inputs and the served step, so retrying is safe); 4xx answers are the caller's error
   and are raised at once with the server's message;
-- an expired inference key is refreshed through :class:`TokenAuth` and the call retried;
+- an expired inference key is refreshed through :class:`~bray.torchserve.auth.TokenAuth`
+  and the call retried;
   a key file that is missing for a moment (a restarting server deletes and rewrites it)
   is waited for within ``reconnect_timeout_s``, like a node that is down.
 
-Nothing here is silently dropped: every call either returns an answer or raises.
+Nothing here is silently dropped: every call either returns an answer or raises, with
+the errors of :mod:`bray.torchserve.answers`.
 """
 
 from __future__ import annotations
@@ -28,22 +30,19 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from bray import wire
-from bray.errors import (
-    AuthError,
-    ConfigError,
-    InputError,
-    ModelNotFoundError,
-    ServerError,
-    ServerUnreachableError,
+from bray.errors import AuthError, ConfigError, ServerUnreachableError
+from bray.torchserve.answers import (
+    answer_error,
+    broken_connection_error,
+    connection_failure,
+    key_refused,
+    unreachable_error,
 )
-from bray.torchserve.management import START_HINT, TokenAuth, connection_failure, error_message, key_refused
+from bray.torchserve.auth import TokenAuth, bearer_key
 
 __all__ = ["InferenceClient", "Reply", "TransportStats"]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
-# connection_failure() kinds as the messages say them.
-_FAILURE_TEXT = {"name": "name not resolved", "refused": "connection refused", "connect-timeout": "connect timed out",
-                 "read-timeout": "read timed out", "reset": "connection reset", "unreachable": "host unreachable"}
 # A node that refused a connection is set aside this long, doubled per further refusal.
 _SET_ASIDE_S = 0.5
 _MAX_SET_ASIDE_S = 8.0
@@ -182,12 +181,7 @@ class InferenceClient:
                 now = time.monotonic()
                 first_down = first_down or now
                 if now - first_down > self.reconnect_timeout_s:
-                    seen = ", ".join(f"{u}: {_FAILURE_TEXT.get(why.get(u, ''), 'no answer')}" for u in self.urls)
-                    raise ServerUnreachableError(
-                        f"no TorchServe node accepted a connection for {self.reconnect_timeout_s:.0f} s "
-                        f"({seen}); {START_HINT}, or check BRAY_INFERENCE_URL",
-                        status=None, reason="mixed" if len(set(why.values())) > 1 else next(iter(why.values()), "other"),
-                    )
+                    raise unreachable_error(why, urls=self.urls, waited_s=self.reconnect_timeout_s)
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 1.0)
                 tried.clear()
@@ -199,7 +193,7 @@ class InferenceClient:
             try:
                 key_headers = auth.headers("inference") if auth is not None else {}
             except AuthError:
-                if not _key_file_missing(auth):
+                if auth is None or not _key_file_missing(auth):
                     raise
                 # A restarting TorchServe deletes its key file, then writes a new one.
                 self._down_until[url] = self._now() + 0.25
@@ -225,10 +219,7 @@ class InferenceClient:
                     continue  # never reached the server: always safe to go elsewhere
                 attempts += 1
                 if attempts > self.max_retries:
-                    raise ServerError(f"the connection to {url} broke {attempts} times during {path} "
-                                      f"(last: {_FAILURE_TEXT.get(why[url], str(err) or type(err).__name__)}); "
-                                      "see logs/ts_log.log in the server's working directory",
-                                      status=None, reason=why[url]) from err
+                    raise broken_connection_error(err, url=url, path=path, attempts=attempts) from err
                 self.stats.retries += 1
                 tried.add(url)
                 continue
@@ -238,12 +229,10 @@ class InferenceClient:
             self._refusals[url] = 0  # it answered: back to its full share
             if status == 200:
                 return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype)
-            message = error_message(data)
-            refused_key = key_refused(status, data)
-            if refused_key and auth is not None and url not in refreshed:
+            if key_refused(status, data) and auth is not None and url not in refreshed:
                 refreshed.add(url)
                 self.stats.auth_refreshes += 1
-                stale = key_headers.get("Authorization", "").removeprefix("Bearer ") or None
+                stale = bearer_key(key_headers)
                 try:
                     await asyncio.get_running_loop().run_in_executor(
                         None, lambda: auth.refresh("inference", stale_key=stale))
@@ -256,20 +245,12 @@ class InferenceClient:
                     self._down_until[url] = self._now() + 0.25
                     tried.add(url)
                 continue
-            if refused_key:
-                raise AuthError(f"TorchServe at {url} refused the inference key ({status}: {message}); "
-                                "check BRAY_KEY_FILE points at this server's key_file.json (several nodes: one key "
-                                "file per address, comma-separated in BRAY_INFERENCE_URL's order)", status=status)
-            if status == 404:
-                raise ModelNotFoundError(f"{path} is not served at {url}: {message}", status=status)
-            if status in (400, 413, 422):
-                raise InputError(f"the server refused the request ({status}): {message}", status=status)
             if status in _RETRY_STATUSES and attempts < self.max_retries:
                 attempts += 1
                 self.stats.retries += 1
                 await asyncio.sleep(min(0.05 * 2 ** attempts, 1.0))
                 continue
-            raise ServerError(f"{path} failed at {url} with {status}: {message}", status=status)
+            raise answer_error(status, data, api="inference", url=url, method="POST", path=path)
 
     def _set_aside(self, url: str) -> None:
         """``url`` refused a connection: pause it, longer for each refusal in a row."""

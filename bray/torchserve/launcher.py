@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 from bray.errors import BrayError, BrayTimeoutError, ConfigError, ServerError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.torchserve.management import TokenAuth
+    from bray.torchserve.auth import TokenAuth
 
 __all__ = ["ServerState", "TorchServeProcess", "free_ports", "ping_status", "start_server", "start_torchserve",
            "stop_server"]
@@ -130,8 +130,8 @@ class TorchServeProcess:
 
     @property
     def auth(self) -> "TokenAuth":
-        """A :class:`~bray.torchserve.management.TokenAuth` on this instance's key file."""
-        from bray.torchserve.management import TokenAuth
+        """A :class:`~bray.torchserve.auth.TokenAuth` on this instance's key file."""
+        from bray.torchserve.auth import TokenAuth
 
         if self._auth is None:
             self._auth = TokenAuth(self.key_file, management_url=self.management_url)
@@ -216,7 +216,8 @@ def ping_status(inference_url: str, auth: "TokenAuth | None", *, timeout_s: floa
     """
     import requests
 
-    from bray.torchserve.management import key_refused
+    from bray.torchserve.answers import key_refused
+    from bray.torchserve.auth import bearer_key
 
     status = None
     for attempt in range(2):
@@ -226,7 +227,7 @@ def ping_status(inference_url: str, auth: "TokenAuth | None", *, timeout_s: floa
             status = resp.status_code
             if attempt == 0 and auth is not None and headers and key_refused(resp.status_code, resp.content):
                 # Keys expire (60 min by default): regenerate through the API key, once.
-                auth.refresh("inference", stale_key=headers["Authorization"][len("Bearer "):], timeout_s=timeout_s)
+                auth.refresh("inference", stale_key=bearer_key(headers), timeout_s=timeout_s)
                 continue
         except (requests.RequestException, BrayError):
             return status
@@ -511,7 +512,7 @@ class ServerState:
 
     def ping(self, *, timeout_s: float = 2.0) -> bool:
         """True when the server answers ``GET /ping`` (with its inference key)."""
-        from bray.torchserve.management import TokenAuth
+        from bray.torchserve.auth import TokenAuth
 
         auth = TokenAuth(self.key_file, management_url=self.management_url)
         try:

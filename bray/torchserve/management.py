@@ -1,183 +1,26 @@
 """The one client for TorchServe's management API, shared by ``bray-archive`` and the bridge.
 
-TorchServe 0.12 facts this module relies on (checked against the 0.12.0 frontend):
-
-- With token authorization on, the server writes ``key_file.json`` into its working
-  directory at each start::
-
-      {"management": {"key": "...", "expiration time": "2024-...Z"},
-       "inference":  {"key": "...", "expiration time": "..."},
-       "API":        {"key": "..."}}
-
-  Calls send ``Authorization: Bearer <key>``. A missing, wrong or expired key is answered
-  with **400** and ``"type": "InvalidKeyException"`` (not 401/403).
-- ``GET <management>/token?type=management|inference`` with the API key regenerates that
-  key; the new key is only written to the key file (the response body is empty), so
-  refreshing needs the server's own key file (same machine or a shared file system).
-- A URL that ``allowed_urls`` refuses is answered 404 "Given URL ... does not match any
-  allowed URL(s)"; a name missing from the model store 404 "Model not found at: ...".
+Register, describe, scale, set-default and unregister model versions; token authorization
+through :class:`~bray.torchserve.auth.TokenAuth`, answers mapped to errors by
+:func:`~bray.torchserve.answers.answer_error`.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import requests
 
-from bray.config import Locations, check_url, find_key_file
-from bray.errors import (
-    AuthError,
-    BrayError,
-    BrayTimeoutError,
-    ConfigError,
-    ManagementError,
-    ModelApiDisabledError,
-    ModelNotFoundError,
-    ServerError,
-    ServerUnreachableError,
-    VersionExistsError,
-)
+from bray.config import Locations, check_url
+from bray.errors import BrayError, BrayTimeoutError, ConfigError
+from bray.torchserve.answers import answer_error, connection_error, key_refused
+from bray.torchserve.auth import TokenAuth, bearer_key
 
-__all__ = ["ManagementClient", "ModelVersion", "TokenAuth"]
-
-KeyKind = Literal["inference", "management"]
-_KINDS = ("inference", "management")
-
-
-# --- why a connection failed -----------------------------------------------------------
-
-START_HINT = "is the server running? start it with: bray-archive server start"
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    """``err`` and everything it wraps (causes, contexts, urllib3's ``reason``, exception args)."""
-    seen: list[BaseException] = []
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if any(e is s for s in seen):
-            continue
-        seen.append(e)
-        wrapped = [getattr(e, "reason", None), getattr(e, "os_error", None), e.__cause__, e.__context__, *e.args]
-        stack.extend(w for w in wrapped if isinstance(w, BaseException))
-    return seen
-
-
-def connection_failure(err: BaseException) -> str:
-    """Why a connection failed, from the exception and what it wraps.
-
-    Works on requests/urllib3 and aiohttp exceptions alike, by walking down to the
-    socket error underneath.
-
-    Returns:
-        ``"name"`` (host name not resolved), ``"refused"`` (nothing listens on the port),
-        ``"connect-timeout"`` (no answer to the connection attempt), ``"read-timeout"``
-        (connected, no answer in time), ``"reset"`` (the peer dropped the connection),
-        ``"unreachable"`` (no route to the host) or ``"other"``.
-    """
-    import errno
-    import socket
-
-    causes = _causes(err)
-    names = {type(e).__name__ for e in causes}
-    if any(isinstance(e, socket.gaierror) for e in causes) or names & {"NameResolutionError", "ClientConnectorDNSError"}:
-        return "name"
-    if any(isinstance(e, ConnectionRefusedError) for e in causes):
-        return "refused"
-    # requests/urllib3 and aiohttp (ConnectionTimeoutError; its SocketTimeoutError is a read timeout).
-    if names & {"ConnectTimeout", "ConnectTimeoutError", "ConnectionTimeoutError"} and "ReadTimeout" not in names:
-        return "connect-timeout"
-    if names & {"ReadTimeout", "ReadTimeoutError"} or any(isinstance(e, TimeoutError) for e in causes):
-        return "read-timeout"
-    reset = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-    if (any(isinstance(e, reset) for e in causes) or names & {"ServerDisconnectedError", "RemoteDisconnected"}
-            or any(isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE) for e in causes)):
-        return "reset"
-    if any(isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) for e in causes):
-        return "unreachable"
-    if "ProtocolError" in names:  # urllib3: "Connection aborted." without a socket error
-        return "reset"
-    return "other"
-
-
-def connection_error(err: BaseException, *, url: str, action: str, timeout_s: float,
-                     var: str = "BRAY_MANAGEMENT_URL") -> BrayError:
-    """The error to raise for a failed connection to ``url``, saying what happened and what to do.
-
-    Args:
-        err: the HTTP library's exception.
-        url: the server address tried.
-        action: what was being done ("GET /models"), for the message.
-        timeout_s: the limit that was in force.
-        var: where the address came from (named in the advice).
-
-    Returns:
-        :class:`BrayTimeoutError` for timeouts, else :class:`ServerUnreachableError`;
-        ``reason`` holds :func:`connection_failure`'s answer.
-    """
-    from urllib.parse import urlsplit
-
-    kind = connection_failure(err)
-    host = urlsplit(url).hostname or url
-    if kind == "connect-timeout":
-        return BrayTimeoutError(
-            f"{url} did not accept a connection within {timeout_s} s ({action}: connect timed out); "
-            f"a firewall may be dropping packets or the host is down: check the address in {var}",
-            timeout_s=timeout_s, reason=kind, url=url)
-    if kind == "read-timeout":
-        return BrayTimeoutError(
-            f"TorchServe at {url} accepted the connection but did not answer {action} within "
-            f"{timeout_s} s (read timed out); the server may be stuck or busy: raise the timeout "
-            "(--timeout-s, timeout_s=) or look at logs/ts_log.log in its working directory",
-            timeout_s=timeout_s, reason=kind, url=url)
-    text = {
-        "name": f"cannot resolve the host name {host!r} of {url} (name not resolved); "
-                f"check the address in {var}",
-        "refused": f"nothing listens at {url} ({action}: connection refused); {START_HINT}, "
-                   f"or set {var} to where it listens",
-        "reset": f"{url} dropped the connection during {action} (connection reset); the server may "
-                 "have crashed or restarted, or what listens there is not TorchServe's API: check "
-                 "`bray-archive server status` and logs/ts_log.log in its working directory",
-        "unreachable": f"no route to {host} for {url} ({action}: host unreachable); check the "
-                       f"address in {var} and the network",
-    }.get(kind, f"cannot reach {url} ({action}: {err}); {START_HINT}, or check {var}")
-    return ServerUnreachableError(text, status=None, url=url, reason=kind)
-
-
-def _json_body(data: bytes | str) -> dict[str, Any]:
-    try:
-        body = json.loads(data)
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def key_refused(status: int, data: bytes | str) -> bool:
-    """True when token authorization refused a call, from its status and body.
-
-    TorchServe 0.12 answers a missing, wrong or expired key with 400 (403 on some paths)
-    and ``"type": "InvalidKeyException"``, not 401. Shared by the management client, the
-    inference transport and the server launcher's ping.
-    """
-    if status == 401:
-        return True
-    return status in (400, 403) and _json_body(data).get("type") == "InvalidKeyException"
-
-
-def error_message(data: bytes | str, reason: str = "") -> str:
-    """TorchServe's ``message`` from an error body, else the start of the body."""
-    message = _json_body(data).get("message")
-    if message:
-        return str(message)
-    text = (data.decode("utf-8", "replace") if isinstance(data, bytes) else data).strip()
-    return text[:500] if text else reason or "no message"
-
+__all__ = ["ManagementClient", "ModelVersion"]
 
 # Answers worth asking a GET again for: a gateway in between or a server restarting.
 _RETRY_STATUSES = frozenset({502, 503, 504})
@@ -190,160 +33,6 @@ def _transient(error: BrayError) -> bool:
     timeouts (each try already waited the whole timeout), not a name that does not resolve.
     """
     return getattr(error, "reason", "") == "reset"
-
-
-def _is_auth_failure(resp: requests.Response) -> bool:
-    return key_refused(resp.status_code, resp.content)
-
-
-def _error_type(resp: requests.Response) -> str:
-    return str(_json_body(resp.content).get("type", ""))
-
-
-def _error_message(resp: requests.Response) -> str:
-    return error_message(resp.content, resp.reason or "")
-
-
-class TokenAuth:
-    """Reads TorchServe's ``key_file.json`` and hands out ``Authorization`` headers.
-
-    The file is re-read whenever it changes on disk (the server rewrites it at each start
-    and at each refresh), so one ``TokenAuth`` outlives server restarts. Thread-safe.
-
-    Args:
-        key_file: path of ``key_file.json``; ``None`` looks where
-            :func:`bray.config.find_key_file` looks, at each use until found.
-        management_url: the management API, where expired keys are regenerated.
-    """
-
-    def __init__(self, key_file: str | Path | None, *, management_url: str) -> None:
-        self._explicit = Path(key_file) if key_file is not None else None
-        self.management_url = management_url.rstrip("/")
-        self._lock = threading.Lock()
-        self._keys: dict[str, str] = {}
-        self._stamp: tuple[int, int] | None = None
-        self._path: Path | None = None
-        self._session: requests.Session | None = None
-
-    @property
-    def key_file(self) -> Path | None:
-        """The key file in use (``None`` while none is found: token authorization off)."""
-        return self._explicit if self._explicit is not None else (self._path or find_key_file())
-
-    def _load_locked(self) -> None:
-        path = self._explicit if self._explicit is not None else find_key_file()
-        self._path = path
-        if path is None:
-            self._keys, self._stamp = {}, None
-            return
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            if self._explicit is not None:
-                raise AuthError(
-                    f"TorchServe key file {path} does not exist; start the server (bray-archive "
-                    "server start writes it into its working directory, ~/.bray/server) or pass the "
-                    "right key_file / BRAY_KEY_FILE",
-                    status=None, key_file=str(path),
-                ) from None
-            self._keys, self._stamp = {}, None
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
-        for attempt in range(3):
-            try:
-                data = json.loads(path.read_text())
-                keys = {kind: str(data[kind]["key"]) for kind in _KINDS}
-                keys["API"] = str(data["API"]["key"])
-                break
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                # The server truncates and rewrites the file at each refresh: look again shortly.
-                if attempt < 2:
-                    time.sleep(0.05)
-                    continue
-                raise AuthError(
-                    f"cannot read TorchServe key file {path}: {err}; expected "
-                    '{"management": {"key": ...}, "inference": {"key": ...}, "API": {"key": ...}}',
-                    status=None, key_file=str(path),
-                ) from err
-        self._keys, self._stamp = keys, stamp
-
-    def key(self, kind: KeyKind | Literal["API"]) -> str | None:
-        """The current key of one kind, or ``None`` when there is no key file.
-
-        Raises:
-            AuthError: an explicit key file is missing or unreadable.
-        """
-        with self._lock:
-            self._load_locked()
-            return self._keys.get(kind)
-
-    def headers(self, kind: KeyKind) -> dict[str, str]:
-        """``{"Authorization": "Bearer <key>"}`` for ``kind``; ``{}`` without a key file.
-
-        Raises:
-            ConfigError: ``kind`` is not "inference" or "management".
-            AuthError: an explicit key file is missing or unreadable.
-        """
-        if kind not in _KINDS:
-            raise ConfigError(f"key kind must be 'inference' or 'management', got {kind!r}")
-        key = self.key(kind)
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def refresh(self, kind: KeyKind, *, stale_key: str | None = None, timeout_s: float = 10.0) -> None:
-        """Regenerate the ``kind`` key with the API key, then re-read the key file.
-
-        Args:
-            kind: "inference" or "management".
-            stale_key: the key that was refused; when the file already holds another one
-                (a restart, or another thread refreshed) nothing is regenerated.
-            timeout_s: for the HTTP call.
-
-        Raises:
-            ServerUnreachableError: the management API does not answer.
-            AuthError: no key file, or the server refused the API key.
-        """
-        if kind not in _KINDS:
-            raise ConfigError(f"key kind must be 'inference' or 'management', got {kind!r}")
-        with self._lock:
-            self._stamp = None  # force a re-read: mtime granularity can hide a fast rewrite
-            self._load_locked()
-            if not self._keys:
-                raise AuthError(
-                    "TorchServe refused the call and no key_file.json was found; pass key_file= "
-                    "or set BRAY_KEY_FILE to the key_file.json in the server's working directory",
-                    status=None, key_file=None,
-                )
-            if stale_key is not None and self._keys.get(kind) != stale_key:
-                return
-            url = f"{self.management_url}/token"
-            if self._session is None:
-                self._session = requests.Session()
-            try:
-                resp = self._session.get(
-                    url, params={"type": kind},
-                    headers={"Authorization": f"Bearer {self._keys['API']}"}, timeout=timeout_s,
-                )
-            except requests.RequestException as err:
-                raise connection_error(err, url=self.management_url, action=f"refreshing the {kind} key",
-                                       timeout_s=timeout_s) from err
-            if resp.status_code != 200:
-                raise AuthError(
-                    f"TorchServe refused to regenerate the {kind} key with the API key from "
-                    f"{self._path} ({resp.status_code}: {_error_message(resp)}); the key file "
-                    "probably belongs to another server run; point key_file / BRAY_KEY_FILE at "
-                    "the key_file.json in this server's working directory",
-                    status=resp.status_code, key_file=str(self._path),
-                )
-            self._stamp = None
-            self._load_locked()
-
-    def close(self) -> None:
-        """Close the HTTP session used for refreshes."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
 
 
 @dataclass(frozen=True)
@@ -388,13 +77,15 @@ class ManagementClient:
         url: management API address; default ``BRAY_MANAGEMENT_URL`` or http://127.0.0.1:8081.
         key_file: TorchServe's ``key_file.json``; default as :func:`bray.config.find_key_file`.
         timeout_s: per HTTP call (registration waits for the workers to start: be generous).
+        session: the HTTP session to send every call with, key refreshes included (a test
+            mounts a transport adapter on one); default a new one. :meth:`close` closes it.
 
     Raises:
         ConfigError: a malformed address or a non-positive timeout.
     """
 
     def __init__(self, url: str | None = None, *, key_file: str | Path | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, session: requests.Session | None = None) -> None:
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         if url is None:
@@ -403,19 +94,18 @@ class ManagementClient:
                   example="http://127.0.0.1:8081")
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.auth = TokenAuth(key_file, management_url=self.url)
+        self._session = session if session is not None else requests.Session()
+        self.auth = TokenAuth(key_file, management_url=self.url, session=self._session)
         self.page_size = 100  # models per GET /models page (TorchServe's limit parameter)
         # Pauses before asking a GET again after a dropped connection or a 502/503/504
         # (a proxy in between, a frontend restarting): two retries, 0.6 s in all.
         self.get_retry_delays_s: tuple[float, ...] = (0.1, 0.5)
-        self._session = requests.Session()
 
     # -- plumbing -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the HTTP sessions."""
+        """Close the HTTP session (key refreshes use it too)."""
         self._session.close()
-        self.auth.close()
 
     def __enter__(self) -> "ManagementClient":
         return self
@@ -443,62 +133,19 @@ class ManagementClient:
                     failures += 1
                     continue
                 raise error from err
-            if _is_auth_failure(resp):
-                stale = headers.get("Authorization", "").removeprefix("Bearer ") or None
-                if not refreshed and stale is not None:
-                    refreshed = True
-                    self.auth.refresh("management", stale_key=stale)
-                    continue
-                raise AuthError(
-                    f"TorchServe's management API at {self.url} refused the management key "
-                    f"from {self.auth.key_file or 'no key file'} ({_error_message(resp)}); pass "
-                    "key_file= or set BRAY_KEY_FILE to the key_file.json in that server's working "
-                    "directory",
-                    status=resp.status_code, key_file=str(self.auth.key_file) if self.auth.key_file else None,
-                )
+            if key_refused(resp.status_code, resp.content) and not refreshed and bearer_key(headers):
+                refreshed = True
+                self.auth.refresh("management", stale_key=bearer_key(headers))
+                continue
             if (resp.status_code in _RETRY_STATUSES and method == "GET"
                     and failures < len(self.get_retry_delays_s)):
                 time.sleep(self.get_retry_delays_s[failures])
                 failures += 1
                 continue
             if resp.status_code >= 400:
-                raise self._error(resp, method=method, path=path, what=what)
+                raise answer_error(resp.status_code, resp.content, api="management", url=self.url, method=method,
+                                   path=path, what=what, reason=resp.reason or "", key_file=self.auth.key_file)
             return resp
-
-    def _error(self, resp: requests.Response, *, method: str, path: str, what: str) -> ServerError:
-        status = resp.status_code
-        message = _error_message(resp)
-        ts_type = _error_type(resp)
-        where = what or f"{method} {path}"
-        if status == 404 and "does not match any allowed URL" in message:
-            return ManagementError(
-                f"{where}: TorchServe refused the archive URL ({message}); the bundled config "
-                "only registers archives by name from the model store: copy the .mar into the "
-                "model store (bray-archive does) and register it by file name",
-                status=status, ts_type=ts_type,
-            )
-        if status == 404:
-            return ModelNotFoundError(f"{where}: {message}", status=status, ts_type=ts_type)
-        if status == 409:
-            return VersionExistsError(
-                f"{where}: {message}; register it under another version or unregister the old one first",
-                status=status, ts_type=ts_type,
-            )
-        if status == 405:
-            return ModelApiDisabledError(
-                f"{where}: TorchServe's model API is disabled ({message}); enable it with "
-                "enable_model_api=true in config.properties (the bundled one, which bray-archive "
-                "server start uses, has it) or `torchserve --start --enable-model-api`",
-                status=status, ts_type=ts_type,
-            )
-        if status == 403 and (ts_type == "InvalidModelVersionException" or method == "DELETE"):
-            return ManagementError(
-                f"{where}: {message}; make another version the default first "
-                "(set_default) or unregister the other versions",
-                status=status, ts_type=ts_type,
-            )
-        return ManagementError(f"{where}: TorchServe answered {status}: {message}",
-                               status=status, ts_type=ts_type)
 
     @staticmethod
     def _path(name: str, version: str | None = None) -> str:

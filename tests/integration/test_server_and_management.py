@@ -24,7 +24,8 @@ from bray.errors import (
     VersionExistsError,
 )
 from bray.torchserve.launcher import TorchServeProcess, free_ports
-from bray.torchserve.management import ManagementClient, ModelVersion, TokenAuth
+from bray.torchserve.auth import TokenAuth
+from bray.torchserve.management import ManagementClient, ModelVersion
 from bray.ts_config import config_path, read_properties
 
 HANDLER = '''\
