@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 
 from bray.errors import BrayTimeoutError
 
-__all__ = ["in_loop_thread", "run_sync"]
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.torchserve.inference import InferenceClient
+
+__all__ = ["in_loop_thread", "loop_session", "run_sync"]
 
 T = TypeVar("T")
 
@@ -37,6 +40,16 @@ def _get_loop() -> asyncio.AbstractEventLoop:
 
 def in_loop_thread() -> bool:
     return _thread is not None and threading.current_thread() is _thread
+
+
+def loop_session(client: InferenceClient) -> Any:
+    """The bridge's session factory for :class:`~bray.torchserve.inference.InferenceClient`.
+
+    On the bridge loop, which lives as long as the process, a session that is not tied
+    to the loop's end; on a caller's own loop (``await forward`` under ``asyncio.run``)
+    one that closes when that loop ends.
+    """
+    return client.new_session(close_with_loop=not in_loop_thread())
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:

@@ -534,12 +534,13 @@ class RemoteModel:
         if batcher is not None:
             return batcher
         with self._lock:
+            from bray.bridge._loop import loop_session
             from bray.bridge.batching import ForwardBatcher
             from bray.torchserve.inference import InferenceClient
 
             if self._client is None:
                 self._client = InferenceClient(self.locations.inference_urls, auth=self._inference_auth(),
-                                               timeout_s=self.timeout_s)
+                                               timeout_s=self.timeout_s, session_factory=loop_session)
             batcher = self._batchers.get(loop)
             if batcher is None:
                 samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size and self.client_batching else 0

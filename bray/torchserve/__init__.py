@@ -3,10 +3,10 @@
 - :mod:`~bray.torchserve.auth`: :class:`TokenAuth`, the key file and key refresh;
 - :mod:`~bray.torchserve.answers`: the one mapping from TorchServe's answers and from
   failed connections to the errors of :mod:`bray.errors`;
-- :mod:`~bray.torchserve.management`: :class:`ManagementClient` (requests) and
-  :class:`ModelVersion`;
-- :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (aiohttp): load balancing,
-  failover, retries, key refresh;
+- :mod:`~bray.torchserve.management`: :class:`ManagementClient` (requests, an injectable
+  ``session``) and :class:`ModelVersion`;
+- :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (aiohttp, an injectable
+  ``session_factory``): load balancing, failover, retries, key refresh;
 - :mod:`~bray.torchserve.launcher`: start and stop TorchServe instances.
 
 The bridge, the archiver and ts_config speak to TorchServe only through here (none of

@@ -1,6 +1,7 @@
 """The inference client: async HTTP to one or more TorchServe nodes.
 
-- one pooled ``aiohttp`` session (keep-alive) per event loop;
+- one pooled ``aiohttp`` session (keep-alive) per event loop, made by an injectable
+  session factory;
 - least-outstanding-requests load balancing over the inference addresses;
 - a node that refuses connections is set aside (0.5 s, doubling on each further refusal
   up to 8 s) and the request goes to another; once the pause is over the node gets one
@@ -27,7 +28,7 @@ import random
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from bray import wire
 from bray.errors import AuthError, ConfigError, ServerUnreachableError
@@ -40,7 +41,13 @@ from bray.torchserve.answers import (
 )
 from bray.torchserve.auth import TokenAuth, bearer_key
 
-__all__ = ["InferenceClient", "Reply", "TransportStats"]
+__all__ = ["InferenceClient", "Reply", "SessionFactory", "TransportStats"]
+
+# Makes the HTTP session of the running event loop, called on that loop: what
+# InferenceClient.predict uses is the session's ``closed``, ``close()`` and
+# ``post(url, data=, headers=)``, an async context manager giving ``status``,
+# ``headers`` and ``await read()`` (aiohttp's ClientSession; a test's scripted one).
+SessionFactory = Callable[["InferenceClient"], Any]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
 # A node that refused a connection is set aside this long, doubled per further refusal.
@@ -81,11 +88,14 @@ class InferenceClient:
         max_retries: retries of one request after 5xx answers or dropped connections.
         reconnect_timeout_s: how long to keep trying while no node accepts connections.
         max_connections: connection pool size per node.
+        session_factory: makes the session of each event loop the client is used on,
+            called on that loop with the client (again if that session was closed);
+            default :meth:`new_session`. A test hands in scripted sessions here.
     """
 
     def __init__(self, urls: Sequence[str], *, auth: "TokenAuth | Mapping[str, TokenAuth | None] | None" = None,
-                 timeout_s: float = 60.0,
-                 max_retries: int = 5, reconnect_timeout_s: float = 60.0, max_connections: int = 64) -> None:
+                 timeout_s: float = 60.0, max_retries: int = 5, reconnect_timeout_s: float = 60.0,
+                 max_connections: int = 64, session_factory: SessionFactory | None = None) -> None:
         if not urls:
             raise ConfigError("InferenceClient needs at least one inference address")
         if max_retries < 0:
@@ -104,6 +114,7 @@ class InferenceClient:
         self.max_retries = max_retries
         self.reconnect_timeout_s = reconnect_timeout_s
         self.max_connections = max_connections
+        self.session_factory: SessionFactory = session_factory or InferenceClient.new_session
         self.stats = TransportStats()
         self._inflight = {u: 0 for u in self.urls}
         self._down_until = {u: 0.0 for u in self.urls}
@@ -116,24 +127,33 @@ class InferenceClient:
         self._guards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._rr = 0
 
-    def _get_session(self) -> Any:
-        """The pooled session of the running event loop (one per loop: sessions are loop-bound)."""
+    def new_session(self, *, close_with_loop: bool = True) -> Any:
+        """A pooled keep-alive aiohttp session for the running event loop, sized for this client.
+
+        Args:
+            close_with_loop: close it when ``asyncio.run()`` ends the loop; ``False`` for
+                a loop that lives as long as the process (the bridge's own).
+        """
         import aiohttp
 
+        connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
+                                         ttl_dns_cache=300, enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                        skip_auto_headers=("User-Agent",))
+        if close_with_loop:
+            # asyncio.run() cancels every task left when its main coroutine ends: this
+            # one then closes the session before the loop goes away.
+            loop = asyncio.get_running_loop()
+            self._guards[loop] = loop.create_task(_close_when_cancelled(session))
+        return session
+
+    def _get_session(self) -> Any:
+        """The session of the running event loop (one per loop: sessions are loop-bound)."""
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)
         if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
-                                             ttl_dns_cache=300, enable_cleanup_closed=True)
-            session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                            skip_auto_headers=("User-Agent",))
+            session = self.session_factory(self)
             self._sessions[loop] = session
-            from bray.bridge._loop import in_loop_thread
-
-            if not in_loop_thread():  # the bridge's own loop lives as long as the process
-                # asyncio.run() cancels every task left when its main coroutine ends: this
-                # one then closes the session before the loop goes away.
-                self._guards[loop] = loop.create_task(_close_when_cancelled(session))
         return session
 
     def _pick(self, exclude: set[str]) -> str | None:
