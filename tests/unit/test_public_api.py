@@ -16,7 +16,7 @@ from bray import errors
 MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export",
            "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines",
            "bray.handlers.metrics", "bray.handlers.request", "bray.handlers.oip",
-           "bray.archiver.kserve", "bray.ts_config.probe"]
+           "bray.archiver.kserve", "bray.ts_config.probe", "bray.ts_config.server"]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=MODULES)

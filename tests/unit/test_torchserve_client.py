@@ -303,3 +303,16 @@ def test_every_answer_maps_to_its_error(api: Any, status: int, body: Any, error:
                        reason="Internal Server Error", key_file=Path("/srv/key_file.json"))
     assert type(err) is error and err.status == status
     assert said in str(err)
+
+
+def test_the_public_names_still_import_from_their_old_homes() -> None:
+    import bray.archiver
+    import bray.torchserve
+    import bray.ts_config.server
+    from bray.torchserve import launcher
+
+    for name in ("ManagementClient", "ModelVersion", "TokenAuth"):
+        assert getattr(bray.archiver, name) is getattr(bray.torchserve, name)
+    assert set(bray.ts_config.server.__all__) == set(launcher.__all__)
+    for name in launcher.__all__:
+        assert getattr(bray.ts_config.server, name) is getattr(launcher, name)
