@@ -20,19 +20,18 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence, TextIO
 
 from bray.config import Locations, check_url
 from bray.errors import BrayError, ConfigError, ServerUnreachableError
+from bray.handlers.config import ServingOptions, _int_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.torchserve.management import ManagementClient, ModelVersion
 
 __all__ = ["failure", "main"]
-
-_ENGINES = ("torch", "onnx", "tensorrt")
 
 
 # --- options ---------------------------------------------------------------------------
@@ -48,20 +47,6 @@ def _step_arg(text: str) -> int:
     if step < 0:
         raise argparse.ArgumentTypeError(f"expected a step number >= 0 or 'latest', got {text!r}")
     return step
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -107,24 +92,15 @@ class ServerOptions:
 
 @dataclass(frozen=True)
 class PackOptions:
-    """What goes into an archive (``pack_archive``'s keyword arguments)."""
+    """What goes into an archive: the serving options (one flag each) and how to write it."""
 
-    engine: str = "torch"
-    batch_size: int = 1
-    max_batch_delay_ms: int = 0
-    workers: int = 1
-    threads: int = 1
-    fixed_batch_size: int = 0
-    onnx_weights: str = "initializers"
-    quantize: bool = False
-    reject_nonfinite: bool = False
-    max_request_bytes: int = 64 << 20
-    poll_interval_ms: int = 0
+    serving: ServingOptions = field(default_factory=ServingOptions)
     force: bool = False
     progress: bool = False
 
     def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        """``pack_archive``'s / ``publish_version``'s keyword arguments."""
+        return {"options": self.serving, "force": self.force, "progress": self.progress}
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> tuple[ServerOptions, PackOptions | None]:
@@ -146,11 +122,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if not hasattr(args, "engine"):
         return server, None
     pack = PackOptions(
-        engine=args.engine, batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
-        workers=args.workers, threads=args.threads, fixed_batch_size=args.fixed_batch_size,
-        onnx_weights=args.onnx_weights, quantize=args.quantize, reject_nonfinite=args.reject_nonfinite,
-        max_request_bytes=args.max_request_mb << 20, poll_interval_ms=args.poll_interval_ms,
-        force=getattr(args, "force", False),
+        serving=ServingOptions.from_args(args), force=getattr(args, "force", False),
         progress=not args.no_progress and not args.json and sys.stderr.isatty(),
     )
     return server, pack
@@ -197,6 +169,23 @@ def example(*lines: str) -> dict[str, Any]:
     return {"epilog": text + "".join(f"  {line}\n" for line in lines), "formatter_class": _HelpFormatter}
 
 
+def _pack_parser(**defaults: Any) -> argparse.ArgumentParser:
+    """The archive flags: one per serving option (declared with the option), then how to publish.
+
+    ``defaults`` are another command's defaults (``kserve``: ``poll_interval_ms=50``): its
+    own flags, since ``parents=`` shares flag objects, and a default changed on one would
+    change it for every command sharing them.
+    """
+    pack = argparse.ArgumentParser(add_help=False)
+    g = pack.add_argument_group("archive")
+    ServingOptions.add_arguments(g, **defaults)
+    g.add_argument("--set-default", action="store_true", help="make the new version the default")
+    g.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
+                   help="how long to wait for the workers to be ready (default 300)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return pack
+
+
 def _parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("server")
@@ -216,33 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--store", metavar="DIR",
                        help="checkpoint store (default $BRAY_STORE or ~/.bray/store)")
 
-    pack = argparse.ArgumentParser(add_help=False)
-    g = pack.add_argument_group("archive")
-    g.add_argument("--engine", choices=_ENGINES, default="torch", help="inference engine (default torch)")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="B",
-                   help="TorchServe batch size (default 1)")
-    g.add_argument("--max-batch-delay-ms", type=_int_at_least(0), default=0, metavar="D",
-                   help="how long TorchServe holds a request to fill a batch (default 0, as RemoteModel: "
-                        "a lone request waits the whole delay, and bray's client batches already)")
-    g.add_argument("--workers", type=_int_at_least(0), default=1, metavar="W",
-                   help="workers for the new version (default 1)")
-    g.add_argument("--threads", type=_int_at_least(1), default=1, metavar="T",
-                   help="intra-op threads per worker (default 1)")
-    g.add_argument("--fixed-batch-size", type=_int_at_least(0), default=0, metavar="N",
-                   help="pad every forward to N samples (default 0: off)")
-    g.add_argument("--onnx-weights", choices=("initializers", "inputs"), default="initializers",
-                   help="how the onnx engine takes weights (default initializers)")
-    g.add_argument("--quantize", action="store_true", help="dynamic int8 quantization (onnx engine)")
-    g.add_argument("--reject-nonfinite", action="store_true", help="answer 400 to inputs holding NaN or infinity")
-    g.add_argument("--max-request-mb", type=_int_at_least(1), default=64, metavar="MB",
-                   help="largest request body the handler decodes (default 64)")
-    g.add_argument("--poll-interval-ms", type=_int_at_least(0), default=0, metavar="MS",
-                   help="workers read the store's LATEST this often instead of inotify: a store on "
-                        "NFS or another shared file system (default 0: inotify)")
-    g.add_argument("--set-default", action="store_true", help="make the new version the default")
-    g.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
-                   help="how long to wait for the workers to be ready (default 300)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pack = _pack_parser()
 
     parser = _Parser(
         prog="bray-archive",
@@ -353,7 +316,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit after S seconds without a caller (default: run until stopped)")
     p.set_defaults(run=_proxy)
 
-    p = sub.add_parser("kserve", parents=[store, pack],
+    from bray.archiver.kserve import POLL_INTERVAL_MS
+
+    # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
+    p = sub.add_parser("kserve", parents=[store, _pack_parser(poll_interval_ms=POLL_INTERVAL_MS)],
                        help="write the KServe storage layout and manifests for a published model",
                        description="Write DIR/models (config/config.properties + model-store/NAME-latest.mar, "
                                    "what KServe's TorchServe runtime loads from a storage URI) and "
@@ -378,8 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--memory", default="4Gi", help="memory per pod (default 4Gi)")
     k.add_argument("--gpus", type=_int_at_least(0), default=0, metavar="N", help="nvidia.com/gpu per pod (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
-    p.set_defaults(run=_kserve, poll_interval_ms=50)
+    p.set_defaults(run=_kserve)
 
     p = sub.add_parser("dashboard", parents=[store, model_store, server],
                        help="a read-only web page of the store and the server serving it",
@@ -565,9 +530,8 @@ def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, ou
                            store_claim=args.store_claim, store_mount=args.store_mount,
                            store_size_gi=args.store_size_gi, storage_class=args.storage_class, cpu=args.cpu,
                            memory=args.memory, gpus=args.gpus)
-    kwargs = {k: v for k, v in pack.as_kwargs().items() if k != "force"}
     done = export_kserve(opts.store(must_exist=True), args.name, out=args.out, options=kserve, force=args.force,
-                         **kwargs)
+                         serving=pack.serving, progress=pack.progress)
     data = {"out": str(done.out), "models": str(done.models), "config": str(done.config),
             "archive": str(done.archive), "manifests": [str(m) for m in done.manifests],
             "storage_uri": done.storage_uri}

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from bray.errors import ConfigError, StepNotFoundError, StoreWriteError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bray.handlers.config import ServingOptions
     from bray.store import CheckpointStore
 
 __all__ = ["KServeExport", "KServeOptions", "export_kserve", "manifests", "service_name"]
@@ -50,6 +51,8 @@ MOUNT = "/mnt/models"  # where KServe's storage initializer puts the storage URI
 INFERENCE_PORT = 8085  # KServe's TorchServe runtime: 8080 belongs to KServe's model server
 MANAGEMENT_PORT = 8081
 METRICS_PORT = 8082
+# Pods follow a shared store: its workers poll LATEST (inotify does not see other hosts' writes).
+POLL_INTERVAL_MS = 50
 # pytorch/torchserve images run from here; TorchServe writes key_file.json into it.
 WORKDIR = "/home/model-server"
 _DNS_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -241,6 +244,7 @@ def export_kserve(
     out: str | os.PathLike[str],
     options: KServeOptions | None = None,
     force: bool = False,
+    serving: ServingOptions | None = None,
     **pack_options: Any,
 ) -> KServeExport:
     """Write the KServe storage layout and manifests for published model ``name`` into ``out``.
@@ -255,9 +259,11 @@ def export_kserve(
         out: the output folder (must not exist, or be empty, unless ``force``).
         options: how it is deployed (:class:`KServeOptions`).
         force: replace a non-empty ``out``.
+        serving: the serving options (:class:`~bray.handlers.config.ServingOptions`);
+            without it ``poll_interval_ms`` is :data:`POLL_INTERVAL_MS` here.
         **pack_options: archive options as for :func:`~bray.archiver.pack.pack_archive`
-            (``engine``, ``batch_size``, ``max_batch_delay_ms``, ``workers``, ``threads``,
-            ``poll_interval_ms`` (default 50 here) ...); ``store_path`` is the mount.
+            (``engine``, ``batch_size``, ``workers``, ... ``progress``; they win over
+            ``serving``); ``store_path`` is the mount.
 
     Returns:
         What was written.
@@ -287,7 +293,8 @@ def export_kserve(
     for key in ("store_path", "step", "model_store", "version", "force"):
         if key in pack_options:
             raise ConfigError(f"export_kserve sets {key} itself; do not pass it")
-    pack_options.setdefault("poll_interval_ms", 50)
+    if serving is None:
+        pack_options.setdefault("poll_interval_ms", POLL_INTERVAL_MS)
     docs = manifests(name, storage_uri=storage_uri, opts=opts)  # validates before anything is written
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -297,7 +304,7 @@ def export_kserve(
     try:
         models = tmp / MODELS_DIR
         packed = pack_archive(store, name, step=None, model_store=models / "model-store",
-                              store_path=opts.store_mount, **pack_options)
+                              store_path=opts.store_mount, options=serving, **pack_options)
         config = models / "config" / "config.properties"
         config.parent.mkdir(parents=True)
         # The snapshot registers the model with the archive's own batching and workers.

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from bray.errors import ConfigError, CorruptCheckpointError, StoreError, StoreWriteError
 from bray.export import EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
-from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
+from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore
@@ -52,8 +52,6 @@ LIVE_VERSION = "latest"
 HANDLER_FILE = "bray_handler.py"
 CONFIG_FILE = "model-config.yaml"
 STEP_FILE = "step.json"
-_ENGINES = ("torch", "onnx", "tensorrt")
-_ONNX_WEIGHTS = ("initializers", "inputs")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
 _CHUNK = 8 << 20
 
@@ -98,16 +96,7 @@ def archive_path(model_store: str | os.PathLike[str], name: str, version: str) -
     return Path(model_store) / f"{name}-{version}.mar"
 
 
-def _check_options(*, engine: str, batch_size: int, max_batch_delay_ms: int, workers: int,
-                   onnx_weights: str, version: str | None) -> None:
-    if engine not in _ENGINES:
-        raise ConfigError(f"engine must be one of {list(_ENGINES)}, got {engine!r}")
-    for key, value, low in (("batch_size", batch_size, 1), ("max_batch_delay_ms", max_batch_delay_ms, 0),
-                            ("workers", workers, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-    if onnx_weights not in _ONNX_WEIGHTS:
-        raise ConfigError(f"onnx_weights must be one of {list(_ONNX_WEIGHTS)}, got {onnx_weights!r}")
+def _check_version(version: str | None) -> None:
     if version is not None and not _VERSION_RE.fullmatch(version):
         raise ConfigError(
             f"version must match {_VERSION_RE.pattern} (TorchServe version strings), got {version!r}"
@@ -140,18 +129,10 @@ def _export_files(export_dir: Path, engine: str) -> list[Path]:
     return files
 
 
-def _yaml_text(serving: ServingConfig, *, batch_size: int, max_batch_delay_ms: int,
-               workers: int) -> str:
+def _yaml_text(serving: ServingConfig) -> str:
     import yaml
 
-    doc: dict[str, Any] = {
-        "minWorkers": workers,
-        "maxWorkers": max(workers, 1),
-        "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay_ms,
-        "handler": serving.to_yaml_dict(),
-    }
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.safe_dump(serving.to_model_yaml(), sort_keys=False)
 
 
 def _manifest(name: str, version: str) -> str:
@@ -216,21 +197,12 @@ def pack_archive(
     *,
     step: int | None,
     model_store: str | os.PathLike[str],
-    engine: str = "torch",
-    batch_size: int = 1,
-    max_batch_delay_ms: int = 0,
-    workers: int = 1,
-    threads: int = 1,
-    fixed_batch_size: int = 0,
-    onnx_weights: str = "initializers",
-    quantize: bool = False,
-    reject_nonfinite: bool = False,
-    max_request_bytes: int = 64 << 20,
-    poll_interval_ms: int = 0,
+    options: ServingOptions | None = None,
     store_path: str | None = None,
     version: str | None = None,
     force: bool = False,
     progress: bool = False,
+    **option_values: Any,
 ) -> PackedArchive:
     """Pack ``name`` from ``store`` into ``<model_store>/<name>-<version>.mar``.
 
@@ -241,25 +213,16 @@ def pack_archive(
             no weights packed); ``N`` (or ``-1`` for the latest) pins the kept step at or
             below N, packing its weights, as version ``"<step>"``.
         model_store: TorchServe's model store directory (created if missing).
-        engine: ``torch``, ``onnx`` or ``tensorrt``.
-        batch_size: TorchServe's batch size (``batchSize``).
-        max_batch_delay_ms: how long TorchServe waits to fill a batch (``maxBatchDelay``);
-            0, as ``RemoteModel``: its client already batches, and a wait only delays lone calls.
-        workers: workers per version (``minWorkers``).
-        threads: intra-op threads per worker.
-        fixed_batch_size: ``> 0`` pads every forward to this size.
-        onnx_weights: ``initializers`` or ``inputs`` (onnx engine).
-        quantize: dynamic int8 quantization (onnx engine).
-        reject_nonfinite: answer 400 to inputs holding NaN or infinity.
-        max_request_bytes: largest request body the handler decodes.
-        poll_interval_ms: ``> 0``: the workers read the store's ``LATEST`` this often
-            instead of using inotify (a store on NFS or another shared file system).
+        options: how the version is served (engine, batching, workers, ...; default
+            :class:`~bray.handlers.config.ServingOptions`'s defaults).
         store_path: where the workers find the store, when that is not where this
             process does (a volume mounted at another path in a pod); default
             ``store``'s own absolute path.
         version: overrides the version string.
         force: overwrite an existing archive of that version.
         progress: show a progress bar (stderr) when packing takes more than a moment.
+        **option_values: any :class:`~bray.handlers.config.ServingOptions` field by name
+            (``engine="onnx"``, ``batch_size=8``, ...); they win over ``options``.
 
     Returns:
         The archive written.
@@ -270,22 +233,18 @@ def pack_archive(
         StoreError: the model has no export (or none for this engine).
         StoreWriteError: the model store refused the write (nothing is left behind).
     """
-    _check_options(engine=engine, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                   workers=workers, onnx_weights=onnx_weights, version=version)
+    opts = ServingOptions.build(options, **option_values)
+    _check_version(version)
     serving_step = -1
     meta = None
     if step is not None:
         serving_step = store.resolve(name, step)
         meta = store.meta(name, serving_step)
     version = version or (LIVE_VERSION if step is None else str(serving_step))
-    serving = ServingConfig(
-        name=name, store=store_path or str(Path(store.root).resolve()), engine=engine, step=serving_step,
-        fixed_batch_size=fixed_batch_size, threads=threads, onnx_weights=onnx_weights,
-        quantize=quantize, reject_nonfinite=reject_nonfinite, max_request_bytes=max_request_bytes,
-        poll_interval_ms=poll_interval_ms,
-    )
+    serving = ServingConfig(name=name, store=store_path or str(Path(store.root).resolve()), step=serving_step,
+                            options=opts)
     export_dir = store.model_dir(name) / EXPORT_DIRNAME
-    export_files = _export_files(export_dir, engine)
+    export_files = _export_files(export_dir, opts.engine)
     manifest = _manifest(name, version)
     model_store = Path(model_store)
     final = archive_path(model_store, name, version)
@@ -310,8 +269,7 @@ def pack_archive(
         with os.fdopen(fd, "wb") as fobj:
             with zipfile.ZipFile(fobj, "w", zipfile.ZIP_STORED) as zf:
                 zf.writestr(HANDLER_FILE, _SHIM)
-                zf.writestr(CONFIG_FILE, _yaml_text(serving, batch_size=batch_size,
-                                                    max_batch_delay_ms=max_batch_delay_ms, workers=workers))
+                zf.writestr(CONFIG_FILE, _yaml_text(serving))
                 if meta is not None:
                     meta_json = asdict(meta)
                     meta_json["keys"] = list(meta.keys)

@@ -26,6 +26,7 @@ from bray.errors import (
     ModelNotFoundError,
     VersionExistsError,
 )
+from bray.handlers.config import ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore, StoreWatch
@@ -48,13 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-_PACK_KEYS = frozenset({
-    "engine", "batch_size", "max_batch_delay_ms", "workers", "threads", "fixed_batch_size",
-    "onnx_weights", "quantize", "reject_nonfinite", "max_request_bytes", "poll_interval_ms", "version", "force",
-    "progress",
-})
-
-
 def _numeric(version: str) -> int | None:
     return int(version) if version.isascii() and version.isdigit() else None
 
@@ -74,7 +68,11 @@ def publish_version(
     model_store: str | os.PathLike[str],
     set_default: bool = False,
     wait_timeout_s: float = 300.0,
-    **pack_options: Any,
+    options: ServingOptions | None = None,
+    version: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+    **option_values: Any,
 ) -> ModelVersion:
     """Pack a step, register it as a version of ``name``, wait for its workers.
 
@@ -88,10 +86,12 @@ def publish_version(
         model_store: the server's model store directory.
         set_default: make the new version the one ``/predictions/<name>`` serves.
         wait_timeout_s: how long to wait for the workers to be READY.
-        **pack_options: passed to :func:`~bray.archiver.pack.pack_archive` (``engine``,
-            ``batch_size``, ``max_batch_delay_ms``, ``workers``, ``threads``,
-            ``fixed_batch_size``, ``onnx_weights``, ``quantize``, ``version``, ``force``,
-            ``progress``).
+        options: how the version is served (:class:`~bray.handlers.config.ServingOptions`:
+            engine, batching, workers, ...); the archive carries them and the version is
+            registered with their batching and workers.
+        version, force, progress: as for :func:`~bray.archiver.pack.pack_archive`.
+        **option_values: any ``ServingOptions`` field by name (``engine="onnx"``,
+            ``batch_size=8``, ...); they win over ``options``.
 
     Returns:
         The registered version, as the server describes it.
@@ -104,12 +104,10 @@ def publish_version(
             and a half-registered version unregistered.
         BrayTimeoutError: the workers were not ready in time (cleaned up likewise).
     """
-    unknown = set(pack_options) - _PACK_KEYS
-    if unknown:
-        raise ConfigError(f"unknown pack option(s) {sorted(unknown)}; expected some of {sorted(_PACK_KEYS)}")
+    opts = ServingOptions.build(options, **option_values)
     if step is not None:
         step = store.resolve(name, step)
-    version = pack_options.get("version") or (LIVE_VERSION if step is None else str(step))
+    version = version or (LIVE_VERSION if step is None else str(step))
     try:
         client.describe(name, version)
     except ModelNotFoundError:
@@ -120,17 +118,16 @@ def publish_version(
             f"another step, or unregister it first (bray-archive prune, or DELETE /models/{name}/{version})",
             status=None, name=name, version=version,
         )
-    packed = pack_archive(store, name, step=step, model_store=model_store, **pack_options)
-    workers = int(pack_options.get("workers", 1))
+    packed = pack_archive(store, name, step=step, model_store=model_store, options=opts, version=version,
+                          force=force, progress=progress)
     registered = False
     try:
         client.register(
-            packed.file_name, model_name=name, initial_workers=workers,
-            batch_size=int(pack_options.get("batch_size", 1)),
-            max_batch_delay_ms=int(pack_options.get("max_batch_delay_ms", 0)), synchronous=True,
+            packed.file_name, model_name=name, initial_workers=opts.workers, batch_size=opts.batch_size,
+            max_batch_delay_ms=opts.max_batch_delay_ms, synchronous=True,
         )
         registered = True
-        client.wait_ready(name, packed.version, timeout_s=wait_timeout_s, min_ready=workers)
+        client.wait_ready(name, packed.version, timeout_s=wait_timeout_s, min_ready=opts.workers)
         if set_default:
             client.set_default(name, packed.version)
         return client.describe(name, packed.version)[0]
@@ -257,8 +254,7 @@ def scale(name: str, workers: int, *, client: ManagementClient, version: str | N
         ModelNotFoundError: no such model or version.
         BrayTimeoutError: the new workers were not READY within the wait.
     """
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
+    ServingOptions(workers=workers)  # the one rule for a worker count
     client.scale(name, version=version, min_workers=workers, max_workers=max(workers, 1),
                  synchronous=True, timeout_s=timeout_s)
     if workers > 0:
@@ -364,12 +360,14 @@ class PublishWatch:
                  poll_interval_s: float | None,
                  on_published: Callable[[ModelVersion], None] | None,
                  on_error: Callable[[int, BaseException], None] | None,
-                 pack_options: dict[str, Any]) -> None:
+                 options: ServingOptions, force: bool = False, progress: bool = False) -> None:
         self.store, self.name, self.every = store, name, every
+        self.options = options
         self.published: list[ModelVersion] = []
         self.errors: list[tuple[int, BaseException]] = []
-        self._publish_kw = dict(client=client, model_store=model_store, set_default=set_default,
-                                wait_timeout_s=wait_timeout_s, **pack_options)
+        self._publish_kw: dict[str, Any] = dict(client=client, model_store=model_store, set_default=set_default,
+                                                wait_timeout_s=wait_timeout_s, options=options, force=force,
+                                                progress=progress)
         self._on_published, self._on_error = on_published, on_error
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -447,7 +445,10 @@ def watch_and_publish(
     poll_interval_s: float | None = None,
     on_published: Callable[[ModelVersion], None] | None = None,
     on_error: Callable[[int, BaseException], None] | None = None,
-    **pack_options: Any,
+    options: ServingOptions | None = None,
+    force: bool = False,
+    progress: bool = False,
+    **option_values: Any,
 ) -> PublishWatch:
     """Publish every step divisible by ``every`` as a pinned version, as the trainer publishes it.
 
@@ -461,7 +462,8 @@ def watch_and_publish(
         poll_interval_s: poll the store instead of inotify (shared file systems).
         on_published: called with each registered version (from the watch thread).
         on_error: called with ``(step, error)`` for each failed publish.
-        **pack_options: as for :func:`publish_version` (``version`` excepted).
+        options, force, progress, **option_values: as for :func:`publish_version`
+            (each step is its own version: no ``version``).
 
     Returns:
         The running watch (``stop()``, ``published``, ``errors``; a context manager).
@@ -471,14 +473,12 @@ def watch_and_publish(
     """
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"every must be an integer >= 1, got {every!r}")
-    if pack_options.get("version"):
+    if option_values.pop("version", None):
         raise ConfigError("watch publishes each step as its own version; do not pass version=")
-    unknown = set(pack_options) - _PACK_KEYS
-    if unknown:
-        raise ConfigError(f"unknown pack option(s) {sorted(unknown)}; expected some of {sorted(_PACK_KEYS)}")
+    opts = ServingOptions.build(options, **option_values)
     store.model_dir(name)  # validates the name now rather than in the thread
     return PublishWatch(store, name, every, client=client, model_store=model_store,
                         set_default=set_default, wait_timeout_s=wait_timeout_s,
                         poll_interval_s=poll_interval_s, on_published=on_published,
-                        on_error=on_error, pack_options=dict(pack_options))
+                        on_error=on_error, options=opts, force=force, progress=progress)
 

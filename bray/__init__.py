@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "Locations": "bray.config",
     "ModelPool": "bray.bridge.pool",
     "RemoteModel": "bray.bridge.remote_model",
+    "ServingOptions": "bray.handlers.config",
     "init": "bray.bridge.remote_model",
 }
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.remote_model import RemoteModel, init
     from bray.config import Locations
     from bray.errors import BrayError
+    from bray.handlers.config import ServingOptions
     from bray.store import CheckpointStore
 
 

@@ -73,7 +73,7 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -90,6 +90,7 @@ from bray.errors import (
     VersionExistsError,
 )
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
+from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
 __all__ = ["PublishHandle", "RemoteModel", "init"]
@@ -214,6 +215,27 @@ def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
     return mgmt, keys
 
 
+def _serving_options(*, max_batch_size: int, num_workers: int | None, cpus_per_worker: float | None,
+                     use_onnx: str | None, use_tensorrt: bool, max_batch_delay_ms: int) -> ServingOptions:
+    """Bray's constructor arguments as the serving options (the module docstring's table).
+
+    Raises:
+        ConfigError: a value the options refuse (``max_batch_delay_ms < 0``, ...).
+    """
+    options = ServingOptions(
+        engine="tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch"),
+        batch_size=abs(max_batch_size) or 1,
+        max_batch_delay_ms=max_batch_delay_ms,
+        workers=num_workers or 1,
+        threads=max(1, int(cpus_per_worker or 1)),
+        fixed_batch_size=-max_batch_size if max_batch_size < 0 else 0,
+        onnx_weights="inputs" if use_onnx == "train" else "initializers",
+        quantize=use_onnx == "quantize",
+    )
+    # No batching: TorchServe must not hold a lone request for the delay.
+    return options if max_batch_size else replace(options, max_batch_delay_ms=0)
+
+
 def _batch_of(payload: Any) -> int:
     """The leading dimension of the first array (all arrays share it; the server checks)."""
     node = payload
@@ -310,8 +332,9 @@ class RemoteModel:
             raise ConfigError(f"max_batch_size must be an integer, got {max_batch_size!r}")
         if num_workers is not None and num_workers < 1:
             raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers}")
-        if max_batch_delay_ms < 0:
-            raise ConfigError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
+        options = _serving_options(max_batch_size=max_batch_size, num_workers=num_workers,
+                                   cpus_per_worker=cpus_per_worker, use_onnx=use_onnx, use_tensorrt=use_tensorrt,
+                                   max_batch_delay_ms=max_batch_delay_ms)
         if memory_per_worker:
             log.warning("bray: memory_per_worker=%s is not applied: TorchServe has no per-worker memory limit",
                         memory_per_worker)
@@ -338,14 +361,8 @@ class RemoteModel:
             keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
             metrics_port=metrics_port, node_proxy=node_proxy,
         )
-        self.engine_name = "tensorrt" if use_tensorrt else ("onnx" if use_onnx else "torch")
-        self._quantize = use_onnx == "quantize"
-        self._onnx_weights = "inputs" if use_onnx == "train" else "initializers"
-        self._threads = max(1, int(cpus_per_worker or 1))
+        self.options = options  # what the version is served with (archive, registration, local engine)
         self._device = "cuda" if (gpus_per_worker or 0) > 0 else "cpu"
-        self._fixed = -max_batch_size if max_batch_size < 0 else 0
-        self._server_batch = abs(max_batch_size) if max_batch_size else 1
-        self._delay_ms = max_batch_delay_ms if max_batch_size else 0
         self._pinned = _pinned_step
         self.store = CheckpointStore(session.store_root, keep_last=keep_last,
                                      checkpoint_interval=checkpoint_interval or 0,
@@ -392,14 +409,19 @@ class RemoteModel:
 
             track(self, metrics_at)
 
+    @property
+    def engine_name(self) -> str:
+        """The engine serving the model (``torch``, ``onnx``, ``tensorrt``)."""
+        return self.options.engine
+
     # --- set-up -------------------------------------------------------------------------
 
     def _engine_options(self) -> Any:
         from bray.handlers.engines import EngineOptions
 
         device = "cuda:0" if self._device == "cuda" else "cpu"
-        return EngineOptions(device=device, threads=self._threads, quantize=self._quantize,
-                             onnx_weights=self._onnx_weights)
+        return EngineOptions(device=device, threads=self.options.threads, quantize=self.options.quantize,
+                             onnx_weights=self.options.onnx_weights, extra={"max_batch": self.options.max_batch})
 
     def _start_local(self) -> None:
         from bray.bridge.local import LocalRunner
@@ -407,7 +429,7 @@ class RemoteModel:
         self._local = LocalRunner(self.store, self.name, engine=self.engine_name, options=self._engine_options(),
                                   step=self._pinned if self._pinned is not None else -1,
                                   module=copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None,
-                                  fixed_batch_size=self._fixed)
+                                  fixed_batch_size=self.options.fixed_batch_size)
 
     def _start_proxy(self) -> None:
         """Attach to this model's node proxy, starting it when none runs (bounded by ``timeout_s``)."""
@@ -498,11 +520,8 @@ class RemoteModel:
         try:
             publish_version(
                 self.store, self.name, step=self._pinned, client=client, model_store=model_store,
-                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), engine=self.engine_name,
-                batch_size=self._server_batch, max_batch_delay_ms=self._delay_ms, workers=self.num_workers,
-                threads=self._threads, fixed_batch_size=self._fixed, quantize=self._quantize,
-                onnx_weights=self._onnx_weights, version=version,
-                force=True,
+                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), options=self.options,
+                version=version, force=True,
             )
         except VersionExistsError:
             # Another process (an actor cloning the same opponent) registered it first.
@@ -512,11 +531,14 @@ class RemoteModel:
     def _adopt_settings(self, desc: Any) -> None:
         """Attaching without settings: take the registered version's batching and workers."""
         if self._adopt[0] and desc.batch_size > 1:
-            self.max_batch_size = self._server_batch = int(desc.batch_size)
-            self._delay_ms = int(desc.max_batch_delay_ms)
-            self._init_kwargs.update(max_batch_size=self.max_batch_size, max_batch_delay_ms=self._delay_ms)
+            self.max_batch_size = int(desc.batch_size)
+            self.options = replace(self.options, batch_size=self.max_batch_size,
+                                   max_batch_delay_ms=int(desc.max_batch_delay_ms))
+            self._init_kwargs.update(max_batch_size=self.max_batch_size,
+                                     max_batch_delay_ms=self.options.max_batch_delay_ms)
         if self._adopt[1] and desc.workers:
             self.num_workers = int(desc.workers)
+            self.options = replace(self.options, workers=self.num_workers)
             self._init_kwargs.update(num_workers=self.num_workers)
 
     # --- forward ----------------------------------------------------------------------
@@ -543,7 +565,7 @@ class RemoteModel:
                                                timeout_s=self.timeout_s, session_factory=loop_session)
             batcher = self._batchers.get(loop)
             if batcher is None:
-                samples = abs(self.max_batch_size) * max(1, self._server_batch) if self.max_batch_size and self.client_batching else 0
+                samples = abs(self.max_batch_size) * self.options.batch_size if self.max_batch_size and self.client_batching else 0
                 batcher = ForwardBatcher(self._send, max_batch_samples=samples,
                                          max_inflight=max(2, self.num_workers * len(self.locations.inference_urls)))
                 self._batchers[loop] = batcher

@@ -109,25 +109,25 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(getattr(context, "metrics", None), model=self._model_name,
                                       version=self._version, period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
-        self._limits = wire.WireLimits(max_total_bytes=cfg.max_request_bytes)
+        self._limits = wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)
         options = EngineOptions(
             device=self._device(cfg, props.get("gpu_id")),
-            threads=cfg.threads,
-            onnx_weights=cfg.onnx_weights,
-            quantize=cfg.quantize,
-            extra={"max_batch": cfg.max_batch, **dict(cfg.extra)},
+            threads=cfg.options.threads,
+            onnx_weights=cfg.options.onnx_weights,
+            quantize=cfg.options.quantize,
+            extra={"max_batch": cfg.options.max_batch, **dict(cfg.extra)},
         )
-        self.engine = get_engine(cfg.engine).load(export_dir, self.spec, options)
+        self.engine = get_engine(cfg.options.engine).load(export_dir, self.spec, options)
         started = time.perf_counter()
         self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
                                      announce=not cfg.pinned, on_swap=self._on_swap,
                                      on_refuse=self.metrics.refused,
-                                     poll_interval_s=cfg.poll_interval_ms / 1e3 if cfg.poll_interval_ms else None)
+                                     poll_interval_s=cfg.options.poll_interval_ms / 1e3 if cfg.options.poll_interval_ms else None)
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
-        log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.engine,
+        log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.options.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
         self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))
         self.initialized = True
@@ -139,13 +139,14 @@ class EngineHandler(BaseHandler):
 
     @staticmethod
     def _device(cfg: ServingConfig, gpu_id: Any) -> str:
-        if cfg.device == "cpu":
+        device = cfg.options.device
+        if device == "cpu":
             return "cpu"
-        if cfg.device.startswith("cuda:"):
-            return cfg.device
+        if device.startswith("cuda:"):
+            return device
         import torch
 
-        if torch.cuda.is_available() and (gpu_id is not None or cfg.device == "cuda"):
+        if torch.cuda.is_available() and (gpu_id is not None or device == "cuda"):
             return f"cuda:{int(gpu_id or 0)}"
         return "cpu"
 
@@ -185,11 +186,11 @@ class EngineHandler(BaseHandler):
                 header_length = self._header_length(context, idx)
                 if is_oip(body, header_length):
                     oip[idx] = parse_oip(body, self.spec, header_length=header_length,
-                                         reject_nonfinite=self.config.reject_nonfinite)
+                                         reject_nonfinite=self.config.options.reject_nonfinite)
                     good.append((idx, oip[idx].parsed))
                 else:
                     good.append((idx, parse_request(body, self.spec, limits=self._limits,
-                                                    reject_nonfinite=self.config.reject_nonfinite)))
+                                                    reject_nonfinite=self.config.options.reject_nonfinite)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, 400, err)
         if good:
@@ -258,7 +259,7 @@ class EngineHandler(BaseHandler):
             batched = requests[0]
         else:
             batched = [np.concatenate([r[i] for r in requests]) for i in range(len(requests[0]))]
-        fixed = self.config.fixed_batch_size if self.config else 0
+        fixed = self.config.options.fixed_batch_size if self.config else 0
         return split_outputs(self.engine.forward_batch(batched, fixed_batch_size=fixed), sizes)
 
     @staticmethod

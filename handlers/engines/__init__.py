@@ -1,19 +1,27 @@
-"""Engines, one module each, chosen by name from explicit config.
+"""Engines, one module each, chosen by name from explicit config: the one engine registry.
 
-``get_engine("torch" | "onnx" | "tensorrt")`` returns the class; heavy packages are
-imported only when the engine is loaded.
+:data:`ENGINES` names every engine and the module and class it maps to; the serving
+options (``bray.handlers.config.ServingOptions``), the CLI's ``--engine`` choices and
+``RemoteModel`` all ask it. ``get_engine("torch" | "onnx" | "tensorrt")`` returns the
+class. Importing this package is cheap (no numpy, no engine package): ``Engine`` and
+``EngineOptions`` resolve on first use, and heavy packages are imported only when an
+engine is loaded.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
+from bray import _lazy_exports
 from bray.errors import ConfigError
-from bray.handlers.engines.base import Engine, EngineOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.handlers.engines.base import Engine, EngineOptions
 
 __all__ = ["ENGINES", "Engine", "EngineOptions", "get_engine"]
 
-# name -> (module, class)
+# name -> (module, class); the first one is the default engine
 ENGINES: dict[str, tuple[str, str]] = {
     "torch": ("bray.handlers.engines.torch", "TorchEngine"),
     "onnx": ("bray.handlers.engines.onnx", "OnnxEngine"),
@@ -30,5 +38,10 @@ def get_engine(name: str) -> type[Engine]:
     try:
         module, cls = ENGINES[name]
     except KeyError:
-        raise ConfigError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
-    return getattr(importlib.import_module(module), cls)
+        raise ConfigError(f"unknown engine {name!r}; choose one of {list(ENGINES)}") from None
+    engine: type[Engine] = getattr(importlib.import_module(module), cls)
+    return engine
+
+
+__getattr__, __dir__ = _lazy_exports(
+    __name__, {"Engine": "bray.handlers.engines.base", "EngineOptions": "bray.handlers.engines.base"}, __all__)

@@ -20,8 +20,6 @@ from bray.handlers.engines.base import Engine, EngineOptions
 
 __all__ = ["TensorRTEngine"]
 
-_DEFAULT_MAX_BATCH = 256
-
 
 def _import_trt() -> Any:
     try:
@@ -51,7 +49,9 @@ class TensorRTEngine(Engine):
         self._torch = torch
         self._device = torch.device(options.device if options.device.startswith("cuda") else "cuda:0")
         self._logger = trt.Logger(trt.Logger.WARNING)
-        max_batch = int(options.extra.get("max_batch", _DEFAULT_MAX_BATCH))
+        from bray.handlers.config import ServingOptions
+
+        max_batch = int(options.extra.get("max_batch") or ServingOptions().max_batch)
         plan = self._build(Path(export_dir) / ONNX_FILE, max_batch)
         runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self._device):

@@ -130,7 +130,7 @@ def test_input_checks_are_packed_into_the_handler_config(store: CheckpointStore,
     packed = pack_archive(store, NAME, step=None, model_store=model_store, version="strict",
                           reject_nonfinite=True, max_request_bytes=1 << 20)
     config = read_archive_config(packed.path)
-    assert config.reject_nonfinite and config.max_request_bytes == 1 << 20
+    assert config.options.reject_nonfinite and config.options.max_request_bytes == 1 << 20
 
 
 @pytest.mark.parametrize(("asked", "version"), [(25, "20"), (-1, "30"), (10**6, "30")],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bray.archiver.cli import PackOptions, _parser, main
+from bray.archiver.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,18 +73,6 @@ def test_flag_names_in_descriptions_exist() -> None:
     assert "--model-version" in scale and "--version)" not in scale
     usage = help_text("set-default").split("\n\n")[0]
     assert usage.rstrip().endswith("NAME VERSION"), usage
-
-
-def test_cli_batch_delay_default_matches_remote_model() -> None:
-    import inspect
-
-    from bray import RemoteModel
-    from bray.archiver.pack import pack_archive
-
-    remote = inspect.signature(RemoteModel.__init__).parameters["max_batch_delay_ms"].default
-    packer = inspect.signature(pack_archive).parameters["max_batch_delay_ms"].default
-    cli = PAGES["publish"].parse_args(["--name", "p"]).max_batch_delay_ms
-    assert remote == packer == cli == PackOptions().max_batch_delay_ms == 0
 
 
 def test_version_has_one_source() -> None:

@@ -13,14 +13,14 @@ from ts.context import Context, RequestProcessor
 
 from bray import wire
 from bray.export import export_model
-from bray.handlers.config import ServingConfig
+from bray.handlers.config import ServingConfig, ServingOptions
 from bray.handlers.handler import STEP_HEADER, EngineHandler
 from bray.store import CheckpointStore
 from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
 
 
 def make_context(model_dir: Path, cfg: ServingConfig) -> Context:
-    return Context("m", str(model_dir), {}, 32, None, "0.12.0", model_yaml_config={"handler": cfg.to_yaml_dict()})
+    return Context("m", str(model_dir), {}, 32, None, "0.12.0", model_yaml_config=cfg.to_model_yaml())
 
 
 def run(handler: EngineHandler, ctx: Context, bodies: list[object]) -> list[tuple[int, dict[str, str], object]]:
@@ -49,7 +49,9 @@ def probe_store(tmp_path: Path) -> CheckpointStore:
 
 
 def probe_handler(store: CheckpointStore, tmp_path: Path, **cfg: object) -> tuple[EngineHandler, Context]:
-    config = ServingConfig(name="probe", store=str(store.root), **cfg)  # type: ignore[arg-type]
+    step = int(cfg.pop("step", -1))  # type: ignore[call-overload]
+    config = ServingConfig(name="probe", store=str(store.root), step=step,
+                           options=ServingOptions(**cfg))  # type: ignore[arg-type]
     ctx = make_context(tmp_path / "mar", config)
     (tmp_path / "mar").mkdir(exist_ok=True)
     handler = EngineHandler()
@@ -204,7 +206,7 @@ def test_policy_mlp_engines_match_torch(tmp_path: Path, cfg: dict) -> None:
     export_model(model, (torch.zeros(4, 64),), dest=store.model_dir("policy") / "export", onnx=True)
     store.publish("policy", model.state_dict(), step=0)
     handler = EngineHandler()
-    ctx = make_context(tmp_path, ServingConfig(name="policy", store=str(store.root), **cfg))
+    ctx = make_context(tmp_path, ServingConfig(name="policy", store=str(store.root), options=ServingOptions(**cfg)))
     handler.initialize(ctx)
     try:
         x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)

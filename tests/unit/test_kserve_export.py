@@ -76,7 +76,7 @@ def test_layout_is_what_kserves_torchserve_runtime_loads(store: CheckpointStore,
     from bray.archiver.pack import read_archive_config
 
     cfg = read_archive_config(out / "models/model-store/probe_v1-latest.mar")
-    assert cfg.store == "/data/store" and cfg.step == -1 and cfg.poll_interval_ms == 50
+    assert cfg.store == "/data/store" and cfg.step == -1 and cfg.options.poll_interval_ms == 50
 
     docs = load_docs(out)
     runtime = docs["1-servingruntime.yaml"]["spec"]["containers"][0]

@@ -37,7 +37,7 @@ def handler_for(store: CheckpointStore, name: str, tmp_path: Path) -> tuple[Engi
     cfg = ServingConfig(name=name, store=str(store.root))
     (tmp_path / "mar").mkdir(exist_ok=True)
     ctx = Context(name, str(tmp_path / "mar"), {"model": {"modelVersion": "latest"}}, 32, None, "0.12.0",
-                  model_yaml_config={"handler": cfg.to_yaml_dict()})
+                  model_yaml_config=cfg.to_model_yaml())
     handler = EngineHandler()
     handler.initialize(ctx)
     return handler, ctx
