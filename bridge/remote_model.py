@@ -279,6 +279,11 @@ class RemoteModel:
         metrics_port: serve client metrics on this port (see the module docstring);
             ``None`` reads ``BRAY_METRICS_PORT``; ``0`` turns them off.
 
+    Attributes:
+        options: the :class:`~bray.handlers.config.ServingOptions` Bray's arguments map
+            onto (engine, TorchServe batching and workers, threads, fixed batch): what
+            the version is registered and archived with, and what local mode runs.
+
     Raises:
         ConfigError: invalid arguments (the message says which and why).
         ServerError: TorchServe refused the registration (see the message).

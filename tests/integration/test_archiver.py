@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from bray import wire
-from bray.archiver import ManagementClient, TokenAuth, watch_and_publish
+from bray.archiver import ManagementClient, TokenAuth, read_archive_config, watch_and_publish
 from bray.archiver.cli import main
 from bray.store import CheckpointStore
 from bray.torchserve.launcher import TorchServeProcess
@@ -118,6 +118,16 @@ def test_publish_registers_each_step_as_a_ready_version(published: list[dict[str
     assert [p["is_default"] for p in published] == [True, False, True]  # first one, then --set-default
     for p in published:
         assert Path(p["archive_path"]) == server.model_store / f"{NAME}-{p['version']}.mar"
+
+
+def test_the_cli_publishes_with_the_options_defaults(published: list[dict[str, Any]]) -> None:
+    from bray.handlers.config import ServingOptions
+
+    defaults = ServingOptions()
+    for p in published:
+        assert read_archive_config(Path(p["archive_path"])).options == defaults
+        assert (p["batch_size"], p["max_batch_delay_ms"], p["workers"]) == (
+            defaults.batch_size, defaults.max_batch_delay_ms, defaults.workers)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

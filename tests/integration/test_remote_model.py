@@ -119,6 +119,13 @@ def test_bray_values_use_onnx_train_and_local_mode_proxy(make: Make) -> None:
 
     with zipfile.ZipFile(Path(str(rm.locations.model_store)) / desc.url) as zf:
         assert "onnx_weights: inputs" in zf.read("model-config.yaml").decode()
+    # Bray's arguments became one set of options: the archive and the registration hold them
+    from bray.archiver.pack import read_archive_config
+    from bray.handlers.config import ServingOptions
+
+    assert rm.options == ServingOptions(engine="onnx", onnx_weights="inputs", batch_size=8)
+    assert read_archive_config(Path(str(rm.locations.model_store)) / desc.url).options == rm.options
+    assert (desc.batch_size, desc.max_batch_delay_ms, desc.workers) == (8, 0, 1)
 
 
 def test_batch_true_and_false_shapes(make: Make) -> None:
