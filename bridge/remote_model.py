@@ -422,11 +422,7 @@ class RemoteModel:
     # --- set-up -------------------------------------------------------------------------
 
     def _engine_options(self) -> Any:
-        from bray.handlers.engines import EngineOptions
-
-        device = "cuda:0" if self._device == "cuda" else "cpu"
-        return EngineOptions(device=device, threads=self.options.threads, quantize=self.options.quantize,
-                             onnx_weights=self.options.onnx_weights, extra={"max_batch": self.options.max_batch})
+        return self.options.engine_options(device="cuda:0" if self._device == "cuda" else "cpu")
 
     def _start_local(self) -> None:
         from bray.bridge.local import LocalRunner

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import Field, dataclass, field, fields, replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from bray.errors import ConfigError
 from bray.handlers.engines import ENGINES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.handlers.engines import EngineOptions
 
 __all__ = ["ARCHIVE_WEIGHTS_FILE", "ServingConfig", "ServingOptions"]
 
@@ -234,6 +237,18 @@ class ServingOptions:
             value = getattr(args, _flag(f)[2:].replace("-", "_"))
             values[f.name] = value * _spec(f).flag_unit if _spec(f).flag_unit > 1 else value
         return cls(**values)
+
+    def engine_options(self, *, device: str, extra: Mapping[str, Any] | None = None) -> EngineOptions:
+        """What the engine is loaded with (the handler's and local mode's one mapping).
+
+        Args:
+            device: the resolved device, ``"cpu"`` or ``"cuda:N"``.
+            extra: engine-specific settings besides ``max_batch``.
+        """
+        from bray.handlers.engines import EngineOptions
+
+        return EngineOptions(device=device, threads=self.threads, onnx_weights=self.onnx_weights,
+                             quantize=self.quantize, extra={"max_batch": self.max_batch, **dict(extra or {})})
 
     # --- in model-config.yaml -------------------------------------------------------------
 

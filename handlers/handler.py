@@ -37,7 +37,7 @@ from bray import wire
 from bray.errors import InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
-from bray.handlers.engines import EngineOptions, get_engine
+from bray.handlers.engines import get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
@@ -113,13 +113,7 @@ class EngineHandler(BaseHandler):
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)
-        options = EngineOptions(
-            device=self._device(cfg, props.get("gpu_id")),
-            threads=cfg.options.threads,
-            onnx_weights=cfg.options.onnx_weights,
-            quantize=cfg.options.quantize,
-            extra={"max_batch": cfg.options.max_batch, **dict(cfg.extra)},
-        )
+        options = cfg.options.engine_options(device=self._device(cfg, props.get("gpu_id")), extra=cfg.extra)
         self.engine = get_engine(cfg.options.engine).load(export_dir, self.spec, options)
         started = time.perf_counter()
         self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
