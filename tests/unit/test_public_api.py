@@ -14,8 +14,8 @@ import bray
 from bray import errors
 
 MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export",
-           "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.engines",
-           "bray.handlers.metrics", "bray.handlers.request", "bray.handlers.oip",
+           "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.config",
+           "bray.handlers.engines", "bray.handlers.metrics", "bray.handlers.request", "bray.handlers.oip",
            "bray.archiver.kserve", "bray.ts_config.probe", "bray.ts_config.server"]
 
 
