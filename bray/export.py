@@ -19,19 +19,21 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from bray import tree
 from bray.errors import ConfigError, EngineError, EngineUnavailableError, InputError
+from bray.tree import TreeDef
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
     "EXPORT_DIRNAME",
+    "LeafSpec",
     "ModelSpec",
     "export_model",
     "load_spec",
@@ -43,48 +45,73 @@ EXPORT_DIRNAME = "export"
 SPEC_FILE = "spec.json"
 TORCH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2
 _MAX_BATCH = 1 << 20
 _LOAD_LOCK = threading.Lock()
 
 
-# --- structure templates -------------------------------------------------------------
-# A node is {"k": "a", "dtype": "float32", "shape": [64]} (per-sample shape, batch dim
-# excluded) or {"k": "list"|"tuple", "items": [...]} or {"k": "dict", "keys": [...],
-# "items": [...]}. Leaves are visited depth first, dict keys in insertion order: the
-# same order as ``bray.wire.leaves``.
+# --- structure ---------------------------------------------------------------------
+# spec.json keeps each side as {"tree": <bray.tree JSON form>, "leaves": [{"dtype":
+# "float32", "shape": [64]}, ...]}: the containers once, then each leaf's dtype and
+# per-sample shape (batch dimension excluded), in bray.tree's leaf order.
 
 
-def _node_of(obj: Any, *, batched: bool) -> dict[str, Any]:
-    if isinstance(obj, np.ndarray):
-        shape = list(obj.shape[1:] if batched else obj.shape)
-        if batched and obj.ndim == 0:
+@dataclass(frozen=True)
+class LeafSpec:
+    """One array of a model's inputs or outputs: dtype name and per-sample shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        """``float32[batch,64]``."""
+        return f"{self.dtype}[batch{''.join(',' + str(d) for d in self.shape)}]"
+
+
+def _describe_batched(obj: Any) -> tuple[TreeDef, tuple[LeafSpec, ...]]:
+    flat, treedef = tree.flatten(obj, error=ConfigError)
+    leaves = []
+    for path, arr in zip(treedef.paths(), flat):
+        if not isinstance(arr, np.ndarray):
+            raise ConfigError(f"expected a NestedArray (ndarray, list, tuple, dict), got {type(arr).__name__} at {path}")
+        if arr.ndim == 0:
             raise ConfigError(
-                "every input and output needs a leading batch dimension, got a 0-d array; "
+                f"every input and output needs a leading batch dimension, got a 0-d array at {path}; "
                 "give forward_args with shape (batch, ...)"
             )
-        return {"k": "a", "dtype": obj.dtype.name, "shape": shape}
-    if isinstance(obj, dict):
-        return {"k": "dict", "keys": [str(k) for k in obj], "items": [_node_of(v, batched=batched) for v in obj.values()]}
-    if isinstance(obj, (list, tuple)):
-        return {"k": type(obj).__name__, "items": [_node_of(v, batched=batched) for v in obj]}
-    raise ConfigError(f"expected a NestedArray (ndarray, list, tuple, dict), got {type(obj).__name__}")
+        leaves.append(LeafSpec(arr.dtype.name, tuple(arr.shape[1:])))
+    return treedef, tuple(leaves)
 
 
-def _build(node: Mapping[str, Any], it: Any) -> Any:
-    kind = node["k"]
-    if kind == "a":
-        return next(it)
-    items = [_build(n, it) for n in node["items"]]
-    if kind == "dict":
-        return dict(zip(node["keys"], items))
-    return tuple(items) if kind == "tuple" else items
+def _side_json(treedef: TreeDef, leaves: Sequence[LeafSpec]) -> dict[str, Any]:
+    return {"tree": treedef.to_json(), "leaves": [{"dtype": x.dtype, "shape": list(x.shape)} for x in leaves]}
 
 
-def _leaf_nodes(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _side_from_json(raw: Mapping[str, Any]) -> tuple[TreeDef, tuple[LeafSpec, ...]]:
+    treedef = TreeDef.from_json(raw["tree"], error=EngineError)
+    leaves = tuple(LeafSpec(str(x["dtype"]), tuple(int(d) for d in x["shape"])) for x in raw["leaves"])
+    if len(leaves) != treedef.num_leaves:
+        raise EngineError(f"spec.json lists {len(leaves)} leaves for a tree of {treedef.num_leaves}")
+    return treedef, leaves
+
+
+def _side_from_v1(node: Mapping[str, Any], leaves: list[LeafSpec]) -> TreeDef:
+    """Format 1 nodes ({"k": "a"|"list"|"tuple"|"dict", ...}), as bray-serve 0.1 wrote them."""
     if node["k"] == "a":
-        return [node]
-    return [leaf for n in node["items"] for leaf in _leaf_nodes(n)]
+        leaves.append(LeafSpec(node["dtype"], tuple(node["shape"])))
+        return tree.LEAF
+    children = tuple(_side_from_v1(n, leaves) for n in node["items"])
+    return TreeDef(node["k"], children, tuple(node.get("keys", ())))
+
+
+def _leaf_to_numpy(obj: Any) -> np.ndarray:
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch tensor
+        return obj.detach().cpu().numpy()  # type: ignore[no-any-return]
+    if isinstance(obj, (int, float, bool, np.number)):
+        return np.asarray(obj)
+    raise ConfigError(f"model inputs and outputs must be arrays or tensors (nested), got {type(obj).__name__}")
 
 
 def to_numpy(obj: Any) -> Any:
@@ -97,31 +124,23 @@ def to_numpy(obj: Any) -> Any:
     """
     if isinstance(obj, np.ndarray):
         return obj
-    if isinstance(obj, dict):
-        return {k: to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_numpy(v) for v in obj)
-    if hasattr(obj, "detach") and hasattr(obj, "numpy"):  # a torch tensor
-        return obj.detach().cpu().numpy()
-    if isinstance(obj, (int, float, bool, np.number)):
-        return np.asarray(obj)
-    raise ConfigError(f"model inputs and outputs must be arrays or tensors (nested), got {type(obj).__name__}")
+    flat, treedef = tree.flatten(obj, error=ConfigError)
+    return treedef.unflatten([_leaf_to_numpy(x) for x in flat])
 
 
 def _to_torch(obj: Any, device: "torch.device | str" = "cpu") -> Any:
     import torch
 
-    if isinstance(obj, np.ndarray):
-        if not obj.flags.writeable:
-            obj = obj.copy()  # torch.from_numpy warns on read-only memory
-        return torch.from_numpy(obj).to(device, non_blocking=True)
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_torch(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_torch(v, device) for v in obj)
-    return obj
+    def leaf(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            if not x.flags.writeable:
+                x = x.copy()  # torch.from_numpy warns on read-only memory
+            return torch.from_numpy(x).to(device, non_blocking=True)
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        return x
+
+    return tree.map_leaves(leaf, obj)
 
 
 @dataclass(frozen=True)
@@ -129,16 +148,20 @@ class ModelSpec:
     """What the exported model takes and returns.
 
     Attributes:
-        inputs: template node of ``(args, kwargs)`` as one tuple.
-        outputs: template node of the model's output.
+        inputs: the tree of ``(args, kwargs)`` as one tuple.
+        input_leaves: each input array's dtype and per-sample shape, in leaf order.
+        outputs: the tree of the model's output.
+        output_leaves: each output array's dtype and per-sample shape.
         param_names: state-dict keys the weights must provide.
         has_torch / has_onnx: which exports exist in the directory.
         onnx_input_names / onnx_output_names: the ONNX graph's data inputs / outputs,
             in leaf order.
     """
 
-    inputs: dict[str, Any]
-    outputs: dict[str, Any]
+    inputs: TreeDef
+    input_leaves: tuple[LeafSpec, ...]
+    outputs: TreeDef
+    output_leaves: tuple[LeafSpec, ...]
     param_names: tuple[str, ...]
     has_torch: bool
     has_onnx: bool
@@ -146,22 +169,24 @@ class ModelSpec:
     onnx_output_names: tuple[str, ...] = ()
     param_shapes: Mapping[str, tuple[int, ...]] | None = None
 
-    @cached_property
-    def input_leaves(self) -> list[Mapping[str, Any]]:
-        return _leaf_nodes(self.inputs)
+    @property
+    def args_tree(self) -> TreeDef:
+        """The tree of the positional inputs (a tuple)."""
+        return self.inputs.children[0]
 
-    @cached_property
-    def output_leaves(self) -> list[Mapping[str, Any]]:
-        return _leaf_nodes(self.outputs)
+    @property
+    def kwargs_tree(self) -> TreeDef:
+        """The tree of the keyword inputs (a dict)."""
+        return self.inputs.children[1]
 
     def build_inputs(self, leaves: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Flat input leaves (any array type) -> ``(args, kwargs)`` in the model's structure."""
-        args, kwargs = _build(self.inputs, iter(leaves))
+        args, kwargs = self.inputs.unflatten(leaves)
         return tuple(args), dict(kwargs)
 
     def build_outputs(self, leaves: Sequence[Any]) -> Any:
         """Flat output leaves -> the model's output structure."""
-        return _build(self.outputs, iter(leaves))
+        return self.outputs.unflatten(leaves)
 
     def check_inputs(self, leaves: Sequence[np.ndarray]) -> int:
         """Check flat inputs against the spec and return their batch size.
@@ -175,11 +200,10 @@ class ModelSpec:
                 f"the model takes {len(expected)} input array(s) {describe_inputs(self)}, got {len(leaves)}"
             )
         batch = None
-        for i, (arr, node) in enumerate(zip(leaves, expected)):
-            want = tuple(node["shape"])
-            if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want:
+        for i, (arr, want) in enumerate(zip(leaves, expected)):
+            if arr.ndim != len(want.shape) + 1 or tuple(arr.shape[1:]) != want.shape:
                 raise InputError(
-                    f"input {i} has shape {list(arr.shape)}, expected [batch, {', '.join(map(str, want))}]"
+                    f"input {i} has shape {list(arr.shape)}, expected [batch, {', '.join(map(str, want.shape))}]"
                     .replace(", ]", "]")
                 )
             if batch is None:
@@ -191,8 +215,8 @@ class ModelSpec:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": SPEC_FORMAT,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
+            "inputs": _side_json(self.inputs, self.input_leaves),
+            "outputs": _side_json(self.outputs, self.output_leaves),
             "param_names": list(self.param_names),
             "has_torch": self.has_torch,
             "has_onnx": self.has_onnx,
@@ -204,8 +228,7 @@ class ModelSpec:
 
 def describe_inputs(spec: ModelSpec) -> str:
     """``[float32[batch,64], ...]`` for error messages."""
-    parts = [f"{n['dtype']}[batch{''.join(',' + str(d) for d in n['shape'])}]" for n in spec.input_leaves]
-    return "[" + ", ".join(parts) + "]"
+    return "[" + ", ".join(x.describe() for x in spec.input_leaves) + "]"
 
 
 def load_spec(export_dir: str | os.PathLike[str]) -> ModelSpec:
@@ -224,11 +247,25 @@ def load_spec(export_dir: str | os.PathLike[str]) -> ModelSpec:
         ) from err
     except (OSError, ValueError) as err:
         raise EngineError(f"cannot read the model spec {path}: {err}") from err
-    if raw.get("format") != SPEC_FORMAT:
-        raise EngineError(f"{path} has spec format {raw.get('format')!r}; this bray-serve reads format {SPEC_FORMAT}")
+    version = raw.get("format")
+    if version not in (1, SPEC_FORMAT):
+        raise EngineError(f"{path} has spec format {version!r}; this bray-serve reads formats 1 and {SPEC_FORMAT}")
+    try:
+        if version == 1:  # bray-serve 0.1's template nodes
+            in_leaves: list[LeafSpec] = []
+            out_leaves: list[LeafSpec] = []
+            sides = ((_side_from_v1(raw["inputs"], in_leaves), tuple(in_leaves)),
+                     (_side_from_v1(raw["outputs"], out_leaves), tuple(out_leaves)))
+        else:
+            sides = (_side_from_json(raw["inputs"]), _side_from_json(raw["outputs"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise EngineError(f"{path} is not a valid model spec ({type(err).__name__}: {err}); re-export the model") from err
+    (inputs, input_leaves), (outputs, output_leaves) = sides
     return ModelSpec(
-        inputs=raw["inputs"],
-        outputs=raw["outputs"],
+        inputs=inputs,
+        input_leaves=input_leaves,
+        outputs=outputs,
+        output_leaves=output_leaves,
         param_names=tuple(raw["param_names"]),
         has_torch=bool(raw["has_torch"]),
         has_onnx=bool(raw["has_onnx"]),
@@ -241,11 +278,10 @@ def load_spec(export_dir: str | os.PathLike[str]) -> ModelSpec:
 def _example_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Repeat a batch of one to two samples: torch.export specializes size-1 dimensions."""
     import torch
-    from torch.utils import _pytree as pytree
 
-    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    leaves = [x for x in tree.leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     if leaves and all(t.ndim >= 1 and t.shape[0] == 1 for t in leaves):
-        return pytree.tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        return tree.map_leaves(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, (args, kwargs))  # type: ignore[no-any-return]
     return args, kwargs
 
 
@@ -275,7 +311,6 @@ def export_model(
         EngineUnavailableError: ``onnx=True`` without the ONNX exporter installed.
     """
     import torch
-    from torch.utils import _pytree as pytree
 
     kwargs = dict(forward_kwargs or {})
     args = tuple(_to_torch(to_numpy(a)) if not isinstance(a, torch.Tensor) else a for a in forward_args)
@@ -284,13 +319,13 @@ def export_model(
     was_training = model.training
     model.eval()
     try:
-        in_node = _node_of(to_numpy((tuple(args), kwargs)), batched=True)  # checks batch dims first
+        inputs, input_leaves = _describe_batched(to_numpy((tuple(args), kwargs)))  # checks batch dims first
         with torch.no_grad():
             example_out = model(*args, **kwargs)
-        out_node = _node_of(to_numpy(example_out), batched=True)
+        outputs, output_leaves = _describe_batched(to_numpy(example_out))
 
         batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-        dyn = pytree.tree_map(lambda t: {0: batch} if isinstance(t, torch.Tensor) else None, (args, kwargs))
+        dyn = tree.map_leaves(lambda t: {0: batch} if isinstance(t, torch.Tensor) else None, (args, kwargs))
         final = Path(dest)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
@@ -305,8 +340,10 @@ def export_model(
             if onnx:
                 onnx_in, onnx_out = _export_onnx(model, args, kwargs, _dyn_for(model, args, kwargs, dyn), tmp / ONNX_FILE)
             spec = ModelSpec(
-                inputs=in_node,
-                outputs=out_node,
+                inputs=inputs,
+                input_leaves=input_leaves,
+                outputs=outputs,
+                output_leaves=output_leaves,
                 param_names=tuple(model.state_dict().keys()),
                 param_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
                 has_torch=True,

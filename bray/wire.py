@@ -36,10 +36,11 @@ import math
 import reprlib
 import struct
 from dataclasses import dataclass
-from typing import Any, NoReturn, Sequence, TypeAlias, Union
+from typing import Any, Sequence, TypeAlias, Union
 
 import numpy as np
 
+from bray import tree
 from bray.errors import ConfigError, WireError
 
 __all__ = [
@@ -57,13 +58,8 @@ __all__ = [
     "decode",
     "encode",
     "encode_parts",
-    "from_jsonable",
     "is_binary",
-    "leaves",
-    "nbytes",
-    "structure",
     "to_jsonable",
-    "unflatten",
 ]
 
 NestedArray: TypeAlias = Union[
@@ -109,12 +105,11 @@ _SHORT.maxother = 60
 # Upper bounds on the limits themselves. Decoding and encoding recurse once per container
 # level and json nests about three levels per dict, so 100 keeps far below Python's
 # default recursion limit; numpy arrays have at most 64 dimensions.
-_MAX_DEPTH_CAP = 100
+_MAX_DEPTH_CAP = tree.MAX_DEPTH
 _MAX_NDIM_CAP = 64
 _U32_MAX = 2**32 - 1
 _MAX_TOTAL_CAP = 2**62
 _SCALARS = (bool, int, float, complex, np.generic)
-_NODE_KINDS = ("list", "tuple", "dict")
 
 
 @dataclass(frozen=True)
@@ -172,10 +167,6 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def _key_path(path: str, key: str) -> str:
-    return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
-
-
 def _type_name(obj: object) -> str:
     kind = type(obj)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -183,17 +174,6 @@ def _type_name(obj: object) -> str:
 
 def _short(obj: object) -> str:
     return _SHORT.repr(obj)
-
-
-def _too_deep(path: str, max_depth: int) -> NoReturn:
-    if len(path) > 80:
-        path = f"{path[:40]}...{path[-30:]}"
-    if max_depth == _MAX_DEPTH_CAP:
-        raise WireError(f"containers nested deeper than {max_depth} levels at {path}")
-    raise WireError(
-        f"containers nested deeper than max_depth={max_depth} at {path}; "
-        "flatten the structure or raise WireLimits(max_depth=...)"
-    )
 
 
 def _wire_dtype_name(dtype: np.dtype, where: str) -> str:
@@ -245,7 +225,7 @@ def _as_byte_view(buf: object) -> memoryview:
     if isinstance(buf, (dict, list, str)):
         raise WireError(
             f"expected a binary body (bytes, bytearray or memoryview), got {_type_name(buf)}; "
-            "JSON bodies go through from_jsonable()"
+            "JSON bodies are read against the model's spec (bray.handlers.request.parse_request)"
         )
     try:
         view = memoryview(buf)  # type: ignore[arg-type]
@@ -267,7 +247,7 @@ def _as_byte_view(buf: object) -> memoryview:
 
 
 class _Encoder:
-    """Walks a NestedArray once, building the header tree and the list of buffers."""
+    """Checks a flattened NestedArray's leaves and lays out their buffers."""
 
     def __init__(self, limits: WireLimits) -> None:
         self.limits = limits
@@ -275,50 +255,38 @@ class _Encoder:
         self.buffers: list[tuple[int, np.ndarray]] = []
         self.end = 0
 
-    def node(self, obj: Any, depth: int, path: str) -> Any:
-        if isinstance(obj, np.ndarray):
-            return self.leaf(obj, path)
-        if isinstance(obj, (list, tuple)):
-            if depth >= self.limits.max_depth:
-                _too_deep(path, self.limits.max_depth)
-            children = [self.node(item, depth + 1, f"{path}[{i}]") for i, item in enumerate(obj)]
-            return {"tuple" if isinstance(obj, tuple) else "list": children}
-        if isinstance(obj, dict):
-            if depth >= self.limits.max_depth:
-                _too_deep(path, self.limits.max_depth)
-            pairs = []
-            for key, value in obj.items():
-                if not isinstance(key, str):
-                    raise WireError(f"dict keys must be str, got {_type_name(key)} {key!r} at {path}")
-                pairs.append([key, self.node(value, depth + 1, _key_path(path, key))])
-            return {"dict": pairs}
-        if isinstance(obj, _SCALARS):
-            return self.leaf(np.asarray(obj), path)
-        raise WireError(
-            f"expected an ndarray, list, tuple, dict or number at {path}, got {_type_name(obj)}"
-            + ("; convert tensors with .numpy() first" if hasattr(obj, "numpy") else "")
-        )
-
-    def leaf(self, arr: np.ndarray, path: str) -> int:
-        index = len(self.specs)
-        if index >= self.limits.max_arrays:
+    def leaves(self, leaves: list[Any], treedef: tree.TreeDef) -> None:
+        if len(leaves) > self.limits.max_arrays:
             raise WireError(
-                f"more than max_arrays={self.limits.max_arrays} arrays (at {path}); "
+                f"more than max_arrays={self.limits.max_arrays} arrays (at {treedef.paths()[self.limits.max_arrays]}); "
                 "stack them into fewer arrays or raise WireLimits(max_arrays=...)"
             )
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, np.ndarray):
+                self.leaf(leaf, i, treedef)
+            elif isinstance(leaf, _SCALARS):
+                self.leaf(np.asarray(leaf), i, treedef)
+            else:
+                raise WireError(
+                    f"expected an ndarray, list, tuple, dict or number at {treedef.paths()[i]}, got {_type_name(leaf)}"
+                    + ("; convert tensors with .numpy() first" if hasattr(leaf, "numpy") else "")
+                )
+
+    def leaf(self, arr: np.ndarray, index: int, treedef: tree.TreeDef) -> None:
         arr = np.asarray(arr)  # drop ndarray subclasses
-        name = _wire_dtype_name(arr.dtype, f"array at {path}")
-        wire = _WIRE_DTYPES[name]
-        if arr.dtype != wire:
-            arr = arr.astype(wire)
+        dtype = _WIRE_DTYPES.get(arr.dtype.name)
+        if dtype is None or arr.dtype != dtype:  # big-endian, or not carried: check, then cast
+            name = _wire_dtype_name(arr.dtype, f"array at {treedef.paths()[index]}")
+            dtype = _WIRE_DTYPES[name]
+            arr = arr.astype(dtype)
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
-        size = _check_extent(f"array at {path}", arr.shape, name, self.limits)
+        if arr.ndim > self.limits.max_ndim or math.prod(max(d, 1) for d in arr.shape) * dtype.itemsize > self.limits.max_total_bytes:
+            _check_extent(f"array at {treedef.paths()[index]}", arr.shape, dtype.name, self.limits)
         offset = _align(self.end)
-        self.specs.append([name, list(arr.shape), offset, size])
+        self.specs.append([dtype.name, list(arr.shape), offset, arr.nbytes])
         self.buffers.append((offset, arr))
-        self.end = offset + size
-        return index
+        self.end = offset + arr.nbytes
 
 
 def encode_parts(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
@@ -341,9 +309,10 @@ def encode_parts(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> li
         WireError: ``obj`` holds something other than arrays, scalars, lists, tuples
             and str-keyed dicts, an unsupported dtype, or exceeds ``limits``.
     """
+    flat, treedef = tree.flatten(obj, max_depth=limits.max_depth)
     enc = _Encoder(limits)
-    tree = enc.node(obj, 0, "$")
-    header = json.dumps({"tree": tree, "arrays": enc.specs}, separators=(",", ":")).encode()
+    enc.leaves(flat, treedef)
+    header = json.dumps({"tree": treedef.to_json(), "arrays": enc.specs}, separators=(",", ":")).encode()
     if len(header) > limits.max_header_bytes:
         raise WireError(
             f"the header is {len(header)} bytes, over max_header_bytes={limits.max_header_bytes}; "
@@ -402,7 +371,6 @@ class _Decoder:
         self.data_len = view.nbytes - data_start
         self.limits = limits
         self.arrays: list[np.ndarray] = []
-        self.next_leaf = 0
 
     def table(self, specs: object) -> None:
         if not isinstance(specs, list):
@@ -462,40 +430,6 @@ class _Decoder:
                 f"end at byte {self.data_start + end}, it is {self.view.nbytes} bytes long); "
                 "two bodies concatenated, or a wrong header?"
             )
-
-    def node(self, node: object, depth: int, path: str) -> NestedArray:
-        if isinstance(node, int) and not isinstance(node, bool):
-            if node != self.next_leaf or node >= len(self.arrays):
-                raise WireError(
-                    f"tree leaf at {path} refers to array {node}; expected array {self.next_leaf} "
-                    f"of {len(self.arrays)} (each array once, in order)"
-                )
-            self.next_leaf += 1
-            return self.arrays[node]
-        if not (isinstance(node, dict) and len(node) == 1):
-            raise WireError(
-                f"tree node at {path} must be an array index or one of "
-                f'{{"list": [...]}}, {{"tuple": [...]}}, {{"dict": [[key, node], ...]}}; got {_short(node)}'
-            )
-        ((kind, children),) = node.items()
-        if kind not in _NODE_KINDS or not isinstance(children, list):
-            raise WireError(
-                f"tree node at {path}: expected list, tuple or dict with a list, got {_short(node)}"
-            )
-        if depth >= self.limits.max_depth:
-            _too_deep(path, self.limits.max_depth)
-        if kind == "dict":
-            out: dict[str, NestedArray] = {}
-            for pair in children:
-                if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
-                    raise WireError(f"dict entry at {path} must be [str key, node], got {_short(pair)}")
-                key, child = pair
-                if key in out:
-                    raise WireError(f"dict at {path} repeats key {_short(key)}")
-                out[key] = self.node(child, depth + 1, _key_path(path, key))
-            return out
-        items = [self.node(child, depth + 1, f"{path}[{i}]") for i, child in enumerate(children)]
-        return tuple(items) if kind == "tuple" else items
 
 
 def decode(
@@ -570,13 +504,13 @@ def decode(
         )
     decoder = _Decoder(view, data_start, limits)
     decoder.table(header["arrays"])
-    result = decoder.node(header["tree"], 0, "$")
-    if decoder.next_leaf != len(decoder.arrays):
+    treedef = tree.TreeDef.from_json(header["tree"], max_depth=limits.max_depth)
+    if treedef.num_leaves != len(decoder.arrays):
         raise WireError(
             f"the header declares {len(decoder.arrays)} arrays but its tree uses "
-            f"{decoder.next_leaf}"
+            f"{treedef.num_leaves}"
         )
-    return result
+    return treedef.unflatten(decoder.arrays)  # type: ignore[no-any-return]
 
 
 def is_binary(buf: object) -> bool:
@@ -607,6 +541,8 @@ def to_jsonable(obj: NestedArray) -> Any:
     Arrays become nested lists (``tolist``), numpy scalars Python numbers, tuples lists,
     dicts dicts. Non-finite floats come out as ``nan``/``inf`` floats, which
     ``json.dumps`` writes as ``NaN``/``Infinity`` (Python's json reads those back).
+    JSON bodies are read the other way against the model's spec, in
+    :mod:`bray.handlers.request`.
 
     Args:
         obj: The NestedArray.
@@ -618,360 +554,21 @@ def to_jsonable(obj: NestedArray) -> Any:
         WireError: ``obj`` is not a NestedArray, or holds complex numbers (JSON has none;
             use the binary form).
     """
-    return _to_jsonable(obj, 0, "$")
-
-
-def _to_jsonable(obj: Any, depth: int, path: str) -> Any:
-    if isinstance(obj, (np.ndarray, np.generic)):
-        if obj.dtype.kind not in "biuf":
-            raise WireError(
-                f"{obj.dtype} values at {path} have no JSON form; "
-                + ("use the binary format" if obj.dtype.kind == "c" else f"expected one of {_DTYPE_LIST}")
-            )
-        return obj.tolist()
-    if isinstance(obj, (bool, int, float)):
-        return obj
-    if isinstance(obj, complex):
-        raise WireError(f"complex values at {path} have no JSON form; use the binary format")
-    if depth >= _MAX_DEPTH_CAP:
-        _too_deep(path, _MAX_DEPTH_CAP)
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(item, depth + 1, f"{path}[{i}]") for i, item in enumerate(obj)]
-    if isinstance(obj, dict):
-        out = {}
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise WireError(f"dict keys must be str, got {_type_name(key)} {key!r} at {path}")
-            out[key] = _to_jsonable(value, depth + 1, _key_path(path, key))
-        return out
-    raise WireError(f"expected an ndarray, list, tuple, dict or number at {path}, got {_type_name(obj)}")
-
-
-# From the kind numpy infers for JSON numbers to the kinds an explicit dtype may take.
-_JSON_CASTS = {"b": "biufc", "i": "iufc", "u": "iufc", "f": "fc", "c": "c"}
-
-
-class _FromJson:
-    def __init__(self, dtype: np.dtype | None, limits: WireLimits) -> None:
-        self.dtype = dtype
-        self.limits = limits
-        self.count = 0
-        self.total = 0
-
-    def node(self, obj: Any, depth: int, path: str) -> NestedArray:
-        if isinstance(obj, np.ndarray):
-            return self.leaf(obj, path, from_python=False)
-        if isinstance(obj, (bool, int, float)) or (
-            isinstance(obj, np.generic) and obj.dtype.kind in "biufc"
-        ):
-            return self.leaf(np.asarray(obj), path, from_python=True)
-        if isinstance(obj, dict):
-            if depth >= self.limits.max_depth:
-                _too_deep(path, self.limits.max_depth)
-            out: dict[str, NestedArray] = {}
-            for key, value in obj.items():
-                if not isinstance(key, str):
-                    raise WireError(f"dict keys must be str, got {_type_name(key)} {key!r} at {path}")
-                out[key] = self.node(value, depth + 1, _key_path(path, key))
-            return out
-        if isinstance(obj, (list, tuple)):
-            block = self.numeric_block(obj)
-            if block is not None:
-                return self.leaf(block, path, from_python=True)
-            if not self.holds_dict(obj, path):
-                self.diagnose(obj, path)
-            if depth >= self.limits.max_depth:
-                _too_deep(path, self.limits.max_depth)
-            return [self.node(item, depth + 1, f"{path}[{i}]") for i, item in enumerate(obj)]
-        raise WireError(
-            f"expected a number, a list or a dict at {path}, got {_type_name(obj)} {_short(obj)}"
-        )
-
-    @staticmethod
-    def numeric_block(obj: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
-        """The list as one numeric array, or None when numpy cannot make one."""
-        try:
-            arr = np.asarray(obj)
-        except (ValueError, TypeError, OverflowError, RecursionError):
-            return None
-        return arr if arr.dtype.kind in "biufc" else None
-
-    def holds_dict(self, obj: list[Any] | tuple[Any, ...], path: str) -> bool:
-        """Whether a dict hides in this list's nesting (then it is a container, not an array)."""
-        bound = self.limits.max_depth + self.limits.max_ndim
-        stack: list[tuple[Any, int]] = [(obj, 0)]
-        while stack:
-            item, level = stack.pop()
-            if isinstance(item, dict):
-                return True
-            if isinstance(item, (list, tuple)):
-                if level >= bound:
-                    raise WireError(
-                        f"lists nested more than {bound} deep at {path}; expected at most "
-                        f"max_ndim={self.limits.max_ndim} levels for an array inside "
-                        f"max_depth={self.limits.max_depth} containers"
-                    )
-                stack.extend((child, level + 1) for child in item)
-        return False
-
-    def diagnose(self, obj: list[Any] | tuple[Any, ...], path: str) -> NoReturn:
-        """Say why a dict-free list is not a numeric array."""
-
-        def shape_of(item: Any, where: str) -> tuple[int, ...]:
-            if isinstance(item, (list, tuple)):
-                shapes = [shape_of(x, f"{where}[{i}]") for i, x in enumerate(item)]
-                for i, shape in enumerate(shapes[1:], 1):
-                    if shape != shapes[0]:
-                        raise WireError(
-                            f"ragged list at {where}: {where}[{i}] has shape {list(shape)} but "
-                            f"{where}[0] has shape {list(shapes[0])}; a numeric list must be "
-                            "rectangular (pad it, or send a list of dicts)"
-                        )
-                return (len(item),) + (shapes[0] if shapes else ())
-            if isinstance(item, np.ndarray):
-                return item.shape
-            if isinstance(item, int) and not isinstance(item, bool) and not -(2**63) <= item < 2**64:
-                raise WireError(f"integer {item} at {where} does not fit in 64 bits")
-            if isinstance(item, (bool, int, float, np.number, np.bool_)):
-                return ()
-            raise WireError(
-                f"expected a number at {where}, got {_type_name(item)} {_short(item)}"
-            )
-
-        shape_of(obj, path)
-        raise WireError(f"list at {path} is not a numeric array (mixed or unsupported values)")
-
-    def leaf(self, arr: np.ndarray, path: str, *, from_python: bool) -> np.ndarray:
-        if self.count >= self.limits.max_arrays:
-            raise WireError(f"more than max_arrays={self.limits.max_arrays} arrays (at {path})")
-        if arr.ndim > self.limits.max_ndim:
-            raise WireError(
-                f"array at {path} has {arr.ndim} dimensions, over max_ndim={self.limits.max_ndim}"
-            )
-        kind = arr.dtype.kind
-        if self.dtype is not None:
-            arr = self.cast(arr, self.dtype, path)
-        elif from_python:
-            if kind == "u":  # numpy picks uint64 only for ints above int64's range
-                raise WireError(f"integers at {path} exceed int64; pass dtype=np.uint64")
-            target = {"b": np.dtype(bool), "i": np.dtype(np.int64), "f": np.dtype(np.float32),
-                      "c": np.dtype(np.complex64)}[kind]
-            arr = self.cast(arr, target, path)
-        else:
-            _wire_dtype_name(arr.dtype, f"array at {path}")
-        self.count += 1
-        self.total += arr.nbytes
-        if self.total > self.limits.max_total_bytes:
-            raise WireError(
-                f"arrays up to {path} take {self.total} bytes, over "
-                f"max_total_bytes={self.limits.max_total_bytes}"
-            )
-        return arr
-
-    @staticmethod
-    def cast(arr: np.ndarray, target: np.dtype, path: str) -> np.ndarray:
-        if arr.dtype == target:
-            return arr
-        if target.kind not in _JSON_CASTS.get(arr.dtype.kind, ""):
-            raise WireError(
-                f"values at {path} are {arr.dtype} but {target} was expected; "
-                "send numbers of that kind or pass another dtype"
-            )
-        if target.kind in "iu" and arr.size:
-            info = np.iinfo(target)
-            low, high = arr.min(), arr.max()
-            if low < info.min or high > info.max:
+    flat, treedef = tree.flatten(obj)
+    out = []
+    for i, leaf in enumerate(flat):
+        if isinstance(leaf, (np.ndarray, np.generic)):
+            if leaf.dtype.kind not in "biuf":
                 raise WireError(
-                    f"values at {path} range over [{low}, {high}], outside {target} "
-                    f"[{info.min}, {info.max}]"
+                    f"{leaf.dtype} values at {treedef.paths()[i]} have no JSON form; "
+                    + ("use the binary format" if leaf.dtype.kind == "c" else f"expected one of {_DTYPE_LIST}")
                 )
-        try:
-            with np.errstate(over="raise"):
-                return arr.astype(target)
-        except FloatingPointError as err:
-            raise WireError(
-                f"values at {path} overflow {target}; pass dtype=np.float64"
-            ) from err
-
-
-def from_jsonable(
-    obj: Any, *, dtype: np.dtype | type | str | None = None, limits: WireLimits = DEFAULT_LIMITS
-) -> NestedArray:
-    """Turn JSON-parsed data into a NestedArray.
-
-    - A number, or a rectangular (nested) list of numbers and bools, becomes one array.
-      Without ``dtype``: all bools -> ``bool``; ints (and bools) -> ``int64``; any float ->
-      ``float32`` (policies run in float32; pass ``dtype=np.float64`` to keep doubles).
-      An empty list is a ``(0,)`` array.
-    - A dict becomes a dict of NestedArrays.
-    - A list holding a dict anywhere in it (e.g. a list of observations) becomes a list
-      of NestedArrays; JSON has no tuples.
-    - ``np.ndarray`` leaves are kept (cast when ``dtype`` is given).
-
-    Args:
-        obj: The output of ``json.loads`` (TorchServe passes JSON bodies parsed).
-        dtype: One dtype for every array (ints may narrow when their values fit, floats
-            never become ints), or None to infer as above.
-        limits: Depth, array count, ndim and byte bounds.
-
-    Returns:
-        The NestedArray.
-
-    Raises:
-        WireError: Strings, None, ragged numeric lists, non-str keys, values that do not
-            fit ``dtype``, or anything over ``limits``; the message gives the path (``$.obs[2]``).
-        ConfigError: ``dtype`` is not one of :data:`SUPPORTED_DTYPES`.
-    """
-    target = None
-    if dtype is not None:
-        try:
-            given = np.dtype(dtype)
-        except TypeError as err:
-            raise ConfigError(f"dtype must be one of {_DTYPE_LIST}, got {dtype!r}") from err
-        try:
-            target = _WIRE_DTYPES[_wire_dtype_name(given, "the dtype argument")].newbyteorder("=")
-        except WireError as err:
-            raise ConfigError(f"dtype must be one of {_DTYPE_LIST}, got {dtype!r}") from err
-    return _FromJson(target, limits).node(obj, 0, "$")
-
-
-# --------------------------------------------------------------------------- structure
-
-
-def _walk(obj: Any, depth: int, path: str, on_leaf: Any) -> None:
-    if isinstance(obj, np.ndarray):
-        on_leaf(obj)
-    elif isinstance(obj, _SCALARS):
-        on_leaf(np.asarray(obj))
-    elif isinstance(obj, (list, tuple, dict)):
-        if depth >= _MAX_DEPTH_CAP:
-            _too_deep(path, _MAX_DEPTH_CAP)
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                if not isinstance(key, str):
-                    raise WireError(f"dict keys must be str, got {_type_name(key)} {key!r} at {path}")
-                _walk(value, depth + 1, _key_path(path, key), on_leaf)
+            out.append(leaf.tolist())
+        elif isinstance(leaf, (bool, int, float)):
+            out.append(leaf)
+        elif isinstance(leaf, complex):
+            raise WireError(f"complex values at {treedef.paths()[i]} have no JSON form; use the binary format")
         else:
-            for i, item in enumerate(obj):
-                _walk(item, depth + 1, f"{path}[{i}]", on_leaf)
-    else:
-        raise WireError(
-            f"expected an ndarray, list, tuple, dict or number at {path}, got {_type_name(obj)}"
-        )
-
-
-def leaves(obj: NestedArray) -> list[np.ndarray]:
-    """The arrays of a NestedArray, depth first, dict entries in insertion order.
-
-    This is the order :func:`encode` writes and :func:`unflatten` reads.
-
-    Args:
-        obj: The NestedArray; scalars come back as 0-d arrays.
-
-    Returns:
-        The arrays themselves (not copies).
-
-    Raises:
-        WireError: ``obj`` is not a NestedArray.
-    """
-    out: list[np.ndarray] = []
-    _walk(obj, 0, "$", out.append)
-    return out
-
-
-def nbytes(obj: NestedArray) -> int:
-    """Total bytes of the arrays of a NestedArray (headers and padding not counted).
-
-    Raises:
-        WireError: ``obj`` is not a NestedArray.
-    """
-    return sum(arr.nbytes for arr in leaves(obj))
-
-
-def unflatten(template: Any, leaves: Sequence[Any]) -> Any:
-    """Rebuild ``template``'s structure with ``leaves`` in place of its arrays.
-
-    Everything in ``template`` that is not a list, tuple or dict is a leaf slot, filled
-    in :func:`leaves` order; the new leaves may be of any type (tensors, slices).
-
-    Args:
-        template: A NestedArray (or anything of the same shape of containers).
-        leaves: Exactly one item per leaf slot of ``template``.
-
-    Returns:
-        New containers of the same kinds (tuples stay tuples, dict key order kept).
-
-    Raises:
-        WireError: The number of leaves differs from the template's.
-    """
-    items = list(leaves)
-    it = iter(items)
-    used = 0
-
-    def build(node: Any, depth: int, path: str) -> Any:
-        nonlocal used
-        if isinstance(node, (list, tuple, dict)):
-            if depth >= _MAX_DEPTH_CAP:
-                _too_deep(path, _MAX_DEPTH_CAP)
-            if isinstance(node, dict):
-                return {k: build(v, depth + 1, _key_path(path, str(k))) for k, v in node.items()}
-            built = [build(x, depth + 1, f"{path}[{i}]") for i, x in enumerate(node)]
-            return tuple(built) if isinstance(node, tuple) else built
-        try:
-            leaf = next(it)
-        except StopIteration:
-            raise WireError(
-                f"unflatten got {len(items)} leaves, but the template needs more (ran out at {path})"
-            ) from None
-        used += 1
-        return leaf
-
-    result = build(template, 0, "$")
-    if used != len(items):
-        raise WireError(f"unflatten got {len(items)} leaves, but the template has {used} slots")
-    return result
-
-
-def structure(obj: NestedArray, *, batch_dim: bool = True) -> str:
-    """A short description, e.g. ``tuple(float32[4,64], dict(a=int64[4]))``.
-
-    Equal strings mean the same containers, keys, dtypes and shapes, so it serves as a
-    grouping key as well as for error messages.
-
-    Args:
-        obj: The NestedArray.
-        batch_dim: With False, every array's first dimension is written ``*``
-            (``float32[*,64]``), to group requests that differ only in batch size.
-
-    Returns:
-        The description.
-
-    Raises:
-        WireError: ``obj`` is not a NestedArray.
-    """
-    return _structure(obj, 0, "$", batch_dim)
-
-
-def _structure(obj: Any, depth: int, path: str, batch_dim: bool) -> str:
-    if isinstance(obj, (np.ndarray, *_SCALARS)):
-        arr = np.asarray(obj)
-        dims = [str(d) for d in arr.shape]
-        if dims and not batch_dim:
-            dims[0] = "*"
-        return f"{arr.dtype.name}[{','.join(dims)}]"
-    if isinstance(obj, (list, tuple, dict)):
-        if depth >= _MAX_DEPTH_CAP:
-            _too_deep(path, _MAX_DEPTH_CAP)
-        if isinstance(obj, dict):
-            parts = []
-            for key, value in obj.items():
-                if not isinstance(key, str):
-                    raise WireError(f"dict keys must be str, got {_type_name(key)} {key!r} at {path}")
-                label = key if key.isidentifier() else repr(key)
-                parts.append(f"{label}={_structure(value, depth + 1, _key_path(path, key), batch_dim)}")
-            return f"dict({', '.join(parts)})"
-        inner = ", ".join(
-            _structure(item, depth + 1, f"{path}[{i}]", batch_dim) for i, item in enumerate(obj)
-        )
-        return f"{'tuple' if isinstance(obj, tuple) else 'list'}({inner})"
-    raise WireError(f"expected an ndarray, list, tuple, dict or number at {path}, got {_type_name(obj)}")
+            raise WireError(f"expected an ndarray, list, tuple, dict or number at {treedef.paths()[i]}, "
+                            f"got {_type_name(leaf)}")
+    return treedef.unflatten(out, tuples=False)

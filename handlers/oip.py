@@ -205,7 +205,7 @@ def parse_oip(body: Any, spec: ModelSpec, *, header_length: int | None = None,
                              f"{', '.join(_describe(spec, names))}")
         if name in leaves_by_name:
             raise InputError(f"{where} is given twice")
-        dtype = spec.input_leaves[names.index(name)]["dtype"]
+        dtype = spec.input_leaves[names.index(name)].dtype
         if entry.get("datatype") != datatype_of(dtype):
             raise InputError(f"{where} has datatype {entry.get('datatype')!r}, expected {datatype_of(dtype)}")
         leaves_by_name[name], offset = _tensor(entry, dtype, where, rest, offset)
@@ -223,7 +223,7 @@ def parse_oip(body: Any, spec: ModelSpec, *, header_length: int | None = None,
 
 
 def _describe(spec: ModelSpec, names: Sequence[str]) -> list[str]:
-    return [f"{n} {datatype_of(leaf['dtype'])}[batch{''.join(',' + str(d) for d in leaf['shape'])}]"
+    return [f"{n} {datatype_of(leaf.dtype)}[batch{''.join(',' + str(d) for d in leaf.shape)}]"
             for n, leaf in zip(names, spec.input_leaves)]
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from bray import wire
+from bray import tree, wire
 from bray.errors import InputError, WireError
-from bray.export import ModelSpec, describe_inputs
+from bray.export import LeafSpec, ModelSpec, describe_inputs
 
 __all__ = ["Parsed", "check_leaves", "encode_outputs", "parse_payload", "parse_request", "split_outputs"]
 
@@ -31,71 +31,30 @@ class Parsed:
     binary: bool
 
 
-def _json_to_node(obj: Any, node: Mapping[str, Any], where: str) -> Any:
-    kind = node["k"]
-    if kind == "a":
-        if isinstance(obj, (str, bytes)) or obj is None or isinstance(obj, dict):
-            raise InputError(f"{where}: expected numbers (nested lists of {node['dtype']}), got {type(obj).__name__}")
-        try:
-            arr = np.asarray(obj)
-        except ValueError as err:
-            raise InputError(f"{where}: ragged nested lists; expected a rectangular array [batch, {', '.join(map(str, node['shape']))}]") from err
-        if arr.dtype.kind not in "biuf":
-            raise InputError(f"{where}: expected numbers of dtype {node['dtype']}, got values of kind {arr.dtype.name!r}")
-        return arr.astype(node["dtype"], copy=False)
-    if kind == "dict":
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected an object with keys {node['keys']}, got {type(obj).__name__}")
-        if list(obj) != node["keys"] and set(obj) != set(node["keys"]):
-            raise InputError(f"{where}: expected keys {node['keys']}, got {sorted(obj)}")
-        return {k: _json_to_node(obj[k], n, f"{where}.{k}") for k, n in zip(node["keys"], node["items"])}
-    if not isinstance(obj, list) or len(obj) != len(node["items"]):
-        got = f"a list of {len(obj)}" if isinstance(obj, list) else type(obj).__name__
-        raise InputError(f"{where}: expected a list of {len(node['items'])} item(s), got {got}")
-    items = [_json_to_node(o, n, f"{where}[{i}]") for i, (o, n) in enumerate(zip(obj, node["items"]))]
-    return tuple(items) if kind == "tuple" else items
+def _json_leaf(obj: Any, want: LeafSpec, where: str) -> np.ndarray:
+    """A JSON value at a leaf slot as an array of the spec's dtype (never guessed)."""
+    if isinstance(obj, (str, bytes)) or obj is None or isinstance(obj, dict):
+        raise InputError(f"{where}: expected numbers (nested lists of {want.dtype}), got {type(obj).__name__}")
+    try:
+        arr = np.asarray(obj)
+    except ValueError as err:
+        raise InputError(f"{where}: ragged nested lists; expected a rectangular array [batch, {', '.join(map(str, want.shape))}]") from err
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{where}: expected numbers of dtype {want.dtype}, got values of kind {arr.dtype.name!r}")
+    return arr.astype(want.dtype, copy=False)
 
 
 def _split_payload(payload: Any, spec: ModelSpec) -> tuple[Any, Any]:
     """``{"args", "kwargs"}`` form, or the lone positional input."""
     if isinstance(payload, dict) and payload and set(payload) <= {"args", "kwargs"}:
         return payload.get("args", []), payload.get("kwargs", {})
-    args_node, kwargs_node = spec.inputs["items"]
-    if len(args_node["items"]) == 1 and not kwargs_node["items"]:
+    n_args, n_kwargs = len(spec.args_tree.children), len(spec.kwargs_tree.children)
+    if n_args == 1 and not n_kwargs:
         return [payload], {}
     raise InputError(
-        f"the model takes {len(args_node['items'])} positional and {len(kwargs_node['items'])} keyword "
+        f"the model takes {n_args} positional and {n_kwargs} keyword "
         'input(s); send {"args": [...], "kwargs": {...}}'
     )
-
-
-def _check_structure(value: Any, node: Mapping[str, Any], where: str) -> None:
-    kind = node["k"]
-    if kind == "a":
-        if not isinstance(value, np.ndarray):
-            raise InputError(f"{where}: expected an array, got {type(value).__name__}")
-        return
-    if kind == "dict":
-        if not isinstance(value, dict) or set(value) != set(node["keys"]):
-            got = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise InputError(f"{where}: expected a dict with keys {node['keys']}, got {got}")
-        for k, n in zip(node["keys"], node["items"]):
-            _check_structure(value[k], n, f"{where}.{k}")
-        return
-    if not isinstance(value, (list, tuple)) or len(value) != len(node["items"]):
-        got = f"{len(value)} item(s)" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise InputError(f"{where}: expected {len(node['items'])} item(s), got {got}")
-    for i, (v, n) in enumerate(zip(value, node["items"])):
-        _check_structure(v, n, f"{where}[{i}]")
-
-
-def _ordered(value: Any, node: Mapping[str, Any]) -> list[np.ndarray]:
-    """Leaves in the spec's order (dict keys as the model declared them)."""
-    if node["k"] == "a":
-        return [value]
-    if node["k"] == "dict":
-        return [leaf for k, n in zip(node["keys"], node["items"]) for leaf in _ordered(value[k], n)]
-    return [leaf for v, n in zip(value, node["items"]) for leaf in _ordered(v, n)]
 
 
 def parse_request(body: Any, spec: ModelSpec, *, limits: wire.WireLimits, reject_nonfinite: bool = False) -> Parsed:
@@ -154,20 +113,23 @@ def parse_payload(payload: Any, spec: ModelSpec, *, binary: bool, reject_nonfini
         InputError: the inputs do not fit the model.
     """
     args, kwargs = _split_payload(payload, spec)
-    args_node, kwargs_node = spec.inputs["items"]
-    if binary:
-        value = (tuple(args) if isinstance(args, (list, tuple)) else args, kwargs)
-        _check_structure(value[0], {"k": "tuple", "items": args_node["items"]}, "args")
-        _check_structure(value[1], kwargs_node, "kwargs")
-    else:
-        if not isinstance(args, list):
-            raise InputError(f'"args" must be a list of the positional inputs, got {type(args).__name__}')
-        value = (
-            _json_to_node(args, {"k": "list", "items": args_node["items"]}, "args"),
-            _json_to_node(kwargs, kwargs_node, "kwargs"),
-        )
-    leaves = _ordered(value[0], {"k": "list", "items": args_node["items"]}) + _ordered(value[1], kwargs_node)
-    return check_leaves(leaves, spec, binary=binary, reject_nonfinite=reject_nonfinite)
+    if not binary and not isinstance(args, list):
+        raise InputError(f'"args" must be a list of the positional inputs, got {type(args).__name__}')
+    # The spec's trees say where the leaves are; dict keys are taken in the spec's order.
+    slots = (tree.flatten_up_to(spec.args_tree, args, error=InputError, root="args")
+             + tree.flatten_up_to(spec.kwargs_tree, kwargs, error=InputError, root="kwargs"))
+    paths = None
+    leaves: list[np.ndarray] = []
+    for i, (value, want) in enumerate(zip(slots, spec.input_leaves)):
+        if binary:
+            if not isinstance(value, np.ndarray):
+                paths = paths or spec.args_tree.paths("args") + spec.kwargs_tree.paths("kwargs")
+                raise InputError(f"{paths[i]}: expected an array, got {type(value).__name__}")
+            leaves.append(value)
+        else:
+            paths = paths or spec.args_tree.paths("args") + spec.kwargs_tree.paths("kwargs")
+            leaves.append(_json_leaf(value, want, paths[i]))
+    return check_leaves(leaves, spec, reject_nonfinite=reject_nonfinite, binary=binary)
 
 
 def check_leaves(leaves: list[np.ndarray], spec: ModelSpec, *, binary: bool = False,
@@ -179,9 +141,9 @@ def check_leaves(leaves: list[np.ndarray], spec: ModelSpec, *, binary: bool = Fa
     Raises:
         InputError: a leaf that does not fit the model.
     """
-    for i, (arr, node) in enumerate(zip(leaves, spec.input_leaves)):
-        if arr.dtype != np.dtype(node["dtype"]):
-            raise InputError(f"input {i} has dtype {arr.dtype.name}, expected {node['dtype']}")
+    for i, (arr, want) in enumerate(zip(leaves, spec.input_leaves)):
+        if arr.dtype != np.dtype(want.dtype):
+            raise InputError(f"input {i} has dtype {arr.dtype.name}, expected {want.dtype}")
         if reject_nonfinite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             raise InputError(f"input {i} holds NaN or infinity, which this model is configured to refuse")
     batch = spec.check_inputs(leaves)

@@ -70,7 +70,7 @@ class OnnxEngine(Engine):
         self._providers = self._pick_providers(options.device)
         self._input_names = list(spec.onnx_input_names)
         self._output_names = list(spec.onnx_output_names)
-        self._dtypes = [np.dtype(n["dtype"]) for n in spec.input_leaves]
+        self._dtypes = [np.dtype(x.dtype) for x in spec.input_leaves]
         if options.onnx_weights == "inputs" and not options.quantize:
             self._mode = "inputs"
             self._session = self._new_session(self._weights_as_inputs().SerializeToString(), {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def test_spec_records_structure_dtypes_and_dynamic_batch(tmp_path: Path) -> None
     spec = export_model(model, ({"x": torch.zeros(1, 4), "y": torch.zeros(1, 2)},), {"mask": torch.ones(1, 3)},
                         dest=tmp_path / "export", onnx=False)
     assert load_spec(tmp_path / "export") == spec
-    assert [n["shape"] for n in spec.input_leaves] == [[4], [2], [3]]
-    assert [n["dtype"] for n in spec.output_leaves] == ["float32", "float32"]
+    assert [x.shape for x in spec.input_leaves] == [(4,), (2,), (3,)]
+    assert [x.dtype for x in spec.output_leaves] == ["float32", "float32"]
     module = load_torch_module(tmp_path / "export")
     for batch in (1, 5, 64):  # exported from a batch of 1: the dimension must stay dynamic
         out = module({"x": torch.zeros(batch, 4), "y": torch.zeros(batch, 2)}, mask=torch.ones(batch, 3))
@@ -54,12 +55,30 @@ def test_a_tampered_export_cannot_run_code(tmp_path: Path) -> None:
     torch.save({"x": _Evil(marker)}, payload)
     with zipfile.ZipFile(pt2) as src:
         entries = [(i, src.read(i.filename)) for i in src.infolist()]
+    # torch.export.load unpickles the sample inputs, retrying without weights_only
+    tampered = [i.filename for i, _ in entries if i.filename.endswith("sample_inputs/model.pt")]
+    assert tampered, f"no sample-inputs pickle in model.pt2 to tamper with: {[i.filename for i, _ in entries]}"
     with zipfile.ZipFile(pt2, "w") as dst:
         for info, data in entries:
-            # torch.export.load unpickles the sample inputs, retrying without weights_only
-            dst.writestr(info, payload.getvalue() if info.filename.endswith("sample_inputs/model.pt") else data)
-    try:
+            dst.writestr(info, payload.getvalue() if info.filename in tampered else data)
+    with pytest.raises(EngineError, match="cannot load the torch export"):
         load_torch_module(tmp_path / "export")
-    except EngineError:
-        pass
     assert not marker.exists(), "unpickling a tampered model.pt2 ran code"
+
+
+def test_a_format_1_spec_still_loads(tmp_path: Path) -> None:
+    """Stores exported by bray-serve 0.1 keep serving after an upgrade."""
+    spec = export_model(DictPolicy().eval(), ({"x": torch.zeros(1, 4), "y": torch.zeros(1, 2)},),
+                        {"mask": torch.ones(1, 3)}, dest=tmp_path / "export", onnx=False)
+    v1 = spec.to_json() | {
+        "format": 1,
+        "inputs": {"k": "tuple", "items": [
+            {"k": "tuple", "items": [{"k": "dict", "keys": ["x", "y"], "items": [
+                {"k": "a", "dtype": "float32", "shape": [4]}, {"k": "a", "dtype": "float32", "shape": [2]}]}]},
+            {"k": "dict", "keys": ["mask"], "items": [{"k": "a", "dtype": "float32", "shape": [3]}]}]},
+        "outputs": {"k": "dict", "keys": ["logits", "value"], "items": [
+            {"k": "a", "dtype": "float32", "shape": [3]},
+            {"k": "tuple", "items": [{"k": "a", "dtype": "float32", "shape": [1]}]}]},
+    }
+    (tmp_path / "export" / "spec.json").write_text(json.dumps(v1))
+    assert load_spec(tmp_path / "export") == spec
