@@ -40,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from bray import tree
 from bray.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -1166,39 +1167,29 @@ def _decode(data: bytearray, meta: StepMeta, framework: str, device: str) -> dic
     return weights
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, Any], torch_mod: Any) -> None:
-    if isinstance(tree, np.ndarray) or isinstance(tree, np.generic) or (
-        torch_mod is not None and isinstance(tree, torch_mod.Tensor)
-    ):
-        if prefix in out:
-            raise ConfigError(f"weights flatten to the key {prefix!r} twice; rename one of them")
-        if prefix == "__metadata__":
+def _flat_weights(weights: Any, torch_mod: Any) -> dict[str, Any]:
+    """``state_dict``-style keys (``layer.0.weight``) for a nested weights tree."""
+    leaves, treedef = tree.flatten(weights, error=ConfigError)
+    flat: dict[str, Any] = {}
+    for keys, leaf in zip(treedef.key_paths(), leaves):
+        key = ".".join(map(str, keys))
+        if not (isinstance(leaf, (np.ndarray, np.generic)) or (torch_mod is not None and isinstance(leaf, torch_mod.Tensor))):
+            raise ConfigError(
+                f"weights must be a state_dict of torch tensors or a NestedArray (numpy arrays in nested "
+                f"list/tuple/dict); {key or 'the top'!r} is a {type(leaf).__name__}"
+            )
+        if key in flat:
+            raise ConfigError(f"weights flatten to the key {key!r} twice; rename one of them")
+        if key == "__metadata__":
             raise ConfigError("'__metadata__' is reserved by safetensors; rename that weight")
-        out[prefix] = tree
-        return
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            if not isinstance(key, str):
-                raise ConfigError(
-                    f"weights dict keys must be strings, got {key!r} ({type(key).__name__}) under {prefix or 'the top'!r}"
-                )
-            _flatten(value, f"{prefix}.{key}" if prefix else key, out, torch_mod)
-        return
-    if isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            _flatten(value, f"{prefix}.{i}" if prefix else str(i), out, torch_mod)
-        return
-    raise ConfigError(
-        f"weights must be a state_dict of torch tensors or a NestedArray (numpy arrays in nested "
-        f"list/tuple/dict); {prefix or 'the top'!r} is a {type(tree).__name__}"
-    )
+        flat[key] = leaf
+    return flat
 
 
 def _serialize(weights: Any) -> tuple[bytes, list[str]]:
     """Flatten and encode weights as safetensors bytes; returns (bytes, sorted keys)."""
     torch_mod = sys.modules.get("torch")  # a torch tensor implies torch is imported
-    flat: dict[str, Any] = {}
-    _flatten(weights, "", flat, torch_mod)
+    flat = _flat_weights(weights, torch_mod)
     keys = sorted(flat)
     if torch_mod is not None and any(isinstance(v, torch_mod.Tensor) for v in flat.values()):
         return _serialize_torch(flat), keys
