@@ -268,7 +268,7 @@ def _up_to(td: TreeDef, obj: Any, where: str, out: list[Any], error: type[BrayEr
             _up_to(child, obj[key], key_path(where, key), out, error)
         return
     if not isinstance(obj, (list, tuple)) or len(obj) != len(td.children):
-        got = f"{len(obj)} item(s)" if isinstance(obj, (list, tuple)) else type(obj).__name__
+        got = f"a list of {len(obj)}" if isinstance(obj, (list, tuple)) else type(obj).__name__
         raise error(f"{where}: expected a list of {len(td.children)} item(s), got {got}")
     for i, (child, item) in enumerate(zip(td.children, obj)):
         _up_to(child, item, f"{where}[{i}]", out, error)

@@ -186,7 +186,7 @@ class EngineHandler(BaseHandler):
                     good.append((idx, parse_request(body, self.spec, limits=self._limits,
                                                     reject_nonfinite=self.config.options.reject_nonfinite)))
             except (InputError, WireError) as err:
-                results[idx] = self._error(context, idx, 400, err)
+                results[idx] = self._error(context, idx, getattr(err, "status", 400), err)
         if good:
             try:
                 outputs = self._forward([p.leaves for _, p in good], [p.batch for _, p in good])

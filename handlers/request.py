@@ -72,12 +72,20 @@ def parse_request(body: Any, spec: ModelSpec, *, limits: wire.WireLimits, reject
 
     Raises:
         InputError: the inputs do not fit the model (the message says what it takes).
-        WireError: the body cannot be decoded at all.
+        WireError: the body cannot be decoded at all; ``status`` 413 when it is larger
+            than ``limits.max_total_bytes``.
     """
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise InputError(f"empty request body; send the model's inputs {describe_inputs(spec)} as binary NestedArray or JSON")
     binary = False
     if isinstance(body, (bytes, bytearray, memoryview)):
+        size = memoryview(body).nbytes
+        if size > limits.max_total_bytes:
+            raise WireError(
+                f"the body is {size} bytes, {size - limits.max_total_bytes} over this model's limit of "
+                f"{limits.max_total_bytes} bytes; send smaller batches, or pack the model with a larger "
+                "--max-request-mb", status=413,
+            )
         if wire.is_binary(body):
             binary = True
             payload = wire.decode(body, limits=limits)
@@ -86,8 +94,9 @@ def parse_request(body: Any, spec: ModelSpec, *, limits: wire.WireLimits, reject
                 payload = json.loads(bytes(body))
             except (UnicodeDecodeError, ValueError, RecursionError) as err:
                 raise WireError(
-                    "the body is neither a binary NestedArray (bray.wire) nor JSON; "
-                    "send Content-Type application/octet-stream with bray.wire.encode(...) or application/json"
+                    f"the body ({size} bytes, starting {bytes(body[:8])!r}) is neither a binary NestedArray "
+                    "(bray.wire) nor JSON; send Content-Type application/octet-stream with "
+                    "bray.wire.encode(...) or application/json"
                 ) from err
     elif isinstance(body, str):
         try:

@@ -122,7 +122,7 @@ def test_flatten_up_to_reads_json_against_a_definition() -> None:
     "body, match",
     [
         ({"args": [[1]]}, r"\$: expected a dict with keys \['args', 'kwargs'\], got \['args'\]"),
-        ({"args": [], "kwargs": {"m": 1, "n": 2}}, r"\$\.args: expected a list of 1 item\(s\), got 0 item\(s\)"),
+        ({"args": [], "kwargs": {"m": 1, "n": 2}}, r"\$\.args: expected a list of 1 item\(s\), got a list of 0"),
         ({"args": [1], "kwargs": 5}, r"\$\.kwargs: expected a dict with keys \['m', 'n'\], got int"),
     ],
     ids=["missing key", "short list", "not a dict"],
