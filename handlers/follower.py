@@ -110,16 +110,24 @@ class StepFollower:
             if step <= self.staged_step or step in self.refused:
                 return
             started = time.perf_counter()
+            withdrawn = None
             try:
                 ckpt = self.store.load(self.name, step)
+                # The engine contract: preparing may reuse the buffer of a prepared step
+                # not swapped in yet (TensorRT refits its standby engine), so that step is
+                # taken back first and can never be activated while it is rewritten.
+                with self._pending_lock:
+                    withdrawn, self._pending = self._pending, None
                 prepared = self.engine.prepare_weights(ckpt.weights)
-            except BrayError as err:
-                self._refuse(step)
-                log.error("bray: refusing step %d of %s, still serving step %d: %s", step, self.name, self.staged_step, err)
-                return
             except Exception as err:  # a broken step must never take the worker down
                 self._refuse(step)
-                log.exception("bray: refusing step %d of %s (%s), still serving step %d", step, self.name, err, self.staged_step)
+                if withdrawn is not None:  # its buffer may be half rewritten: not staged any more
+                    self.staged_step = self.step
+                    self._announce(self.step)
+                if isinstance(err, BrayError):
+                    log.error("bray: refusing step %d of %s, still serving step %d: %s", step, self.name, self.step, err)
+                else:
+                    log.exception("bray: refusing step %d of %s (%s), still serving step %d", step, self.name, err, self.step)
                 return
             load_ms = (time.perf_counter() - started) * 1e3
             with self._pending_lock:

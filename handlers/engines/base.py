@@ -8,7 +8,11 @@ two phases so the expensive part stays off the request path:
   build a session or refit; returns an opaque object;
 - :meth:`Engine.swap` (between batches): install what was prepared; cheap.
 
-``set_weights`` does both, for callers that do not care.
+``set_weights`` does both, for callers that do not care. An engine may prepare into
+storage it reuses (TensorRT refits one of two engines), so a caller must never swap in an
+object once it has called ``prepare_weights`` again: only the newest prepared object may
+be swapped, and at most one ``prepare_weights`` runs at a time. :class:`StepFollower`
+takes a pending step back before preparing the next one.
 """
 
 from __future__ import annotations
@@ -97,7 +101,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def prepare_weights(self, weights: Mapping[str, np.ndarray]) -> Any:
-        """Convert and stage new weights (slow part; off the request path)."""
+        """Convert and stage new weights (slow part; off the request path).
+
+        Calling it again invalidates what the previous call returned, if that was not
+        swapped in yet (its storage may be reused); a failed call leaves the engine's
+        active weights serving, and invalidates a pending object the same way.
+        """
 
     @abc.abstractmethod
     def swap(self, prepared: Any) -> None:
