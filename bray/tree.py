@@ -52,6 +52,7 @@ class TreeDef:
     children: tuple[TreeDef, ...]
     keys: tuple[str, ...]
     num_leaves: int
+    _hash: int
 
     def __init__(self, kind: str, children: tuple[TreeDef, ...] = (), keys: tuple[str, ...] = ()) -> None:
         object.__setattr__(self, "kind", kind)
@@ -64,7 +65,7 @@ class TreeDef:
         raise AttributeError("TreeDef is immutable")
 
     def __hash__(self) -> int:
-        return self._hash  # type: ignore[no-any-return]
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         if self is other:

@@ -44,9 +44,8 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from bray import wire
-from bray.bridge.batching import _flatten
-from bray.errors import BrayError, WireError
+from bray import tree, wire
+from bray.errors import BrayError
 
 __all__ = [
     "HEADER",
@@ -145,11 +144,12 @@ class Slot:
 
     def write(self, obj: Any) -> int:
         """Encode the NestedArray ``obj`` into the slot (growing it when needed); returns its bytes."""
-        leaves: list[np.ndarray] = []
-        try:
-            key: Hashable = (_flatten(obj, leaves), tuple(leaf.shape[:1] for leaf in leaves))
-        except WireError:  # scalars or other leaves: the general path
-            key, leaves = None, []
+        leaves, treedef = tree.flatten(obj)
+        key: Hashable = None
+        if all(type(leaf) is np.ndarray for leaf in leaves):  # else (scalars...) the general path
+            key = (tree.batch_signature(treedef, leaves), tuple(leaf.shape[:1] for leaf in leaves))
+        else:
+            leaves = []
         layout = self._written.get(key) if key is not None else None
         if layout is None or not all(leaf.flags.c_contiguous for leaf in leaves):
             return self._write_parts(obj, key, leaves)
@@ -202,14 +202,15 @@ class Slot:
             obj = wire.decode(memoryview(mm)[:nbytes])  # checks everything, first time for this header
             self._learn(head, obj)
             if copy:
-                obj = wire.unflatten(obj, [np.array(leaf) for leaf in wire.leaves(obj)])
+                leaves, treedef = tree.flatten(obj)
+                obj = treedef.unflatten([np.array(leaf) for leaf in leaves])
             return obj
         template, arrays, _ = layout
         views = [np.frombuffer(mm, dtype, math.prod(shape), offset).reshape(shape) if nb else np.empty(shape, dtype)
                  for dtype, shape, offset, nb in arrays]
         if copy:
             views = [v.copy() for v in views]
-        return wire.unflatten(template, views)
+        return template.unflatten(views)
 
     def _learn(self, head: bytes, obj: Any) -> None:
         if not head:
@@ -217,13 +218,13 @@ class Slot:
         header_len = len(head) - _PREFIX.size
         specs = json.loads(head[_PREFIX.size:])["arrays"]
         data_start = -(-(_PREFIX.size + header_len) // wire.ALIGNMENT) * wire.ALIGNMENT
-        leaves = wire.leaves(obj)
+        leaves, treedef = tree.flatten(obj)
         arrays = [(leaf.dtype, tuple(leaf.shape), data_start + int(off), int(nb)) for leaf, (_, _, off, nb) in
                   zip(leaves, specs)]
         end = max((off + nb for _, _, off, nb in arrays), default=data_start)
         if len(self._read) >= _LAYOUTS_KEPT:
             self._read.clear()
-        self._read[head] = (wire.unflatten(obj, [0] * len(leaves)), arrays, end)
+        self._read[head] = (treedef, arrays, end)
 
     def _remap(self, size: int) -> None:
         # A new mapping rather than mmap.resize: arrays decoded from the old one may still be

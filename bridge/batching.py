@@ -23,8 +23,8 @@ from typing import Any, Awaitable, Callable, Hashable
 
 import numpy as np
 
-from bray import wire
-from bray.errors import BrayError, ConfigError, InputError, WireError
+from bray import tree
+from bray.errors import BrayError, ConfigError, InputError
 
 __all__ = ["BatchMismatchError", "ForwardBatcher"]
 
@@ -36,27 +36,12 @@ class BatchMismatchError(BrayError, RuntimeError):
 @dataclass
 class _Call:
     key: Hashable
-    payload: Any
+    treedef: tree.TreeDef
     leaves: list[np.ndarray]
+    payload: Any
     n: int
     future: asyncio.Future[Any]
     at: float = 0.0  # loop time it was submitted
-
-
-def _flatten(obj: Any, out: list[np.ndarray]) -> Hashable:
-    """Collect ``obj``'s arrays into ``out`` and return its signature without the batch size.
-
-    Calls with equal signatures (containers, keys, dtypes, per-sample shapes) can share a
-    request. One walk, no strings: this runs for every forward call.
-    """
-    if isinstance(obj, np.ndarray):
-        out.append(obj)
-        return (obj.dtype, obj.shape[1:])
-    if isinstance(obj, dict):
-        return ("d", tuple(obj), tuple(_flatten(v, out) for v in obj.values()))
-    if isinstance(obj, (list, tuple)):
-        return (type(obj), tuple(_flatten(v, out) for v in obj))
-    raise WireError(f"expected a NestedArray (ndarray, list, tuple, dict), got {type(obj).__name__}")
 
 
 Send = Callable[[Any], Awaitable[tuple[Any, int]]]
@@ -101,9 +86,11 @@ class ForwardBatcher:
             self.requests_sent += 1
             return await self._send(payload)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        leaves: list[np.ndarray] = []
-        key = _flatten(payload, leaves)
-        self._pending.append(_Call(key, payload, leaves, n, future, asyncio.get_running_loop().time()))
+        # One walk: calls with equal signatures (containers, keys, dtypes, per-sample
+        # shapes) can share a request.
+        leaves, treedef = tree.flatten(payload)
+        self._pending.append(_Call(tree.batch_signature(treedef, leaves), treedef, leaves, payload, n, future,
+                                   asyncio.get_running_loop().time()))
         self._kick()
         return await future
 
@@ -140,7 +127,7 @@ class ForwardBatcher:
                 payload = group[0].payload
             else:
                 columns = zip(*(c.leaves for c in group))
-                payload = wire.unflatten(group[0].payload, [np.concatenate(col) for col in columns])
+                payload = group[0].treedef.unflatten([np.concatenate(col) for col in columns])
             try:
                 outputs, step = await self._send(payload)
             except InputError:
@@ -151,7 +138,7 @@ class ForwardBatcher:
             if len(group) == 1:
                 _settle(group[0].future, (outputs, step))
                 return
-            out_leaves = wire.leaves(outputs)
+            out_leaves, out_def = tree.flatten(outputs)
             for leaf in out_leaves:
                 if leaf.ndim == 0 or leaf.shape[0] != total:
                     raise BatchMismatchError(
@@ -161,7 +148,7 @@ class ForwardBatcher:
             start = 0
             for call in group:
                 part = [leaf[start:start + call.n] for leaf in out_leaves]
-                _settle(call.future, (wire.unflatten(outputs, part), step))
+                _settle(call.future, (out_def.unflatten(part), step))
                 start += call.n
         except BaseException as err:  # fail every caller, never leave a future hanging
             for call in group:

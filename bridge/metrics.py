@@ -101,7 +101,7 @@ class _Collector:
         for model in models:
             values = [model.name, str(getattr(model, "_version", ""))]
             latest = model.step
-            seen = model._seen_step
+            seen = model._seen.value
             published.add_metric(values, latest)
             calls, sent = model.batching_stats()
             forwards.add_metric(values, calls)

@@ -274,8 +274,7 @@ class NodeProxy:
         model = self.model
         error: BaseException | None = None
         try:
-            if min_step > model._seen_step:
-                model._seen_step = min_step  # a step the caller was answered with elsewhere
+            model._seen.advance(min_step)  # a step the caller was answered with elsewhere
             outputs, step = await model._forward_on_loop(payload, n)
             del payload
             reply = b""

@@ -79,7 +79,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bray import wire
+from bray import tree, wire
 from bray.config import Locations
 from bray.errors import (
     BrayTimeoutError,
@@ -178,19 +178,31 @@ class PublishHandle(int):
 
 
 def _add_batch(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj[None]
-    if isinstance(obj, dict):
-        return {k: _add_batch(v) for k, v in obj.items()}
-    return type(obj)(_add_batch(v) for v in obj)
+    return tree.map_leaves(lambda a: a[None], obj)
 
 
 def _drop_batch(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj[0]
-    if isinstance(obj, dict):
-        return {k: _drop_batch(v) for k, v in obj.items()}
-    return type(obj)(_drop_batch(v) for v in obj)
+    return tree.map_leaves(lambda a: a[0], obj)
+
+
+class _Watermark:
+    """The newest step this process has been answered with: raised from any thread, never lowered.
+
+    Every caller sends it as the minimum step of its next request, so a caller's steps
+    never go backwards when its requests alternate between workers.
+    """
+
+    __slots__ = ("value", "_lock")
+
+    def __init__(self) -> None:
+        self.value = -1
+        self._lock = threading.Lock()
+
+    def advance(self, step: int) -> None:
+        if step > self.value:  # an int read is atomic: most answers take no lock
+            with self._lock:
+                if step > self.value:
+                    self.value = step
 
 
 def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
@@ -238,17 +250,12 @@ def _serving_options(*, max_batch_size: int, num_workers: int | None, cpus_per_w
 
 def _batch_of(payload: Any) -> int:
     """The leading dimension of the first array (all arrays share it; the server checks)."""
-    node = payload
-    while not isinstance(node, np.ndarray):
-        if isinstance(node, dict):
-            node = next(iter(node.values()), None)
-        elif isinstance(node, (list, tuple)) and node:
-            node = node[0]
-        else:
-            raise ConfigError("forward needs at least one input array")
-    if node.ndim == 0:
+    leaves = tree.leaves(payload)
+    if not leaves:
+        raise ConfigError("forward needs at least one input array")
+    if leaves[0].ndim == 0:
         raise ConfigError("forward inputs need a leading batch dimension; pass batch=False for a single sample")
-    return int(node.shape[0])
+    return int(leaves[0].shape[0])
 
 
 class RemoteModel:
@@ -383,7 +390,7 @@ class RemoteModel:
         self._not_registering = threading.Event()
         self._not_registering.set()
         self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
-        self._seen_step = -1  # newest step this process has been answered with
+        self._seen = _Watermark()
         self._proxy: Any = None
         self._proxy_ok = True
         self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
@@ -590,15 +597,14 @@ class RemoteModel:
             await asyncio.get_running_loop().run_in_executor(None, self._not_registering.wait, self.timeout_s * 10)
         seen = self._registrations
         try:
-            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen_step)
+            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
         except ModelNotFoundError:
             # A restarted TorchServe has forgotten its models (config snapshots are off):
             # register ours again from the store, whose latest step the live version
             # serves, so no published step is lost; then retry once.
             await asyncio.get_running_loop().run_in_executor(None, self._reregister, seen)
-            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen_step)
-        if reply.step > self._seen_step:
-            self._seen_step = reply.step  # monotonic reads across workers, for every caller here
+            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
+        self._seen.advance(reply.step)  # monotonic reads across workers, for every caller here
         return wire.decode(bytearray(reply.body)), reply.step
 
     def _reregister(self, seen: int) -> None:
@@ -633,7 +639,7 @@ class RemoteModel:
 
         if self._proxy is not None:
             try:
-                outputs, step = await self._proxy.acall(payload, n, self._seen_step)
+                outputs, step = await self._proxy.acall(payload, n, self._seen.value)
                 return self._answered(outputs, step, n, "proxy")
             except ProxyUnavailableError as err:
                 self._proxy_unavailable(err)
@@ -647,7 +653,7 @@ class RemoteModel:
 
         if self._proxy is not None:
             try:
-                outputs, step = self._proxy.call(payload, n, self._seen_step)
+                outputs, step = self._proxy.call(payload, n, self._seen.value)
                 return self._answered(outputs, step, n, "proxy")
             except ProxyUnavailableError as err:
                 self._proxy_unavailable(err)
@@ -660,8 +666,7 @@ class RemoteModel:
         It keeps the newest step this process was answered with (sent as the minimum step
         of its next requests), and is the one place to count calls by route.
         """
-        if step > self._seen_step:
-            self._seen_step = step
+        self._seen.advance(step)
         if route == "proxy":
             self._proxy_calls += 1
             if not self._proxy_ok:
@@ -721,7 +726,7 @@ class RemoteModel:
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
-            self._seen_step = max(self._seen_step, step)
+            self._seen.advance(step)
         else:
             outputs, step = await self._forward_remote(payload, n)
         if not batch:
@@ -733,7 +738,7 @@ class RemoteModel:
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
             outputs, step = self._local.forward(payload)
-            self._seen_step = max(self._seen_step, step)
+            self._seen.advance(step)
         else:
             outputs, step = self._forward_remote_sync(payload, n)
         if not batch:

@@ -340,3 +340,29 @@ def test_bray_values_for_local_mode_and_checkpoint_interval():
         assert (grown.store.checkpoint_interval, grown.store.checkpoint_interval_s) == (2.1, 0.0)
     finally:
         grown.close()
+
+
+def test_the_seen_step_only_rises_whatever_threads_race() -> None:
+    """Answers arriving on many threads at once never lower the step sent as X-Bray-Min-Step."""
+    import random
+    import threading
+
+    from bray.bridge.remote_model import _Watermark
+
+    mark = _Watermark()
+    steps = list(range(20_000))
+    random.Random(7).shuffle(steps)
+    chunks = [steps[i::8] for i in range(8)]
+    start = threading.Barrier(8)
+
+    def answer(chunk: list[int]) -> None:
+        start.wait()
+        for step in chunk:
+            mark.advance(step)
+
+    threads = [threading.Thread(target=answer, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mark.value == max(steps)
