@@ -243,7 +243,7 @@ def pack_archive(
     version = version or (LIVE_VERSION if step is None else str(serving_step))
     serving = ServingConfig(name=name, store=store_path or str(Path(store.root).resolve()), step=serving_step,
                             options=opts)
-    export_dir = store.model_dir(name) / EXPORT_DIRNAME
+    export_dir = store.export_dir(name)
     export_files = _export_files(export_dir, opts.engine)
     manifest = _manifest(name, version)
     model_store = Path(model_store)

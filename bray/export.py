@@ -26,6 +26,7 @@ import numpy as np
 
 from bray import tree
 from bray.errors import ConfigError, EngineError, EngineUnavailableError, InputError
+from bray.store import EXPORT_DIRNAME
 from bray.tree import TreeDef
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,6 @@ __all__ = [
     "to_numpy",
 ]
 
-EXPORT_DIRNAME = "export"
 SPEC_FILE = "spec.json"
 TORCH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"

@@ -9,8 +9,10 @@ A store is a directory. Each model name gets its own sub-directory::
             meta.json                  step, time, byte size, sha256, keys, checkpoint flag
         .tmp/                          in-progress writes and steps being deleted
         .lock                          flock(2) target that serialises commits
-        export/                        the exported model definition (written elsewhere;
-                                       retention never touches it)
+        export/                        the exported model definition (written by
+                                       :mod:`bray.export`; retention never touches it)
+        .serving/<host>-<pid>.json     the step each serving worker has staged (written by
+                                       the handler's follower; how ``wait()`` knows)
         clone.json                     a clone's origin: source model and step (written once)
         league/<metric>/<writer>.json  league results, one file per writer, each replaced
                                        atomically (read by :mod:`bray.league`)
@@ -72,6 +74,8 @@ LOCK_FILE = ".lock"
 EXPORT_DIR = "export"
 CLONE_FILE = "clone.json"
 LEAGUE_DIR = "league"
+EXPORT_DIRNAME = "export"
+SERVING_DIRNAME = ".serving"
 
 _STEP_DIGITS = 12
 _MAX_STEP = 10**_STEP_DIGITS - 1
@@ -215,7 +219,7 @@ class CheckpointStore:
     def model_dir(self, name: str) -> Path:
         """The directory of one model, ``<root>/<name>`` (it may not exist yet).
 
-        The exported model definition lives in ``model_dir(name) / "export"``.
+        The exported model definition lives in :meth:`export_dir`.
 
         Raises:
             ConfigError: ``name`` is not a valid model name.
@@ -225,6 +229,14 @@ class CheckpointStore:
 
     def _step_dir(self, name: str, step: int) -> Path:
         return self.root / name / STEPS_DIR / _step_str(step)
+
+    def export_dir(self, name: str) -> Path:
+        """Where the exported model definition of ``name`` lives (it may not exist yet)."""
+        return self.model_dir(name) / EXPORT_DIRNAME
+
+    def serving_dir(self, name: str) -> Path:
+        """Where the workers serving ``name`` announce the step they have staged."""
+        return self.model_dir(name) / SERVING_DIRNAME
 
     def weights_path(self, name: str, step: int) -> Path:
         """The safetensors file of a kept step, for streaming it elsewhere unread.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from bray.export import EXPORT_DIRNAME, load_spec
+from bray.export import load_spec
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.request import parse_payload
@@ -35,7 +35,7 @@ class LocalRunner:
 
     def __init__(self, store: CheckpointStore, name: str, *, engine: str, options: EngineOptions,
                  step: int = -1, module: Any = None, fixed_batch_size: int = 0) -> None:
-        export_dir = store.model_dir(name) / EXPORT_DIRNAME
+        export_dir = store.export_dir(name)
         self.spec = load_spec(export_dir)
         cls = get_engine(engine)
         # Concurrent loads (clones built from several threads) are safe: load_torch_module

@@ -89,7 +89,7 @@ from bray.errors import (
     StepNotFoundError,
     VersionExistsError,
 )
-from bray.export import EXPORT_DIRNAME, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
+from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
@@ -396,7 +396,7 @@ class RemoteModel:
         self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
         self._proxy_calls = 0
 
-        export_dir = self.store.model_dir(self.name) / EXPORT_DIRNAME
+        export_dir = self.store.export_dir(self.name)
         has_export = (export_dir / SPEC_FILE).is_file()
         if model is not None and (override_model or not has_export):
             export_model(model, self._forward_args, self._forward_kwargs, dest=export_dir,
@@ -784,11 +784,10 @@ class RemoteModel:
         from bray.handlers.follower import read_serving
 
         deadline = started + timeout_s
-        model_dir = self.store.model_dir(self.name)
         next_refresh = started + 0.5
         while True:
             pids = self._worker_pids or self._refresh_pids()
-            serving = {int(v["pid"]): int(v["step"]) for v in read_serving(model_dir).values() if "pid" in v}
+            serving = {int(v["pid"]): int(v["step"]) for v in read_serving(self.store, self.name).values() if "pid" in v}
             if pids and all(serving.get(pid, -1) >= step for pid in pids):
                 return time.monotonic() - started
             if time.monotonic() > deadline:
@@ -822,7 +821,7 @@ class RemoteModel:
         if self._model is not None:
             net = copy.deepcopy(self._model)
         else:
-            net = load_torch_module(self.store.model_dir(self.name) / EXPORT_DIRNAME)
+            net = load_torch_module(self.store.export_dir(self.name))
         net.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt.weights.items()})
         return net
 
@@ -869,14 +868,14 @@ class RemoteModel:
             )
         dest = self.store.model_dir(clone_name)
         if self.store.latest(clone_name) is None:
-            export_src = self.store.model_dir(self.name) / EXPORT_DIRNAME
+            export_src = self.store.export_dir(self.name)
             tmp = dest.parent / f".{clone_name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             shutil.copytree(export_src, tmp)
             dest.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(tmp, dest / EXPORT_DIRNAME)
+                os.rename(tmp, self.store.export_dir(clone_name))
             except OSError:
-                if not (dest / EXPORT_DIRNAME / SPEC_FILE).is_file():
+                if not (self.store.export_dir(clone_name) / SPEC_FILE).is_file():
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # another process cloned it first
             ckpt = self.store.load(self.name, real, framework="pt")

@@ -23,12 +23,9 @@ from bray.errors import BrayError, StepNotFoundError
 from bray.handlers.engines.base import Engine
 from bray.store import CheckpointStore
 
-__all__ = ["SERVING_DIRNAME", "StepFollower"]
+__all__ = ["StepFollower", "read_serving"]
 
 log = logging.getLogger(__name__)
-
-SERVING_DIRNAME = ".serving"
-
 
 class StepFollower:
     """Keeps an engine on the latest step of ``name`` (or on one pinned step).
@@ -67,7 +64,7 @@ class StepFollower:
         self._on_refuse = on_refuse
         self._poll_interval_s = poll_interval_s
         self._serving_file = (
-            store.model_dir(name) / SERVING_DIRNAME / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
+            store.serving_dir(name) / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
         )
 
     def start(self, initial: tuple[int, Any] | None = None) -> int:
@@ -202,10 +199,10 @@ class StepFollower:
                 pass
 
 
-def read_serving(store_dir: Path) -> dict[str, dict[str, Any]]:
+def read_serving(store: CheckpointStore, name: str) -> dict[str, dict[str, Any]]:
     """What every announcing worker of a model serves: ``{"<host>-<pid>": {"step", "pid", ...}}``."""
     out: dict[str, dict[str, Any]] = {}
-    folder = store_dir / SERVING_DIRNAME
+    folder = store.serving_dir(name)
     if not folder.is_dir():
         return out
     for path in folder.glob("*.json"):

@@ -149,7 +149,7 @@ class EngineHandler(BaseHandler):
             if (candidate / SPEC_FILE).is_file():
                 return candidate
         assert self._store is not None
-        return self._store.model_dir(cfg.name) / EXPORT_DIRNAME
+        return self._store.export_dir(cfg.name)
 
     @staticmethod
     def _packed_weights(model_dir: Path, cfg: ServingConfig) -> tuple[int, Any] | None:

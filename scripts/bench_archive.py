@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = build(sizes)
                 name = f"bench-{key}"
                 t0 = time.perf_counter()
-                export_model(model, (torch.zeros(1, sizes[0]),), dest=store.model_dir(name) / "export", onnx=False)
+                export_model(model, (torch.zeros(1, sizes[0]),), dest=store.export_dir(name), onnx=False)
                 export_s = time.perf_counter() - t0
                 docs_dir = tmp / f"docs-{key}"
                 docs_dir.mkdir()

@@ -176,7 +176,6 @@ async def reload_times(target: Target, store: CheckpointStore, pids: set[int], p
             elif step >= want and pid not in first_seen:
                 first_seen[pid] = now
 
-    serving_dir = store.model_dir(NAME)
     async with _session(pollers) as session:
         tasks = [asyncio.create_task(poller(session)) for _ in range(pollers)]
         for _ in range(publishes):
@@ -190,7 +189,7 @@ async def reload_times(target: Target, store: CheckpointStore, pids: set[int], p
             calls.append((time.perf_counter() - t0) * 1e3)
             deadline = t0 + 30
             while (not pids <= set(first_seen) or len(staged_at) < len(pids)) and time.perf_counter() < deadline:
-                for entry in read_serving(serving_dir).values():
+                for entry in read_serving(store, NAME).values():
                     pid = int(entry.get("pid", -1))
                     if pid in pids and entry.get("step", -1) >= want and pid not in staged_at:
                         staged_at[pid] = time.perf_counter()
@@ -221,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-handler-") as tmp:
         root = Path(tmp)
         store = CheckpointStore(root / "store", keep_last=3)
-        export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=store.model_dir(NAME) / "export",
+        export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=store.export_dir(NAME),
                      onnx=any(ENGINES[e]["engine"] == "onnx" for e in engines))
         store.publish(NAME, weights(1), step=1)
         with start_torchserve(workdir=root / "ts", model_store=root / "ts" / "model_store") as server, \

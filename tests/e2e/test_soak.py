@@ -71,7 +71,7 @@ def test_soak_64_callers_with_a_publish_every_100_ms(torchserve_factory: Callabl
         waited = rm.publish_weights(probe_weights(last + 1), step=last + 1).wait(30)
         last += 1
         out, step = rm(probe_input(), return_step=True)
-        serving = {v["pid"]: v["step"] for v in read_serving(rm.store.model_dir(rm.name)).values()}
+        serving = {v["pid"]: v["step"] for v in read_serving(rm.store, rm.name).values()}
         pids_end = sorted(worker_pids(client, rm.name, "latest"))
         rss_end = _rss_mib(pids_end)
         stats = rm._client.stats

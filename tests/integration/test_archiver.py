@@ -47,7 +47,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> CheckpointStore:
     from bray.export import export_model
 
     s = CheckpointStore(tmp_path_factory.mktemp("archiver-store"), keep_last=10)
-    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=s.model_dir(NAME) / "export", onnx=False)
+    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=s.export_dir(NAME), onnx=False)
     for step in (10, 20, 30):
         s.publish(NAME, _weights(step), step=step)
     return s

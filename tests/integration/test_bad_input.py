@@ -83,7 +83,7 @@ def served(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFacto
     rm = RemoteModel(NAME, model=net, forward_args=(torch.zeros(1, 4),), num_workers=1, max_batch_size=8)
 
     store = rm.store
-    export_model(StepProbe(), (torch.zeros(1, 4),), dest=store.model_dir(STRICT) / "export", onnx=False)
+    export_model(StepProbe(), (torch.zeros(1, 4),), dest=store.export_dir(STRICT), onnx=False)
     store.publish(STRICT, probe_weights(3))
     packed = pack_archive(store, STRICT, step=None, model_store=torchserve.model_store, batch_size=4,
                           max_batch_delay_ms=5, force=True)

@@ -141,7 +141,7 @@ def test_worker_sigkill_under_64_callers_is_retried_and_the_worker_comes_back_on
     after = worker_pids(client, rm.name, "latest")
     assert victim not in after and len(after) == 2 and set(after.values()) == {"READY"}, after
     (new_pid,) = set(after) - set(before)
-    serving = {v["pid"]: v["step"] for v in read_serving(rm.store.model_dir(rm.name)).values()}
+    serving = {v["pid"]: v["step"] for v in read_serving(rm.store, rm.name).values()}
     assert serving.get(new_pid) == 1, f"the restarted worker should start on the latest step 1: {serving}"
     rm.publish_weights(probe_weights(2), step=2).wait(30)  # waits for every worker, the new one too
     out, step = rm(probe_input(), return_step=True)
@@ -456,7 +456,7 @@ def packed_mar(server: TorchServeProcess, tmp_path_factory: pytest.TempPathFacto
     from bray.export import export_model
 
     store = CheckpointStore(tmp_path_factory.mktemp("outside-store"))
-    export_model(StepProbe(), (torch.zeros(1, 4),), dest=store.model_dir("inside") / "export", onnx=False)
+    export_model(StepProbe(), (torch.zeros(1, 4),), dest=store.export_dir("inside"), onnx=False)
     store.publish("inside", probe_weights(1))
     return pack_archive(store, "inside", step=None, model_store=server.model_store).path
 

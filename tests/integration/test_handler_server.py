@@ -88,7 +88,7 @@ def reference() -> Reference:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> CheckpointStore:
     s = CheckpointStore(tmp_path_factory.mktemp("handler-store"), keep_last=5)
-    export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=s.model_dir(NAME) / "export", onnx=True)
+    export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=s.export_dir(NAME), onnx=True)
     s.publish(NAME, policy_weights(1), step=1)
     return s
 

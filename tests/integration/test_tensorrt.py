@@ -57,14 +57,14 @@ def torch_answer(step: int, x: np.ndarray) -> np.ndarray:
 def store(tmp_path_factory: pytest.TempPathFactory) -> CheckpointStore:
     _require_tensorrt()
     s = CheckpointStore(tmp_path_factory.mktemp("trt-store"), keep_last=5)
-    export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=s.model_dir(NAME) / "export", onnx=True)
+    export_model(PolicyMLP().eval(), (torch.zeros(2, OBS),), dest=s.export_dir(NAME), onnx=True)
     s.publish(NAME, policy_weights(1), step=1)
     return s
 
 
 @pytest.fixture(scope="module")
 def engine(store: CheckpointStore) -> Iterator[object]:
-    export_dir: Path = store.model_dir(NAME) / "export"
+    export_dir: Path = store.export_dir(NAME)
     eng = get_engine("tensorrt").load(export_dir, load_spec(export_dir),
                                       EngineOptions(device="cuda:0", extra={"max_batch": 64}))
     eng.set_weights(policy_weights(1))

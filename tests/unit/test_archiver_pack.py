@@ -48,7 +48,7 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store(tmp_path: Path, export_dir: Path) -> CheckpointStore:
     """A store holding steps 10, 20, 30 of NAME (weights all equal to the step)."""
     s = CheckpointStore(tmp_path / "store")
-    shutil.copytree(export_dir, s.model_dir(NAME) / "export")
+    shutil.copytree(export_dir, s.export_dir(NAME))
     for step in STEPS:
         s.publish(NAME, _linear_weights(step), step=step)
     return s
@@ -165,7 +165,7 @@ def test_existing_archive_is_not_overwritten_without_force(store: CheckpointStor
 
 def test_concurrent_packs_of_two_names_do_not_collide(store: CheckpointStore, model_store: Path) -> None:
     other = "opponent"
-    shutil.copytree(store.model_dir(NAME) / "export", store.model_dir(other) / "export")
+    shutil.copytree(store.export_dir(NAME), store.export_dir(other))
     store.publish(other, _linear_weights(7), step=7)
     barrier = threading.Barrier(4)
 

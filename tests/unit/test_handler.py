@@ -43,7 +43,7 @@ def run(handler: EngineHandler, ctx: Context, bodies: list[object]) -> list[tupl
 @pytest.fixture()
 def probe_store(tmp_path: Path) -> CheckpointStore:
     store = CheckpointStore(tmp_path / "store", keep_last=3)
-    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.model_dir("probe") / "export", onnx=True)
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("probe"), onnx=True)
     store.publish("probe", probe_weights(1), step=1)
     return store
 
@@ -203,7 +203,7 @@ def test_policy_mlp_engines_match_torch(tmp_path: Path, cfg: dict) -> None:
     torch.manual_seed(0)
     model = PolicyMLP().eval()
     store = CheckpointStore(tmp_path / "store")
-    export_model(model, (torch.zeros(4, 64),), dest=store.model_dir("policy") / "export", onnx=True)
+    export_model(model, (torch.zeros(4, 64),), dest=store.export_dir("policy"), onnx=True)
     store.publish("policy", model.state_dict(), step=0)
     handler = EngineHandler()
     ctx = make_context(tmp_path, ServingConfig(name="policy", store=str(store.root), options=ServingOptions(**cfg)))
@@ -225,7 +225,7 @@ def test_nested_inputs_outputs_and_keywords(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "store")
     obs = {"x": torch.randn(3, 4), "y": torch.randn(3, 2)}
     mask = torch.ones(3, 3)
-    export_model(model, (obs,), {"mask": mask}, dest=store.model_dir("dict") / "export", onnx=False)
+    export_model(model, (obs,), {"mask": mask}, dest=store.export_dir("dict"), onnx=False)
     store.publish("dict", model.state_dict(), step=0)
     handler = EngineHandler()
     ctx = make_context(tmp_path, ServingConfig(name="dict", store=str(store.root)))

@@ -46,7 +46,7 @@ def handler_for(store: CheckpointStore, name: str, tmp_path: Path) -> tuple[Engi
 @pytest.fixture()
 def probe(tmp_path: Path) -> Any:
     store = CheckpointStore(tmp_path / "store")
-    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.model_dir("probe") / "export", onnx=False)
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("probe"), onnx=False)
     store.publish("probe", probe_weights(3), step=3)
     handler, ctx = handler_for(store, "probe", tmp_path)
     yield handler, ctx
@@ -155,7 +155,7 @@ def test_several_inputs_and_outputs_are_named_by_leaf(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "store")
     net = DictPolicy()
     obs = {"x": torch.randn(3, 4), "y": torch.randn(3, 2)}
-    export_model(net, (obs,), dest=store.model_dir("dp") / "export", onnx=False)
+    export_model(net, (obs,), dest=store.export_dir("dp"), onnx=False)
     store.publish("dp", net.state_dict(), step=1)
     handler, ctx = handler_for(store, "dp", tmp_path)
     try:

@@ -301,7 +301,7 @@ def test_unreadable_meta_is_corrupt(tmp_path):
 
 def test_retention_keeps_newest_and_checkpoints_and_export(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=3, checkpoint_interval=4)
-    export = store.model_dir("policy") / "export"
+    export = store.export_dir("policy")
     export.mkdir(parents=True)
     (export / "model.pt2").write_bytes(b"exported")
     for step in range(13):
@@ -574,7 +574,7 @@ def test_concurrent_publishers_get_one_winner_per_step(tmp_path):
              for wid in range(workers)]
     for proc in procs:
         proc.start()
-    outcomes = dict(results.get(timeout=60) for _ in procs)
+    outcomes = dict(results.get(timeout=300) for _ in procs)  # a bound: spawning 4 pythons is slow under load
     for proc in procs:
         proc.join(10)
         assert proc.exitcode == 0
