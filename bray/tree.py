@@ -37,7 +37,7 @@ _KINDS = ("list", "tuple", "dict")
 
 
 class TreeDef:
-    """The containers of a tree, without its leaves. Immutable and hashable.
+    """The containers of a tree, without its leaves. Hashable; never changed once made.
 
     Attributes:
         kind: ``"leaf"``, ``"list"``, ``"tuple"`` or ``"dict"``.
@@ -52,25 +52,26 @@ class TreeDef:
     children: tuple[TreeDef, ...]
     keys: tuple[str, ...]
     num_leaves: int
-    _hash: int
+    _hash: int | None
 
     def __init__(self, kind: str, children: tuple[TreeDef, ...] = (), keys: tuple[str, ...] = ()) -> None:
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "children", children)
-        object.__setattr__(self, "keys", keys)
-        object.__setattr__(self, "num_leaves", 1 if kind == _LEAF else sum(c.num_leaves for c in children))
-        object.__setattr__(self, "_hash", hash((kind, keys, children)))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("TreeDef is immutable")
+        # Made for every forward call: plain slot writes, the hash only when asked for.
+        # Treat instances as immutable (nothing here changes them after __init__).
+        self.kind = kind
+        self.children = children
+        self.keys = keys
+        self.num_leaves = 1 if kind == _LEAF else sum([c.num_leaves for c in children])
+        self._hash = None
 
     def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.kind, self.keys, self.children))
         return self._hash
 
     def __eq__(self, other: object) -> bool:
         if self is other:
             return True
-        if not isinstance(other, TreeDef) or self._hash != other._hash:
+        if not isinstance(other, TreeDef) or hash(self) != hash(other):
             return False
         return self.kind == other.kind and self.keys == other.keys and self.children == other.children
 
@@ -124,8 +125,39 @@ class TreeDef:
         Raises:
             error: the node is malformed; the message says where and what was expected.
         """
-        counter = [0]
-        return cls._read(node, 0, "$", counter, max_depth, error)
+        try:
+            counter = [0]
+            return cls._read_fast(node, 0, counter, max_depth)
+        except _Malformed:
+            cls._read(node, 0, "$", [0], max_depth, error)  # the walk with paths says where
+            raise error(f"malformed tree {_short(node)}") from None  # not reached
+
+    @classmethod
+    def _read_fast(cls, node: Any, depth: int, counter: list[int], max_depth: int) -> TreeDef:
+        if type(node) is int:
+            if node != counter[0]:
+                raise _Malformed
+            counter[0] += 1
+            return LEAF
+        if type(node) is not dict or len(node) != 1 or depth >= max_depth:
+            raise _Malformed
+        ((kind, children),) = node.items()
+        if type(children) is not list:
+            raise _Malformed
+        if kind == "list" or kind == "tuple":
+            return TreeDef(kind, tuple([cls._read_fast(c, depth + 1, counter, max_depth) for c in children]))
+        if kind != "dict":
+            raise _Malformed
+        keys = []
+        defs = []
+        for pair in children:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+                raise _Malformed
+            keys.append(pair[0])
+            defs.append(cls._read_fast(pair[1], depth + 1, counter, max_depth))
+        if len(set(keys)) != len(keys):
+            raise _Malformed
+        return TreeDef("dict", tuple(defs), tuple(keys))
 
     @classmethod
     def _read(cls, node: Any, depth: int, path: str, counter: list[int], max_depth: int,

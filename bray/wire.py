@@ -93,6 +93,7 @@ _PAD = bytes(ALIGNMENT)
 _WIRE_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES
 }
+_NAME_OF: dict[np.dtype, str] = {dt: name for name, dt in _WIRE_DTYPES.items()}
 _BY_KIND_SIZE: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in _WIRE_DTYPES.items()
 }
@@ -274,17 +275,17 @@ class _Encoder:
 
     def leaf(self, arr: np.ndarray, index: int, treedef: tree.TreeDef) -> None:
         arr = np.asarray(arr)  # drop ndarray subclasses
-        dtype = _WIRE_DTYPES.get(arr.dtype.name)
-        if dtype is None or arr.dtype != dtype:  # big-endian, or not carried: check, then cast
+        name = _NAME_OF.get(arr.dtype)  # dtype.name is a slow property: look the dtype up
+        if name is None:  # big-endian, or not carried: check, then cast
             name = _wire_dtype_name(arr.dtype, f"array at {treedef.paths()[index]}")
-            dtype = _WIRE_DTYPES[name]
-            arr = arr.astype(dtype)
+            arr = arr.astype(_WIRE_DTYPES[name])
+        dtype = _WIRE_DTYPES[name]
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
         if arr.ndim > self.limits.max_ndim or math.prod(max(d, 1) for d in arr.shape) * dtype.itemsize > self.limits.max_total_bytes:
-            _check_extent(f"array at {treedef.paths()[index]}", arr.shape, dtype.name, self.limits)
+            _check_extent(f"array at {treedef.paths()[index]}", arr.shape, name, self.limits)
         offset = _align(self.end)
-        self.specs.append([dtype.name, list(arr.shape), offset, arr.nbytes])
+        self.specs.append([name, list(arr.shape), offset, arr.nbytes])
         self.buffers.append((offset, arr))
         self.end = offset + arr.nbytes
 
@@ -394,7 +395,8 @@ class _Decoder:
                     f"{where} has {len(shape)} dimensions, over max_ndim={self.limits.max_ndim}"
                 )
             for d in shape:
-                _int_field(d, f"{where}: every dimension of shape {_short(shape)}")
+                if type(d) is not int or d < 0:  # the message (and its repr) only when needed
+                    _int_field(d, f"{where}: every dimension of shape {_short(shape)}")
             _check_dims(where, shape, self.limits)
             offset = _int_field(offset, f"{where}: offset")
             length = _int_field(length, f"{where}: nbytes")

@@ -45,7 +45,7 @@ from tests.models import PolicyMLP  # noqa: E402
 def measure(server, store: CheckpointStore, name: str, poll_ms: int, *, workers: int, publishes: int) -> dict:
     net = PolicyMLP()
     obs = np.zeros((1, 64), np.float32)
-    export_model(net, (torch.zeros(2, 64),), dest=store.model_dir(name) / "export", onnx=False)
+    export_model(net, (torch.zeros(2, 64),), dest=store.export_dir(name), onnx=False)
     step = 1
     store.publish(name, net.state_dict(), step=step)
     with ManagementClient(server.management_url, key_file=server.key_file, timeout_s=300) as client:
@@ -63,7 +63,7 @@ def measure(server, store: CheckpointStore, name: str, poll_ms: int, *, workers:
                 started = time.perf_counter()  # LATEST has moved: the step is visible from here
                 announced_at = None
                 while announced_at is None:
-                    states = read_serving(store.model_dir(name))
+                    states = read_serving(store, name)
                     if len(states) >= workers and all(s.get("step", -1) >= step for s in states.values()):
                         announced_at = time.perf_counter()
                     elif time.perf_counter() - started > 30:

@@ -4,8 +4,9 @@ Each case is one full round trip, encode then decode, as a request body makes it
 
 - ``bray binary``: :func:`bray.wire.encode` + :func:`bray.wire.decode` (zero-copy views).
 - ``json baseline``: ``json.dumps(arr.tolist())`` + ``json.loads`` + ``np.asarray(float32)``.
-- ``bray json``: the same JSON text, read back through :func:`bray.wire.from_jsonable`
-  (what the handler does with a JSON body) and written with :func:`bray.wire.to_jsonable`.
+- ``bray json``: the same JSON text, read back the way the handler reads a JSON body
+  (:func:`bray.handlers.request.parse_payload` against the model's spec) and written with
+  :func:`bray.wire.to_jsonable`.
 
 Usage::
 
@@ -73,13 +74,21 @@ def bench_wire(shape: tuple[int, ...] = (64, 64), *, repeat: int = 7, seed: int 
     def json_baseline() -> np.ndarray:
         return np.asarray(json.loads(json.dumps(arr.tolist())), dtype=np.float32)
 
+    from bray import tree
+    from bray.export import LeafSpec, ModelSpec
+    from bray.handlers.request import parse_payload
+
+    leaf = LeafSpec("float32", tuple(arr.shape[1:]))
+    spec = ModelSpec(inputs=tree.flatten(((arr,), {}))[1], input_leaves=(leaf,), outputs=tree.LEAF,
+                     output_leaves=(leaf,), param_names=(), has_torch=False, has_onnx=False)
+
     def bray_json() -> object:
-        return wire.from_jsonable(json.loads(json.dumps(wire.to_jsonable(arr))))
+        return parse_payload(json.loads(json.dumps(wire.to_jsonable(arr))), spec, binary=False).leaves[0]
 
     cases = {
         "bray binary (encode+decode)": (binary, len(wire.encode(arr))),
         "json baseline (dumps+loads+asarray)": (json_baseline, len(json.dumps(arr.tolist()))),
-        "bray json (to_jsonable/from_jsonable)": (bray_json, len(json.dumps(wire.to_jsonable(arr)))),
+        "bray json (to_jsonable / handler's parse_payload)": (bray_json, len(json.dumps(wire.to_jsonable(arr)))),
     }
     results = []
     for name, (fn, body) in cases.items():

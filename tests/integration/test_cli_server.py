@@ -97,7 +97,7 @@ def test_models_given_at_start_are_registered(workdir: Path, tmp_path: Path) -> 
     from bray.store import CheckpointStore
 
     store = CheckpointStore(tmp_path / "store")
-    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=store.model_dir("policy") / "export")
+    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=store.export_dir("policy"))
     store.publish("policy", {"weight": np.ones((2, 4), np.float32), "bias": np.zeros(2, np.float32)}, step=5)
     packed = pack_archive(store, "policy", step=5, model_store=tmp_path / "ms")
 

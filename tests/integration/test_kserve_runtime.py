@@ -98,7 +98,7 @@ def exported(tmp_path: Path) -> Iterator[tuple[CheckpointStore, KServeStarted]]:
     if not any(Path(p, "java").exists() for p in os.environ.get("PATH", "").split(os.pathsep)):
         pytest.skip("needs Java 17+ for TorchServe's frontend")
     store = CheckpointStore(tmp_path / "store")
-    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.model_dir("probe") / "export", onnx=False)
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("probe"), onnx=False)
     store.publish("probe", probe_weights(1), step=1)
     out = tmp_path / "kserve"
     # The pod mounts the store where the trainer sees it here; workers poll it every 50 ms.

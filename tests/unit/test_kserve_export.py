@@ -38,7 +38,7 @@ KSERVE_WHEEL_DIR = Path(sys.prefix) / "share" / "bray-kserve"
 @pytest.fixture()
 def store(tmp_path: Path) -> CheckpointStore:
     store = CheckpointStore(tmp_path / "store")
-    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.model_dir("probe_v1") / "export", onnx=False)
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("probe_v1"), onnx=False)
     store.publish("probe_v1", probe_weights(1), step=1)
     return store
 
