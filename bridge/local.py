@@ -13,7 +13,7 @@ from typing import Any
 from bray.export import load_spec
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
-from bray.handlers.request import parse_payload
+from bray.handlers.pipeline import Pipeline
 from bray.store import CheckpointStore
 
 __all__ = ["LocalRunner"]
@@ -44,25 +44,25 @@ class LocalRunner:
             self.engine = cls.from_module(module, export_dir, self.spec, options)
         else:
             self.engine = cls.load(export_dir, self.spec, options)
-        self.fixed_batch_size = fixed_batch_size
         self._lock = threading.Lock()
         self.follower = StepFollower(store, name, self.engine, step=step)
         self.follower.start()
+        self.pipeline = Pipeline(self.spec, self.engine, self.follower, fixed_batch_size=fixed_batch_size)
 
     def forward(self, payload: Any) -> tuple[Any, int]:
         """Run one batched payload (``{"args": [...], "kwargs": {...}}``); returns (outputs, step).
 
+        The server's pipeline (:class:`~bray.handlers.pipeline.Pipeline`) without the
+        encode/decode round trip: the same checks and messages, the same swap point.
+
         Raises:
-            InputError: the inputs do not fit the model (the same checks and messages as
-                the server's: structure, dtype, shape).
+            InputError: the inputs do not fit the model (structure, dtype, shape).
         """
-        # With the binary form's rules, as the server applies them to RemoteModel's
-        # requests (exact dtypes, tuples allowed), without an encode/decode round trip.
-        parsed = parse_payload(payload, self.spec, binary=True)
+        parsed = self.pipeline.check(payload)
         with self._lock:
-            step = self.follower.swap_if_pending()
-            outputs = self.engine.forward_batch(parsed.leaves, fixed_batch_size=self.fixed_batch_size)
-        return self.spec.build_outputs(outputs), step
+            step = self.pipeline.swap()
+            (outputs,) = self.pipeline.forward([parsed])
+        return self.pipeline.outputs(outputs), step
 
     def close(self) -> None:
         self.follower.close()

@@ -41,7 +41,7 @@ from bray.handlers.engines import get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
-from bray.handlers.request import encode_outputs, parse_request, split_outputs
+from bray.handlers.pipeline import Pipeline
 from bray.handlers.worker_log import quiet_per_batch_log
 from bray.store import CheckpointStore
 
@@ -89,7 +89,7 @@ class EngineHandler(BaseHandler):
         self.spec: Any = None
         self.follower: StepFollower | None = None
         self._store: CheckpointStore | None = None
-        self._limits = wire.DEFAULT_LIMITS
+        self.pipeline: Pipeline | None = None
         self.metrics = ServingMetrics(None, model="", version="")
         self._model_name = ""
         self._version = ""
@@ -109,7 +109,6 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(getattr(context, "metrics", None), model=self._model_name,
                                       version=self._version, period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
-        self._limits = wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)
@@ -121,6 +120,9 @@ class EngineHandler(BaseHandler):
                                      on_refuse=self.metrics.refused,
                                      poll_interval_s=cfg.options.poll_interval_ms / 1e3 if cfg.options.poll_interval_ms else None)
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
+        self.pipeline = Pipeline(self.spec, self.engine, self.follower, fixed_batch_size=cfg.options.fixed_batch_size,
+                                 limits=wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes),
+                                 reject_nonfinite=cfg.options.reject_nonfinite)
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.options.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
         self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))
@@ -168,9 +170,10 @@ class EngineHandler(BaseHandler):
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """Answer every request of the batch: outputs, or a 4xx/5xx of its own."""
-        assert self.config is not None and self.follower is not None
+        assert self.config is not None and self.follower is not None and self.pipeline is not None
+        pipeline = self.pipeline
         self.follower.catch_up(self._min_step(len(data), context), timeout_s=MIN_STEP_WAIT_S)
-        step = self.follower.swap_if_pending()
+        step = pipeline.swap()
         results: list[Any] = [None] * len(data)
         good: list[tuple[int, Any]] = []
         oip: dict[int, OipRequest] = {}
@@ -183,18 +186,17 @@ class EngineHandler(BaseHandler):
                                          reject_nonfinite=self.config.options.reject_nonfinite)
                     good.append((idx, oip[idx].parsed))
                 else:
-                    good.append((idx, parse_request(body, self.spec, limits=self._limits,
-                                                    reject_nonfinite=self.config.options.reject_nonfinite)))
+                    good.append((idx, pipeline.decode(body)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, getattr(err, "status", 400), err)
         if good:
             try:
-                outputs = self._forward([p.leaves for _, p in good], [p.batch for _, p in good])
+                outputs = pipeline.forward([p for _, p in good])
                 for (idx, parsed), leaves in zip(good, outputs):
                     if idx in oip:
                         results[idx] = self._oip_answer(context, idx, leaves, oip[idx], step)
                         continue
-                    results[idx] = encode_outputs(leaves, self.spec, binary=parsed.binary)
+                    results[idx] = pipeline.encode(leaves, parsed)
                     context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
             except Exception as err:  # an engine failure fails this batch, not the worker
                 log.exception("bray: forward failed for a batch of %d request(s)", len(good))
@@ -246,15 +248,6 @@ class EngineHandler(BaseHandler):
             except (ValueError, TypeError, IndexError):
                 continue  # a malformed hint is ignored, never an error
         return want
-
-    def _forward(self, requests: list[list[np.ndarray]], sizes: list[int]) -> list[list[np.ndarray]]:
-        """One forward over all requests (chunked and padded for a fixed batch size)."""
-        if len(requests) == 1:
-            batched = requests[0]
-        else:
-            batched = [np.concatenate([r[i] for r in requests]) for i in range(len(requests[0]))]
-        fixed = self.config.options.fixed_batch_size if self.config else 0
-        return split_outputs(self.engine.forward_batch(batched, fixed_batch_size=fixed), sizes)
 
     @staticmethod
     def _error(context: Any, idx: int, status: int, err: Exception) -> str:
