@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from bray.errors import ConfigError
-from bray.store import TMP_DIR, CheckpointStore, _sweep_tmp, replace_durable
+from bray.store import TMP_DIR, CheckpointStore, replace_durable
+from bray.store._durable import _sweep_tmp
 
 __all__ = ["LeagueResults", "Standing", "check_value", "read_league"]
 

@@ -1,31 +1,4 @@
-"""The versioned checkpoint store: publish weights atomically, read any kept step, watch for new ones.
-
-A store is a directory. Each model name gets its own sub-directory::
-
-    <root>/<name>/
-        LATEST                         the latest published step, as text (replaced atomically)
-        steps/000000000012/            one directory per kept step, complete or absent
-            weights.safetensors        the flattened tensors (safetensors, never pickle)
-            meta.json                  step, time, byte size, sha256, keys, checkpoint flag
-        .tmp/                          in-progress writes and steps being deleted
-        .lock                          flock(2) target that serialises commits
-        export/                        the exported model definition (written by
-                                       :mod:`bray.export`; retention never touches it)
-        .serving/<host>-<pid>.json     the step each serving worker has staged (written by
-                                       the handler's follower; how ``wait()`` knows)
-        clone.json                     a clone's origin: source model and step (written once)
-        league/<metric>/<writer>.json  league results, one file per writer, each replaced
-                                       atomically (read by :mod:`bray.league`)
-
-Publishing writes into a unique directory under ``.tmp/``, fsyncs it, then, holding an
-exclusive lock, renames it into ``steps/`` and moves ``LATEST`` with :func:`os.replace`.
-Because a step directory only ever appears by rename, a reader sees a step whole or not
-at all, even when the publisher is killed half-way. Leftovers in ``.tmp/`` are swept by
-later publishes.
-
-Steps only grow. Reading a step that retention removed "snaps down" to the largest kept
-step at or below it, which is how Bray's ``clone(step)`` behaves.
-"""
+"""CheckpointStore: publish, read, retain, clone and watch the steps of every model in a folder."""
 
 from __future__ import annotations
 
@@ -36,21 +9,14 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
-
-from bray import tree
 from bray.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -59,62 +25,47 @@ from bray.errors import (
     StoreError,
     StoreWriteError,
 )
+from bray.store._durable import (
+    _delete_all,
+    _discard,
+    _flock,
+    _fsync_dir,
+    _sweep_tmp,
+    _tmp_name,
+    _write_durable,
+    replace_durable,
+)
+from bray.store._layout import (
+    CLONE_FILE,
+    EXPORT_DIRNAME,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    LEAGUE_DIR,
+    LOCK_FILE,
+    META_FILE,
+    SERVING_DIRNAME,
+    STEPS_DIR,
+    TMP_DIR,
+    WEIGHTS_FILE,
+    _NAME_RE,
+    _STEP_DIGITS,
+    _check_name,
+    _check_step,
+    _corrupt,
+    _step_str,
+    _vanished,
+)
+from bray.store._weights import _decode, _read_all, _serialize, _verify
+from bray.store.watch import StoreWatch
+
 
 __all__ = ["Checkpoint", "CheckpointStore", "StepMeta", "StoreWatch"]
 
-logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "meta.json"
-LATEST_FILE = "LATEST"
-STEPS_DIR = "steps"
-TMP_DIR = ".tmp"
-LOCK_FILE = ".lock"
-EXPORT_DIR = "export"
-CLONE_FILE = "clone.json"
-LEAGUE_DIR = "league"
-EXPORT_DIRNAME = "export"
-SERVING_DIRNAME = ".serving"
+logger = logging.getLogger("bray.store")
 
-_STEP_DIGITS = 12
-_MAX_STEP = 10**_STEP_DIGITS - 1
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# A temp entry older than this is swept even if its owner looks alive (another host,
-# or a reused pid): no healthy publish leaves its directory untouched this long.
-_STALE_TMP_S = 60.0
-# Watchers re-check this often even without a file-system event (a lost inotify watch,
-# a directory deleted and made again).
-_WATCH_SAFETY_S = 5.0
-_DEFAULT_POLL_S = 1.0
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
 _LOAD_ATTEMPTS = 3
-
-# safetensors dtype tag -> numpy dtype (little-endian, as the format stores it)
-_NP_DTYPES: dict[str, np.dtype[Any]] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "I64": np.dtype("<i8"),
-    "U64": np.dtype("<u8"),
-    "I32": np.dtype("<i4"),
-    "U32": np.dtype("<u4"),
-    "I16": np.dtype("<i2"),
-    "U16": np.dtype("<u2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-    "C64": np.dtype("<c8"),
-}
-# tags numpy lacks, with their item size; only framework="pt" can load them
-_TORCH_ONLY_SIZES = {"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-_TORCH_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "U64": "uint64", "I32": "int32", "U32": "uint32", "I16": "int16",
-    "U16": "uint16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-_SAVABLE_NP_KINDS = {np.dtype(d).newbyteorder("=").name for d in _NP_DTYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -729,168 +680,6 @@ class CheckpointStore:
         return doomed
 
 
-class StoreWatch:
-    """A running watch on one model's latest step; made by :meth:`CheckpointStore.watch`.
-
-    Attributes:
-        polling: ``True`` when a polling observer is in use, ``False`` with inotify
-            (or the platform's native observer).
-    """
-
-    def __init__(
-        self,
-        store: CheckpointStore,
-        name: str,
-        callback: Callable[[int], None],
-        poll_interval_s: float | None,
-    ) -> None:
-        self._store = store
-        self._name = name
-        self._callback = callback
-        self._poll_interval_s = poll_interval_s
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()  # guards the observer and the scheduled watch
-        self._watched_path: Path | None = None
-        self._watched: Any = None
-        self._last = store.latest(name)
-        self.polling = poll_interval_s is not None
-        # Polling asked for: no observer at all, the worker thread reads LATEST itself.
-        self._observer: Any = None if self.polling else self._new_observer()
-        self._ensure_watch()
-        self._thread = threading.Thread(target=self._run, name=f"bray-store-watch-{name}", daemon=True)
-        self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"StoreWatch({self._name!r}, polling={self.polling}, last={self._last})"
-
-    def __enter__(self) -> StoreWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop watching and wait (up to ``timeout_s``) for the thread to end. Idempotent."""
-        self._stopped.set()
-        self._wake.set()
-        with self._lock:
-            observer = self._observer
-        if observer is not None:
-            observer.stop()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-        if observer is not None and threading.current_thread() is not observer:
-            observer.join(timeout_s)
-
-    # The observer only wakes the worker thread; the worker reads LATEST and calls back,
-    # so a slow callback never blocks event collection and wakes coalesce.
-    def _new_observer(self) -> Any:
-        from watchdog.observers.polling import PollingObserver
-
-        if not self.polling:
-            try:
-                from watchdog.observers import Observer
-
-                observer = Observer()
-                observer.start()
-                return observer
-            except OSError as err:  # inotify instance limits, no inotify at all
-                logger.warning("inotify is not available (%s); polling %s every %.1f s instead",
-                               err, self._store.root / self._name, _DEFAULT_POLL_S)
-                self.polling = True
-        observer = PollingObserver(timeout=self._poll_interval_s or _DEFAULT_POLL_S)
-        observer.start()
-        return observer
-
-    def _target(self) -> Path:
-        path = self._store.root / self._name
-        while not path.is_dir() and path.parent != path:
-            path = path.parent
-        return path
-
-    def _ensure_watch(self) -> None:
-        if self._poll_interval_s is not None:
-            return  # nothing to schedule: _run polls
-        target = self._target()
-        if target == self._watched_path:
-            return
-        from watchdog.events import (
-            DirCreatedEvent,
-            DirDeletedEvent,
-            DirMovedEvent,
-            FileCreatedEvent,
-            FileDeletedEvent,
-            FileModifiedEvent,
-            FileMovedEvent,
-            FileSystemEventHandler,
-        )
-
-        wake = self._wake
-
-        class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                wake.set()
-
-        with self._lock:
-            if target == self._watched_path or self._stopped.is_set():
-                return
-            if self._watched is not None:
-                try:
-                    self._observer.unschedule(self._watched)
-                except (KeyError, OSError):
-                    pass
-            kinds = [DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileCreatedEvent,
-                     FileDeletedEvent, FileModifiedEvent, FileMovedEvent]
-            try:
-                self._watched = self._observer.schedule(_Wake(), str(target), recursive=False,
-                                                        event_filter=kinds)
-            except OSError as err:
-                if self.polling:
-                    raise
-                logger.warning("inotify cannot watch %s (%s); polling every %.1f s instead",
-                               target, err, _DEFAULT_POLL_S)
-                self._observer.stop()
-                self.polling = True
-                self._observer = self._new_observer()
-                self._watched = self._observer.schedule(_Wake(), str(target), recursive=False,
-                                                        event_filter=kinds)
-            self._watched_path = target
-        self._wake.set()  # check once now: something may have changed before the watch began
-
-    def _check(self) -> None:
-        try:
-            step = self._store.latest(self._name)
-        except Exception:  # a store being rebuilt under us; the next wake retries
-            logger.debug("watch on %r could not read the latest step", self._name, exc_info=True)
-            return
-        if step is None or (self._last is not None and step <= self._last):
-            return
-        self._last = step
-        try:
-            self._callback(step)
-        except Exception:
-            logger.exception("watch callback for step %d of %r raised; watching on", step, self._name)
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._ensure_watch()
-            except Exception:
-                logger.warning("watch on %r could not (re)schedule its observer", self._name, exc_info=True)
-            self._check()
-            self._wake.wait(self._poll_interval_s or _WATCH_SAFETY_S)
-            self._wake.clear()
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _delete_all(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _step_interval(interval: int | float, step: int) -> int:
     """Steps between checkpoints at ``step``: an int as is; Bray's growing float rule."""
     if not isinstance(interval, float):
@@ -902,167 +691,8 @@ def _step_interval(interval: int | float, step: int) -> int:
     return max(base, int(frac))
 
 
-def _check_name(name: object, what: str = "model name") -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"{what} must be 1-128 characters of letters, digits, '_', '.' or '-', starting "
-            f"with a letter or digit (it is a directory name), got {name!r}"
-        )
-
-
-def _check_step(step: object) -> None:
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= _MAX_STEP:
-        raise ConfigError(f"step must be an integer from 0 to {_MAX_STEP}, got {step!r}")
-
-
-def _step_str(step: int) -> str:
-    return f"{step:0{_STEP_DIGITS}d}"
-
-
-def _tmp_name(kind: str) -> str:
-    host = socket.gethostname().replace("/", "_") or "host"
-    return f"{kind}-{host}-{os.getpid()}-{secrets.token_hex(6)}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _sweep_tmp(tmp_root: Path) -> None:
-    """Delete leftovers of killed publishes: dead local owner, or untouched for a minute."""
-    host = socket.gethostname().replace("/", "_") or "host"
-    now = time.time()
-    try:
-        entries = list(os.scandir(tmp_root))
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        try:
-            _sweep_entry(entry, host, now)
-        except OSError as err:  # best effort: a later publish tries again
-            logger.debug("could not sweep %s: %s", entry.path, err)
-
-
-def _sweep_entry(entry: os.DirEntry[str], host: str, now: float) -> None:
-    try:
-        _kind, rest = entry.name.split("-", 1)
-        owner_host, pid_text, _token = rest.rsplit("-", 2)
-        dead = owner_host == host and not _pid_alive(int(pid_text))
-    except ValueError:
-        dead = False
-    if not dead:
-        try:
-            newest = entry.stat(follow_symlinks=False).st_mtime
-            if entry.is_dir(follow_symlinks=False):
-                for child in os.scandir(entry.path):
-                    newest = max(newest, child.stat(follow_symlinks=False).st_mtime)
-        except FileNotFoundError:
-            return
-        if now - newest < _STALE_TMP_S:
-            return  # most likely a publish still in progress
-    if entry.is_dir(follow_symlinks=False):
-        shutil.rmtree(entry.path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            pass
-
-
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_latest(mdir: Path, step: int) -> None:
     replace_durable(mdir / LATEST_FILE, f"{step}\n".encode(), tmp_dir=mdir / TMP_DIR)
-
-
-def replace_durable(path: Path, data: bytes, *, tmp_dir: Path) -> None:
-    """Replace ``path`` with ``data`` atomically: write a temporary file, fsync, ``os.replace``.
-
-    A reader sees the old content or the new, never a mix, even if the writer is killed.
-    ``tmp_dir`` must be on the same file system (the store's ``.tmp/`` folders).
-    """
-    tmp = tmp_dir / _tmp_name("replace")
-    try:
-        _write_durable(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _discard(path: Path, tmp_root: Path) -> None:
-    target = tmp_root / _tmp_name("del")
-    try:
-        os.rename(path, target)
-    except OSError:
-        target = path
-    shutil.rmtree(target, ignore_errors=True)
-
-
-def _read_all(f: Any) -> bytearray:
-    size = os.fstat(f.fileno()).st_size
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    view.release()
-    if got < size:
-        del buf[got:]
-    return buf
-
-
-def _corrupt(name: str, step: int, why: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"step {step} of {name!r} is corrupt: {why}; republish it or load another step",
-        name=name, step=step,
-    )
-
-
-def _vanished(name: str, step: int) -> StepNotFoundError:
-    what = "the latest step" if step == -1 else f"step {step}"
-    return StepNotFoundError(
-        f"{what} of {name!r} kept disappearing while being read (retention or a deleted "
-        "store racing the reader); try again", name=name, step=step,
-    )
 
 
 def _parse_meta(raw: bytes, name: str, step: int) -> StepMeta:
@@ -1088,160 +718,3 @@ def _parse_meta(raw: bytes, name: str, step: int) -> StepMeta:
     if meta.step != step:
         raise _corrupt(name, step, f"meta.json says step {meta.step}")
     return meta
-
-
-def _verify(data: bytearray, meta: StepMeta) -> None:
-    where = f"file {WEIGHTS_FILE}"
-    if len(data) != meta.nbytes:
-        raise _corrupt(meta.name, meta.step,
-                       f"size mismatch ({where} has {len(data)} bytes, meta.json says {meta.nbytes})")
-    got = hashlib.sha256(data).hexdigest()
-    if got != meta.sha256:
-        raise _corrupt(meta.name, meta.step,
-                       f"sha256 mismatch ({where} hashes to {got[:12]}…, meta.json says {meta.sha256[:12]}…)")
-
-
-def _parse_header(data: bytearray, meta: StepMeta) -> tuple[int, dict[str, tuple[str, list[int], int, int]]]:
-    """Check a safetensors buffer's layout; returns (body offset, key -> (dtype, shape, begin, end))."""
-    if len(data) < 8:
-        raise ValueError(f"{len(data)} bytes is too short for a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(len(data) - 8, _MAX_HEADER_BYTES):
-        raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
-    header = json.loads(bytes(data[8:8 + n]))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    body = 8 + n
-    body_len = len(data) - body
-    out: dict[str, tuple[str, list[int], int, int]] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = info["dtype"]
-        shape = info["shape"]
-        begin, end = info["data_offsets"]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {key!r} has shape {shape!r}")
-        if dtype in _NP_DTYPES:
-            itemsize = _NP_DTYPES[dtype].itemsize
-        elif dtype in _TORCH_ONLY_SIZES:
-            itemsize = _TORCH_ONLY_SIZES[dtype]
-        else:
-            raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= body_len):
-            raise ValueError(f"tensor {key!r} has offsets {[begin, end]} outside the {body_len}-byte body")
-        if end - begin != math.prod(shape) * itemsize:
-            raise ValueError(f"tensor {key!r} holds {end - begin} bytes, its shape needs {math.prod(shape) * itemsize}")
-        out[key] = (dtype, shape, body + begin, body + end)
-    if set(out) != set(meta.keys):
-        raise ValueError(f"file holds keys {sorted(out)[:5]}…, meta.json lists {list(meta.keys)[:5]}…")
-    return body, out
-
-
-def _decode(data: bytearray, meta: StepMeta, framework: str, device: str) -> dict[str, Any]:
-    try:
-        _, layout = _parse_header(data, meta)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise _corrupt(meta.name, meta.step, f"not a valid safetensors file ({err})") from err
-    weights: dict[str, Any] = {}
-    if framework == "numpy":
-        for key in meta.keys:
-            dtype, shape, begin, end = layout[key]
-            if dtype not in _NP_DTYPES:
-                raise ConfigError(
-                    f"step {meta.step} of {meta.name!r} holds {_TORCH_DTYPE_NAMES[dtype]} tensors "
-                    f"({key!r}), which numpy lacks; load it with framework='pt'"
-                )
-            np_dtype = _NP_DTYPES[dtype]
-            count = (end - begin) // np_dtype.itemsize
-            if count == 0:
-                weights[key] = np.empty(shape, dtype=np_dtype)
-            else:
-                weights[key] = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).reshape(shape)
-        return weights
-    import torch
-
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
-        raise ConfigError("framework='pt' needs a little-endian host")
-    for key in meta.keys:
-        dtype, shape, begin, end = layout[key]
-        t_dtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
-        if end == begin:
-            tensor = torch.empty(shape, dtype=t_dtype)
-        else:
-            tensor = torch.frombuffer(data, dtype=t_dtype, count=(end - begin) // t_dtype.itemsize,
-                                      offset=begin).reshape(shape)
-        weights[key] = tensor if target.type == "cpu" else tensor.to(target)
-    return weights
-
-
-def _flat_weights(weights: Any, torch_mod: Any) -> dict[str, Any]:
-    """``state_dict``-style keys (``layer.0.weight``) for a nested weights tree."""
-    leaves, treedef = tree.flatten(weights, error=ConfigError)
-    flat: dict[str, Any] = {}
-    for keys, leaf in zip(treedef.key_paths(), leaves):
-        key = ".".join(map(str, keys))
-        if not (isinstance(leaf, (np.ndarray, np.generic)) or (torch_mod is not None and isinstance(leaf, torch_mod.Tensor))):
-            raise ConfigError(
-                f"weights must be a state_dict of torch tensors or a NestedArray (numpy arrays in nested "
-                f"list/tuple/dict); {key or 'the top'!r} is a {type(leaf).__name__}"
-            )
-        if key in flat:
-            raise ConfigError(f"weights flatten to the key {key!r} twice; rename one of them")
-        if key == "__metadata__":
-            raise ConfigError("'__metadata__' is reserved by safetensors; rename that weight")
-        flat[key] = leaf
-    return flat
-
-
-def _serialize(weights: Any) -> tuple[bytes, list[str]]:
-    """Flatten and encode weights as safetensors bytes; returns (bytes, sorted keys)."""
-    torch_mod = sys.modules.get("torch")  # a torch tensor implies torch is imported
-    flat = _flat_weights(weights, torch_mod)
-    keys = sorted(flat)
-    if torch_mod is not None and any(isinstance(v, torch_mod.Tensor) for v in flat.values()):
-        return _serialize_torch(flat), keys
-    arrays = {}
-    for key, value in flat.items():
-        arr = np.asarray(value)
-        if arr.dtype.newbyteorder("=").name not in _SAVABLE_NP_KINDS:
-            raise ConfigError(
-                f"weight {key!r} has dtype {arr.dtype}, which safetensors cannot store; "
-                f"use one of {sorted(_SAVABLE_NP_KINDS)}"
-            )
-        arrays[key] = arr if arr.flags.c_contiguous else arr.copy(order="C")
-    import safetensors.numpy
-
-    return safetensors.numpy.save(arrays), keys
-
-
-def _serialize_torch(flat: dict[str, Any]) -> bytes:
-    import safetensors.torch
-    import torch
-
-    tensors: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for key, value in flat.items():
-        if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided:
-                raise ConfigError(f"weight {key!r} is a {value.layout} tensor; call .to_dense() first")
-            tensor = value.detach().to("cpu").contiguous()
-        else:
-            arr = np.asarray(value)
-            tensor = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
-        if tensor.numel():
-            # safetensors refuses tensors sharing storage (tied weights); store a copy
-            ptr = tensor.untyped_storage().data_ptr()
-            if ptr in seen_storage:
-                tensor = tensor.clone()
-                ptr = tensor.untyped_storage().data_ptr()
-            seen_storage.add(ptr)
-        tensors[key] = tensor
-    try:
-        return safetensors.torch.save(tensors)
-    except (ValueError, RuntimeError, TypeError, KeyError) as err:
-        raise ConfigError(f"these weights cannot be stored as safetensors: {err}") from err

@@ -1,0 +1,56 @@
+"""The store's folder layout (names of every file and folder) and its name and step rules;
+the layout itself is drawn in :mod:`bray.store`."""
+
+from __future__ import annotations
+
+import json
+import re
+from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError
+
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "meta.json"
+LATEST_FILE = "LATEST"
+STEPS_DIR = "steps"
+TMP_DIR = ".tmp"
+LOCK_FILE = ".lock"
+CLONE_FILE = "clone.json"
+LEAGUE_DIR = "league"
+EXPORT_DIRNAME = "export"
+SERVING_DIRNAME = ".serving"
+_STEP_DIGITS = 12
+_MAX_STEP = 10**_STEP_DIGITS - 1
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _check_name(name: object, what: str = "model name") -> None:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{what} must be 1-128 characters of letters, digits, '_', '.' or '-', starting "
+            f"with a letter or digit (it is a directory name), got {name!r}"
+        )
+
+
+def _check_step(step: object) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= _MAX_STEP:
+        raise ConfigError(f"step must be an integer from 0 to {_MAX_STEP}, got {step!r}")
+
+
+def _step_str(step: int) -> str:
+    return f"{step:0{_STEP_DIGITS}d}"
+
+
+def _corrupt(name: str, step: int, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"step {step} of {name!r} is corrupt: {why}; republish it or load another step",
+        name=name, step=step,
+    )
+
+
+def _vanished(name: str, step: int) -> StepNotFoundError:
+    what = "the latest step" if step == -1 else f"step {step}"
+    return StepNotFoundError(
+        f"{what} of {name!r} kept disappearing while being read (retention or a deleted "
+        "store racing the reader); try again", name=name, step=step,
+    )
