@@ -138,7 +138,7 @@ def collect_state(opts: DashboardOptions) -> dict[str, Any]:
         served = server.get(name, {})
         pids = served.get("pids", {})
         workers = []
-        for worker, info in sorted(read_serving(store.model_dir(name)).items()):
+        for worker, info in sorted(read_serving(store, name).items()):
             pid = int(info.get("pid", -1))
             version, state = pids.get(pid, ("", ""))
             if server and pid not in pids:
