@@ -110,11 +110,13 @@ class StepFollower:
             withdrawn = None
             try:
                 ckpt = self.store.load(self.name, step)
-                # The engine contract: preparing may reuse the buffer of a prepared step
-                # not swapped in yet (TensorRT refits its standby engine), so that step is
-                # taken back first and can never be activated while it is rewritten.
-                with self._pending_lock:
-                    withdrawn, self._pending = self._pending, None
+                if self.engine.reuses_prepared:
+                    # Preparing rewrites the storage of a step staged but not swapped in yet
+                    # (TensorRT refits its standby engine): refuse a bad step before that,
+                    # then take the pending step back, so it can never go live half rewritten.
+                    self.engine.check_weights(ckpt.weights)
+                    with self._pending_lock:
+                        withdrawn, self._pending = self._pending, None
                 prepared = self.engine.prepare_weights(ckpt.weights)
             except Exception as err:  # a broken step must never take the worker down
                 self._refuse(step)

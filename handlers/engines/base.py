@@ -8,11 +8,11 @@ two phases so the expensive part stays off the request path:
   build a session or refit; returns an opaque object;
 - :meth:`Engine.swap` (between batches): install what was prepared; cheap.
 
-``set_weights`` does both, for callers that do not care. An engine may prepare into
-storage it reuses (TensorRT refits one of two engines), so a caller must never swap in an
-object once it has called ``prepare_weights`` again: only the newest prepared object may
-be swapped, and at most one ``prepare_weights`` runs at a time. :class:`StepFollower`
-takes a pending step back before preparing the next one.
+``set_weights`` does both, for callers that do not care. At most one ``prepare_weights``
+runs at a time. An engine with :attr:`Engine.reuses_prepared` prepares into storage it
+reuses (TensorRT refits one of two engines): once ``prepare_weights`` is called again,
+an earlier prepared object that was not swapped in must never be swapped in;
+:class:`StepFollower` takes the pending step back first.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class Engine(abc.ABC):
     """One exported model on one device. Not thread-safe: one forward at a time."""
 
     name: ClassVar[str]
+    #: ``prepare_weights`` writes into the storage of the previous prepared object (if that
+    #: was not swapped in yet), instead of making a new one.
+    reuses_prepared: ClassVar[bool] = False
 
     def __init__(self, export_dir: Path, spec: ModelSpec, options: EngineOptions) -> None:
         self.export_dir = export_dir
@@ -103,9 +106,9 @@ class Engine(abc.ABC):
     def prepare_weights(self, weights: Mapping[str, np.ndarray]) -> Any:
         """Convert and stage new weights (slow part; off the request path).
 
-        Calling it again invalidates what the previous call returned, if that was not
-        swapped in yet (its storage may be reused); a failed call leaves the engine's
-        active weights serving, and invalidates a pending object the same way.
+        With :attr:`reuses_prepared`, calling it again invalidates what the previous call
+        returned if that was not swapped in yet, also when the call fails; the active
+        weights keep serving either way.
         """
 
     @abc.abstractmethod

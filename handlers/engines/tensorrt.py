@@ -35,6 +35,7 @@ class TensorRTEngine(Engine):
     """A refittable TensorRT engine with a dynamic batch profile (1 .. ``max_batch``)."""
 
     name = "tensorrt"
+    reuses_prepared = True  # refits the standby engine in place
 
     def __init__(self, export_dir: Path, spec: Any, options: EngineOptions) -> None:
         super().__init__(export_dir, spec, options)

@@ -25,6 +25,7 @@ class DoubleBuffered(Engine):
     """Two buffers; ``prepare_weights`` refits the standby one in two halves."""
 
     name = "double-buffered"
+    reuses_prepared = True
 
     def __init__(self, follower_box: list[StepFollower], fail_on: int | None = None) -> None:
         super().__init__(Path("."), None, EngineOptions())  # type: ignore[arg-type]
@@ -34,7 +35,12 @@ class DoubleBuffered(Engine):
         self.fail_on = fail_on
         self.torn: list[str] = []
 
+    def check_weights(self, weights: Mapping[str, Any]) -> None:
+        if weights["w"].shape != (4,):
+            raise EngineError(f"w has shape {list(weights['w'].shape)}, the model needs [4]")
+
     def prepare_weights(self, weights: Mapping[str, np.ndarray]) -> Any:
+        self.check_weights(weights)
         standby = 1 - self.active
         value = float(weights["w"][0])
         self.buffers[standby][:2] = value
@@ -90,3 +96,13 @@ def test_a_failed_refit_unstages_the_step_it_overwrote(tmp_path: Path) -> None:
     store.publish("m", {"w": np.full(4, 3.0)}, step=3)
     follower.on_step(3)
     assert follower.swap_if_pending() == 3 and engine.forward([])[0].tolist() == [3.0] * 4
+
+
+def test_a_step_refused_by_its_shape_leaves_the_pending_step_alone(tmp_path: Path) -> None:
+    store, follower, engine = _follower(tmp_path)
+    store.publish("m", {"w": np.full(4, 1.0)}, step=1)
+    follower.on_step(1)  # pending on the standby buffer
+    store.publish("m", {"w": np.full(5, 2.0)}, step=2)
+    follower.on_step(2)  # refused before any buffer is touched
+    assert 2 in follower.refused and follower.staged_step == 1
+    assert follower.swap_if_pending() == 1 and engine.forward([])[0].tolist() == [1.0] * 4
