@@ -507,5 +507,5 @@ def test_no_code_path_unpickles_request_data_or_checkpoints() -> None:
                     findings.append(f"{path.relative_to(ROOT)}: torch.load without weights_only=True")
     assert findings == []
     # The checkpoint format is safetensors; the wire format is bray.wire (a JSON header and raw buffers).
-    store_src = (ROOT / "bray" / "store.py").read_text()
+    store_src = "".join(p.read_text() for p in sorted((ROOT / "bray" / "store").glob("*.py")))
     assert "safetensors" in store_src and not re.search(r"(?<!safetensors\.)torch\.save\(", store_src)
