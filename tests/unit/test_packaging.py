@@ -39,6 +39,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[zipfile.ZipFile, st
 
 def test_wheel_holds_every_subpackage_the_config_files_and_py_typed(wheel: tuple[zipfile.ZipFile, str]) -> None:
     names = set(wheel[0].namelist())
+    for package in ("bray", "bray/store", "bray/handlers", "bray/handlers/engines", "bray/archiver", "bray/bridge",
+                    "bray/ts_config", "bray/torchserve"):
         assert f"{package}/__init__.py" in names, package
     for data in ("bray/py.typed", "bray/ts_config/config.properties", "bray/ts_config/log4j2.xml",
                  "bray/ts_config/prometheus.yml", "bray/ts_config/grafana_dashboard.json",
