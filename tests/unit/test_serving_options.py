@@ -83,7 +83,7 @@ def store(tmp_path: Path, export_dir: Path) -> CheckpointStore:
     import torch
 
     s = CheckpointStore(tmp_path / "store")
-    shutil.copytree(export_dir, s.model_dir(NAME) / "export")
+    shutil.copytree(export_dir, s.export_dir(NAME))
     s.publish(NAME, {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, step=10)
     return s
 
@@ -191,7 +191,9 @@ def test_the_handler_serves_with_the_archives_options(store: CheckpointStore, tm
         engine_options = handler.engine.options
         assert (engine_options.threads, engine_options.onnx_weights, engine_options.device) == (2, "inputs", "cpu")
         assert engine_options.extra["max_batch"] == 64
-        assert handler._limits.max_total_bytes == 3 << 20
+        assert handler.pipeline is not None
+        assert handler.pipeline.limits.max_total_bytes == 3 << 20
+        assert (handler.pipeline.fixed_batch_size, handler.pipeline.reject_nonfinite) == (4, True)
     finally:
         handler.close()
 
