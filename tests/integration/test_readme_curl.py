@@ -47,7 +47,7 @@ def test_curl_block_runs_as_written_and_answers_what_the_model_computes(tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     answer = json.loads(next(line for line in lines if line.startswith("[[")))
-    assert any(line.startswith("BrayServedStep{") and 'ModelName="policy"' in line for line in lines), done.stdout
+    assert any(line.startswith("bray_served_step{") and 'model="policy"' in line for line in lines), done.stdout
     assert "stopped TorchServe" in done.stdout
 
     weights = CheckpointStore(tmp_path / ".bray" / "store").load("policy").weights
