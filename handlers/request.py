@@ -57,6 +57,11 @@ def _split_payload(payload: Any, spec: ModelSpec) -> tuple[Any, Any]:
     )
 
 
+def _input_paths(spec: ModelSpec) -> list[str]:
+    """Each input leaf's place (``args[0].obs``), in the spec's leaf order, for messages."""
+    return spec.args_tree.paths("args") + spec.kwargs_tree.paths("kwargs")
+
+
 def parse_request(body: Any, spec: ModelSpec, *, limits: wire.WireLimits, reject_nonfinite: bool = False) -> Parsed:
     """Decode one TorchServe request body and check it against the model's spec.
 
@@ -127,17 +132,14 @@ def parse_payload(payload: Any, spec: ModelSpec, *, binary: bool, reject_nonfini
     # The spec's trees say where the leaves are; dict keys are taken in the spec's order.
     slots = (tree.flatten_up_to(spec.args_tree, args, error=InputError, root="args")
              + tree.flatten_up_to(spec.kwargs_tree, kwargs, error=InputError, root="kwargs"))
-    paths = None
-    leaves: list[np.ndarray] = []
-    for i, (value, want) in enumerate(zip(slots, spec.input_leaves)):
-        if binary:
+    if binary:
+        for i, value in enumerate(slots):
             if not isinstance(value, np.ndarray):
-                paths = paths or spec.args_tree.paths("args") + spec.kwargs_tree.paths("kwargs")
-                raise InputError(f"{paths[i]}: expected an array, got {type(value).__name__}")
-            leaves.append(value)
-        else:
-            paths = paths or spec.args_tree.paths("args") + spec.kwargs_tree.paths("kwargs")
-            leaves.append(_json_leaf(value, want, paths[i]))
+                raise InputError(f"{_input_paths(spec)[i]}: expected an array, got {type(value).__name__}")
+        leaves: list[np.ndarray] = slots
+    else:
+        leaves = [_json_leaf(value, want, where)
+                  for value, want, where in zip(slots, spec.input_leaves, _input_paths(spec))]
     return check_leaves(leaves, spec, reject_nonfinite=reject_nonfinite, binary=binary)
 
 
