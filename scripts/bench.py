@@ -286,6 +286,7 @@ def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any,
              {"label": "bray node proxy", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL,
               "locations": locations, "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()}]
     res = bench_procs.measure(stocks + brays, procs=args.procs, rows=args.obs_per_call, duration_s=args.procs_duration_s,
+                              warmup_s=1.0 if args.quick else 3.0,
                               metrics_url=server.metrics_url)
     res["stock_labels"] = [s["label"] for s in stocks]
     return res

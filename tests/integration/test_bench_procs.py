@@ -72,7 +72,7 @@ def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, 
         {"label": "absent", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
          "skip": "not built here"},
     ]
-    res = bench_procs.measure(systems, procs=(2,), rows=(1, 3), duration_s=0.5, metrics_url=torchserve.metrics_url,
+    res = bench_procs.measure(systems, procs=(2,), rows=(1, 3), duration_s=0.5, warmup_s=0.3, metrics_url=torchserve.metrics_url,
                               log=lambda line: None)
     assert res["skipped"]["absent"] == "not built here"
     points = {(p["system"], p["rows"]): p for p in res["points"]}
