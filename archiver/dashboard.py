@@ -126,7 +126,6 @@ def collect_state(opts: DashboardOptions) -> dict[str, Any]:
     Raises:
         ConfigError: the store is no longer a checkpoint store.
     """
-    from bray.handlers.follower import read_serving
     from bray.store import CheckpointStore
 
     names = check_store(opts.store)
@@ -138,7 +137,7 @@ def collect_state(opts: DashboardOptions) -> dict[str, Any]:
         served = server.get(name, {})
         pids = served.get("pids", {})
         workers = []
-        for worker, info in sorted(read_serving(store, name).items()):
+        for worker, info in sorted(store.serving(name).items()):
             pid = int(info.get("pid", -1))
             version, state = pids.get(pid, ("", ""))
             if server and pid not in pids:

@@ -19,14 +19,15 @@ _EXPORTS: dict[str, str] = {
     "ModelPool": "bray.bridge.pool",
     "RemoteModel": "bray.bridge.remote_model",
     "ServingOptions": "bray.handlers.config",
-    "init": "bray.bridge.remote_model",
+    "init": "bray.bridge.session",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.pool import ModelPool
-    from bray.bridge.remote_model import RemoteModel, init
+    from bray.bridge.remote_model import RemoteModel
+    from bray.bridge.session import init
     from bray.config import Locations
     from bray.errors import BrayError
     from bray.handlers.config import ServingOptions

@@ -26,7 +26,7 @@ import numpy as np
 
 from bray import tree
 from bray.errors import ConfigError, EngineError, EngineUnavailableError, InputError
-from bray.store import EXPORT_DIRNAME
+from bray.store import EXPORT_DIRNAME, SPEC_FILE
 from bray.tree import TreeDef
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +42,6 @@ __all__ = [
     "to_numpy",
 ]
 
-SPEC_FILE = "spec.json"
 TORCH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 SPEC_FORMAT = 2

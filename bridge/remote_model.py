@@ -781,13 +781,11 @@ class RemoteModel:
             if not self._local.follower.wait_staged(step, timeout_s=timeout_s):
                 raise BrayTimeoutError(f"local engine of {self.name!r} did not load step {step} within {timeout_s} s")
             return time.monotonic() - started
-        from bray.handlers.follower import read_serving
-
         deadline = started + timeout_s
         next_refresh = started + 0.5
         while True:
             pids = self._worker_pids or self._refresh_pids()
-            serving = {int(v["pid"]): int(v["step"]) for v in read_serving(self.store, self.name).values() if "pid" in v}
+            serving = {int(v["pid"]): int(v["step"]) for v in self.store.serving(self.name).values() if "pid" in v}
             if pids and all(serving.get(pid, -1) >= step for pid in pids):
                 return time.monotonic() - started
             if time.monotonic() > deadline:

@@ -10,20 +10,18 @@ load may be skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from bray.errors import BrayError, StepNotFoundError
 from bray.handlers.engines.base import Engine
 from bray.store import CheckpointStore
 
-__all__ = ["StepFollower", "read_serving"]
+__all__ = ["StepFollower"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +61,7 @@ class StepFollower:
         self._on_swap = on_swap
         self._on_refuse = on_refuse
         self._poll_interval_s = poll_interval_s
-        self._serving_file = (
-            store.serving_dir(name) / f"{socket.gethostname()}-{os.getpid()}.json" if announce else None
-        )
+        self._worker = f"{socket.gethostname()}-{os.getpid()}" if announce else None
 
     def start(self, initial: tuple[int, Any] | None = None) -> int:
         """Install the first weights and, unless pinned, start watching. Returns the step.
@@ -179,37 +175,18 @@ class StepFollower:
         return True
 
     def _announce(self, step: int) -> None:
-        if self._serving_file is None:
+        if self._worker is None:
             return
         try:
-            self._serving_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._serving_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
-            os.replace(tmp, self._serving_file)
+            self.store.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
         except OSError as err:  # advisory only; serving goes on
-            log.warning("bray: cannot write %s: %s", self._serving_file, err)
+            log.warning("bray: cannot announce step %d of %s in %s: %s", step, self.name,
+                        self.store.serving_dir(self.name), err)
 
     def close(self) -> None:
         """Stop watching and withdraw this worker's serving announcement."""
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        if self._serving_file is not None:
-            try:
-                self._serving_file.unlink()
-            except OSError:
-                pass
-
-
-def read_serving(store: CheckpointStore, name: str) -> dict[str, dict[str, Any]]:
-    """What every announcing worker of a model serves: ``{"<host>-<pid>": {"step", "pid", ...}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    folder = store.serving_dir(name)
-    if not folder.is_dir():
-        return out
-    for path in folder.glob("*.json"):
-        try:
-            out[path.stem] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being replaced right now
-    return out
+        if self._worker is not None:
+            self.store.withdraw_serving(self.name, self._worker)

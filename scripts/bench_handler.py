@@ -49,7 +49,6 @@ from bray.archiver import ManagementClient
 from bray.archiver.publish import publish_version
 from bray.export import export_model
 from bray.handlers.handler import STEP_HEADER, WORKER_HEADER
-from bray.handlers.follower import read_serving
 from bray.store import CheckpointStore
 from bray.torchserve.launcher import start_torchserve
 
@@ -189,7 +188,7 @@ async def reload_times(target: Target, store: CheckpointStore, pids: set[int], p
             calls.append((time.perf_counter() - t0) * 1e3)
             deadline = t0 + 30
             while (not pids <= set(first_seen) or len(staged_at) < len(pids)) and time.perf_counter() < deadline:
-                for entry in read_serving(store, NAME).values():
+                for entry in store.serving(NAME).values():
                     pid = int(entry.get("pid", -1))
                     if pid in pids and entry.get("step", -1) >= want and pid not in staged_at:
                         staged_at[pid] = time.perf_counter()

@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bray import wire  # noqa: E402
 from bray.archiver.publish import publish_version  # noqa: E402
 from bray.export import export_model  # noqa: E402
-from bray.handlers.follower import read_serving  # noqa: E402
 from bray.store import CheckpointStore  # noqa: E402
 from bray.torchserve.launcher import start_torchserve  # noqa: E402
 from bray.torchserve.management import ManagementClient  # noqa: E402
@@ -63,7 +62,7 @@ def measure(server, store: CheckpointStore, name: str, poll_ms: int, *, workers:
                 started = time.perf_counter()  # LATEST has moved: the step is visible from here
                 announced_at = None
                 while announced_at is None:
-                    states = read_serving(store, name)
+                    states = store.serving(name)
                     if len(states) >= workers and all(s.get("step", -1) >= step for s in states.values()):
                         announced_at = time.perf_counter()
                     elif time.perf_counter() - started > 30:

@@ -11,9 +11,13 @@ A store is a directory. Each model name gets its own sub-directory::
         .lock                          flock(2) target that serialises commits
         export/                        the exported model definition (written by
                                        :mod:`bray.export`; retention never touches it)
-        .serving/<host>-<pid>.json     the step each serving worker has staged (written by
-                                       the handler's follower; how ``wait()`` knows)
-        clone.json                     a clone's origin: source model and step (written once)
+            spec.json                  its input/output structure and engine files
+        .serving/<host>-<pid>.json     the step each serving worker has staged
+                                       (:meth:`CheckpointStore.announce_serving`, called by
+                                       the handler's follower; read by ``wait()``)
+        clone.json                     a clone's origin: source model and step (written once;
+                                       :meth:`CheckpointStore.seed_clone` then copies the
+                                       source's ``export/`` and publishes the origin step)
         league/<metric>/<writer>.json  league results, one file per writer, each replaced
                                        atomically (read by :mod:`bray.league`)
 
@@ -39,6 +43,7 @@ from bray.store._layout import (
     LOCK_FILE,
     META_FILE,
     SERVING_DIRNAME,
+    SPEC_FILE,
     STEPS_DIR,
     TMP_DIR,
     WEIGHTS_FILE,

@@ -18,6 +18,8 @@ LOCK_FILE = ".lock"
 CLONE_FILE = "clone.json"
 LEAGUE_DIR = "league"
 EXPORT_DIRNAME = "export"
+#: The export's structure and engine record, written by :mod:`bray.export`.
+SPEC_FILE = "spec.json"
 SERVING_DIRNAME = ".serving"
 _STEP_DIGITS = 12
 _MAX_STEP = 10**_STEP_DIGITS - 1

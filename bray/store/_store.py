@@ -44,6 +44,7 @@ from bray.store._layout import (
     LOCK_FILE,
     META_FILE,
     SERVING_DIRNAME,
+    SPEC_FILE,
     STEPS_DIR,
     TMP_DIR,
     WEIGHTS_FILE,
@@ -275,6 +276,85 @@ class CheckpointStore:
             raise StepNotFoundError(f"the clone record of {name!r} vanished while being written; clone again",
                                     name=name)
         return origin
+
+    def seed_clone(self, name: str) -> None:
+        """Give a recorded clone its source's model definition and its origin step, once.
+
+        Copies the source's export into ``name``'s folder (renamed into place, so a
+        reader sees all of it or nothing) and publishes the origin step's weights as the
+        clone's first step. Processes seeding the same clone at the same time agree: the
+        first rename and the first publish win, the others keep them.
+
+        Raises:
+            ConfigError: ``name`` is no clone (:meth:`record_clone_origin` first).
+            StepNotFoundError: the origin step is no longer kept.
+            StoreWriteError: the disk refused a write.
+        """
+        origin = self.clone_origin(name)
+        if origin is None:
+            raise ConfigError(f"{name!r} is no clone: record its origin first (record_clone_origin)")
+        if self.latest(name) is not None:
+            return
+        source, step = origin
+        export = self.export_dir(name)
+        if not (export / SPEC_FILE).is_file():
+            tmp = self.model_dir(name) / TMP_DIR / _tmp_name("export")
+            try:
+                shutil.copytree(self.export_dir(source), tmp)
+                try:
+                    os.rename(tmp, export)
+                except OSError:
+                    if not (export / SPEC_FILE).is_file():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)  # another process seeded it first
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreWriteError(
+                    f"cannot copy the model definition of {source!r} to the clone {name!r} under {export} "
+                    f"({err.strerror or err}); free space or fix the mount/permissions, then clone again", name=name,
+                ) from err
+        ckpt = self.load(source, step, framework="pt")  # keeps dtypes numpy lacks (bfloat16)
+        try:
+            self.publish(name, ckpt.weights, step=step)
+        except StepConflictError:
+            if self.latest(name) is None:
+                raise
+
+    # -------------------------------------------------------- serving announcements
+
+    def announce_serving(self, name: str, worker: str, step: int, **info: Any) -> None:
+        """Say that ``worker`` (``"<host>-<pid>"``) serves ``step`` of ``name`` (replaced atomically).
+
+        Advisory: what :meth:`serving` reads to tell when a step is served everywhere.
+
+        Raises:
+            OSError: the file could not be written (the caller logs it and serves on).
+        """
+        path = self.serving_dir(name) / f"{worker}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, **info, "time": time.time()}))
+        os.replace(tmp, path)
+
+    def withdraw_serving(self, name: str, worker: str) -> None:
+        """Remove ``worker``'s announcement (it stops serving ``name``); gone already is fine."""
+        try:
+            (self.serving_dir(name) / f"{worker}.json").unlink()
+        except OSError:
+            pass
+
+    def serving(self, name: str) -> dict[str, dict[str, Any]]:
+        """What every announcing worker of ``name`` serves: ``{"<host>-<pid>": {"step", "pid", ...}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        folder = self.serving_dir(name)
+        if not folder.is_dir():
+            return out
+        for path in folder.glob("*.json"):
+            try:
+                out[path.stem] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced right now
+        return out
 
     # ---------------------------------------------------------------- reading
 

@@ -17,7 +17,6 @@ import pytest
 
 import bray
 from bray.bridge.remote_model import RemoteModel
-from bray.handlers.follower import read_serving
 from bray.torchserve.launcher import TorchServeProcess
 from tests.load import Publisher, probe_input, probe_ok, run_callers, worker_pids
 from tests.models import StepProbe, probe_weights
@@ -71,7 +70,7 @@ def test_soak_64_callers_with_a_publish_every_100_ms(torchserve_factory: Callabl
         waited = rm.publish_weights(probe_weights(last + 1), step=last + 1).wait(30)
         last += 1
         out, step = rm(probe_input(), return_step=True)
-        serving = {v["pid"]: v["step"] for v in read_serving(rm.store, rm.name).values()}
+        serving = {v["pid"]: v["step"] for v in rm.store.serving(rm.name).values()}
         pids_end = sorted(worker_pids(client, rm.name, "latest"))
         rss_end = _rss_mib(pids_end)
         stats = rm._client.stats

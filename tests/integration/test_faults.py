@@ -36,7 +36,6 @@ import bray
 from bray.archiver.cli import main as archive_cli
 from bray.bridge.remote_model import RemoteModel
 from bray.errors import ManagementError, ServerUnreachableError, StepConflictError, StoreWriteError
-from bray.handlers.follower import read_serving
 from bray.store import CheckpointStore
 from bray.torchserve.launcher import TorchServeProcess, free_ports, start_torchserve
 from bray.torchserve.management import ManagementClient
@@ -141,7 +140,7 @@ def test_worker_sigkill_under_64_callers_is_retried_and_the_worker_comes_back_on
     after = worker_pids(client, rm.name, "latest")
     assert victim not in after and len(after) == 2 and set(after.values()) == {"READY"}, after
     (new_pid,) = set(after) - set(before)
-    serving = {v["pid"]: v["step"] for v in read_serving(rm.store, rm.name).values()}
+    serving = {v["pid"]: v["step"] for v in rm.store.serving(rm.name).values()}
     assert serving.get(new_pid) == 1, f"the restarted worker should start on the latest step 1: {serving}"
     rm.publish_weights(probe_weights(2), step=2).wait(30)  # waits for every worker, the new one too
     out, step = rm(probe_input(), return_step=True)
