@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bray.bridge.pool import ModelPool
-from bray.bridge.remote_model import PublishHandle, RemoteModel, init
+from bray.bridge.remote_model import PublishHandle, RemoteModel
+from bray.bridge.session import init
 
 __all__ = ["ModelPool", "PublishHandle", "RemoteModel", "init"]

@@ -68,87 +68,23 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
 import weakref
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from bray import tree, wire
-from bray.config import Locations
-from bray.errors import (
-    BrayTimeoutError,
-    ConfigError,
-    ModelNotFoundError,
-    StepConflictError,
-    StepNotFoundError,
-    VersionExistsError,
-)
+from bray.bridge.registration import LIVE_VERSION, Registration
+from bray.bridge.session import current, init, per_node
+from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, StepNotFoundError
 from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
-__all__ = ["PublishHandle", "RemoteModel", "init"]
+__all__ = ["LIVE_VERSION", "PublishHandle", "RemoteModel", "init"]
 
 log = logging.getLogger(__name__)
-
-LIVE_VERSION = "latest"
-
-
-@dataclass(frozen=True)
-class _Session:
-    locations: Locations
-    store_root: Path
-
-
-_session: _Session | None = None
-_session_lock = threading.Lock()
-
-
-def init(project: str | None = None, trial: str | None = None, *, store: str | os.PathLike[str] | None = None,
-         model_store: str | os.PathLike[str] | None = None, inference_url: str | Sequence[str] | None = None,
-         management_url: str | None = None, key_file: str | os.PathLike[str] | None = None) -> Locations:
-    """Say where the checkpoint store lives and which TorchServe to use.
-
-    Keyword arguments win over the ``BRAY_*`` environment variables, which win over the
-    defaults (the bundled config started as the README says). ``project`` and ``trial``
-    give the store a sub-folder each (``<store>/<project>/<trial>``), as in Bray.
-
-    Several nodes (``inference_url="http://a:8080,http://b:8080"``, sharing one store):
-    every TorchServe writes its own keys, so ``key_file`` lists one key file per address,
-    comma-separated in the same order, and ``management_url`` and ``model_store`` may too:
-    models are then registered through every management address.
-
-    Returns:
-        The resolved locations.
-
-    Raises:
-        ConfigError: a malformed address.
-    """
-    global _session
-    locations = Locations.from_env(store=store, model_store=model_store, inference_url=inference_url,
-                                   management_url=management_url, key_file=key_file)
-    root = locations.store
-    for part in (project, trial):
-        if part:
-            root = root / str(part)
-    with _session_lock:
-        _session = _Session(locations=locations, store_root=root)
-    return locations
-
-
-def _current() -> _Session:
-    with _session_lock:
-        session = _session
-    if session is None:
-        locations = Locations.from_env()
-        return _Session(locations=locations, store_root=locations.store)
-    return session
 
 
 class PublishHandle(int):
@@ -205,28 +141,6 @@ class _Watermark:
                     self.value = step
 
 
-def _per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
-    """Management URLs and key files, each one or one per inference address.
-
-    ``BRAY_KEY_FILE`` (and ``BRAY_MANAGEMENT_URL``) may list one entry per inference
-    address, comma-separated in ``BRAY_INFERENCE_URL``'s order; the model is registered
-    through every management address given.
-    """
-    n = len(locations.inference_urls)
-    mgmt = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
-    keys: list[Path | None] = (
-        [Path(k.strip()) for k in str(locations.key_file).split(",") if k.strip()]
-        if locations.key_file is not None else [None]
-    )
-    for what, items, var in (("management URL", mgmt, "BRAY_MANAGEMENT_URL"), ("key file", keys, "BRAY_KEY_FILE")):
-        if len(items) not in (1, n):
-            raise ConfigError(
-                f"{len(items)} {what}s for {n} inference address(es); give one, or one per address "
-                f"in BRAY_INFERENCE_URL's order ({var}=a,b,...)"
-            )
-    return mgmt, keys
-
-
 def _serving_options(*, max_batch_size: int, num_workers: int | None, cpus_per_worker: float | None,
                      use_onnx: str | None, use_tensorrt: bool, max_batch_delay_ms: int) -> ServingOptions:
     """Bray's constructor arguments as the serving options (the module docstring's table).
@@ -256,6 +170,74 @@ def _batch_of(payload: Any) -> int:
     if leaves[0].ndim == 0:
         raise ConfigError("forward inputs need a leading batch dimension; pass batch=False for a single sample")
     return int(leaves[0].shape[0])
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Bray's constructor arguments, checked, with Bray's defaults filled in (what clones get)."""
+
+    checkpoint_interval: int | float | None
+    checkpoint_interval_s: float | None
+    max_batch_size: int
+    num_workers: int | None
+    cpus_per_worker: float | None
+    gpus_per_worker: float | None
+    use_onnx: str | None
+    local_mode: bool
+    use_tensorrt: bool
+    client_batching: bool
+    node_proxy: bool
+    max_batch_delay_ms: int
+    keep_last: int
+    timeout_s: float
+    metrics_port: int | str | None
+    #: Attaching (no ``model``) without ``max_batch_size`` / ``num_workers``: take the registered version's.
+    adopt: tuple[bool, bool] = (False, False)
+
+    @classmethod
+    def check(cls, *, model: Any, forward_args: Sequence[Any], forward_kwargs: Mapping[str, Any] | None,
+              memory_per_worker: int | None, local_mode: bool | str, max_batch_size: int | None,
+              checkpoint_interval: int | float | None, checkpoint_interval_s: float | None,
+              use_onnx: str | None, num_workers: int | None, **rest: Any) -> "_Settings":
+        """Raises ConfigError for an argument Bray would not take (the message says which)."""
+        if use_onnx not in (None, "", "infer", "train", "quantize"):
+            raise ConfigError(f"use_onnx must be None, 'infer', 'train' or 'quantize', got {use_onnx!r}")
+        if local_mode not in (True, False, "proxy"):
+            raise ConfigError(f"local_mode must be True, False or 'proxy', got {local_mode!r}")
+        if local_mode == "proxy":
+            # Bray's proxy mode batches a process's calls before they reach the workers,
+            # which the remote path here always does when client batching is on.
+            rest["client_batching"], local_mode = True, False
+        if checkpoint_interval is None and checkpoint_interval_s is None:
+            checkpoint_interval_s = 600.0  # Bray saves a checkpoint every 10 minutes
+        adopt = (model is None and max_batch_size is None, model is None and num_workers is None)
+        if max_batch_size is None:
+            max_batch_size = 1
+        if not isinstance(max_batch_size, int):
+            raise ConfigError(f"max_batch_size must be an integer, got {max_batch_size!r}")
+        if num_workers is not None and num_workers < 1:
+            raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers}")
+        if memory_per_worker:
+            log.warning("bray: memory_per_worker=%s is not applied: TorchServe has no per-worker memory limit",
+                        memory_per_worker)
+        if model is not None and not forward_args and not forward_kwargs:
+            raise ConfigError("a model needs example inputs to be exported: pass forward_args=(obs_batch,)")
+        settings = cls(checkpoint_interval=checkpoint_interval, checkpoint_interval_s=checkpoint_interval_s,
+                       max_batch_size=max_batch_size, num_workers=num_workers, use_onnx=use_onnx,
+                       local_mode=bool(local_mode), adopt=adopt, **rest)
+        settings.options()  # the serving options refuse what they cannot serve, here and now
+        return settings
+
+    def options(self) -> ServingOptions:
+        return _serving_options(max_batch_size=self.max_batch_size, num_workers=self.num_workers,
+                                cpus_per_worker=self.cpus_per_worker, use_onnx=self.use_onnx,
+                                use_tensorrt=self.use_tensorrt, max_batch_delay_ms=self.max_batch_delay_ms)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The constructor's keyword arguments these settings came from (for :meth:`RemoteModel.clone`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        del out["adopt"]
+        return out
 
 
 class RemoteModel:
@@ -323,103 +305,26 @@ class RemoteModel:
         metrics_port: int | str | None = None,
         _pinned_step: int | None = None,
     ) -> None:
-        from bray.config import metrics_address
-
-        metrics_at = metrics_address(metrics_port)
-        if use_onnx not in (None, "", "infer", "train", "quantize"):
-            raise ConfigError(f"use_onnx must be None, 'infer', 'train' or 'quantize', got {use_onnx!r}")
-        if local_mode not in (True, False, "proxy"):
-            raise ConfigError(f"local_mode must be True, False or 'proxy', got {local_mode!r}")
-        if local_mode == "proxy":
-            # Bray's proxy mode batches a process's calls before they reach the workers,
-            # which the remote path here always does when client batching is on.
-            client_batching, local_mode = True, False
-        if checkpoint_interval is None and checkpoint_interval_s is None:
-            checkpoint_interval_s = 600.0  # Bray saves a checkpoint every 10 minutes
-        # Attaching without settings adopts the registered version's batching and workers.
-        self._adopt = model is None and max_batch_size is None, model is None and num_workers is None
-        if max_batch_size is None:
-            max_batch_size = 1
-        if not isinstance(max_batch_size, int):
-            raise ConfigError(f"max_batch_size must be an integer, got {max_batch_size!r}")
-        if num_workers is not None and num_workers < 1:
-            raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers}")
-        options = _serving_options(max_batch_size=max_batch_size, num_workers=num_workers,
-                                   cpus_per_worker=cpus_per_worker, use_onnx=use_onnx, use_tensorrt=use_tensorrt,
-                                   max_batch_delay_ms=max_batch_delay_ms)
-        if memory_per_worker:
-            log.warning("bray: memory_per_worker=%s is not applied: TorchServe has no per-worker memory limit",
-                        memory_per_worker)
-        if model is not None and not forward_args and not forward_kwargs:
-            raise ConfigError("a model needs example inputs to be exported: pass forward_args=(obs_batch,)")
-        session = _current()
-        if not local_mode:
-            _per_node(session.locations)  # one key file / management URL, or one per node
-        self.locations = session.locations
-        self.name = f"{namespace}.{name}" if namespace else name
-        self.local_mode = local_mode
-        self.max_batch_size = max_batch_size
-        self.client_batching = client_batching
-        self.num_workers = num_workers or 1
-        self.timeout_s = timeout_s
-        self._model = model
-        self._forward_args = tuple(forward_args)
-        self._forward_kwargs = dict(forward_kwargs or {})
-        self._init_kwargs = dict(
+        settings = _Settings.check(
+            model=model, forward_args=forward_args, forward_kwargs=forward_kwargs,
             checkpoint_interval=checkpoint_interval, checkpoint_interval_s=checkpoint_interval_s,
-            max_batch_size=max_batch_size, num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, use_onnx=use_onnx,
-            local_mode=local_mode, use_tensorrt=use_tensorrt, max_batch_delay_ms=max_batch_delay_ms,
-            keep_last=keep_last, timeout_s=timeout_s, client_batching=client_batching,
-            metrics_port=metrics_port, node_proxy=node_proxy,
+            max_batch_size=max_batch_size, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker, memory_per_worker=memory_per_worker, use_onnx=use_onnx,
+            local_mode=local_mode, use_tensorrt=use_tensorrt, client_batching=client_batching, node_proxy=node_proxy,
+            max_batch_delay_ms=max_batch_delay_ms, keep_last=keep_last, timeout_s=timeout_s, metrics_port=metrics_port,
         )
-        self.options = options  # what the version is served with (archive, registration, local engine)
-        self._device = "cuda" if (gpus_per_worker or 0) > 0 else "cpu"
-        self._pinned = _pinned_step
-        self.store = CheckpointStore(session.store_root, keep_last=keep_last,
-                                     checkpoint_interval=checkpoint_interval or 0,
-                                     checkpoint_interval_s=checkpoint_interval_s or 0.0)
-        self._lock = threading.Lock()
-        self._local: Any = None
-        self._client: Any = None
-        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._batcher_stats: list[Any] = []
-        self._mgmt_nodes: list[tuple[Any, Path]] | None = None
-        self._worker_pids: tuple[int, ...] = ()
-        self._register_lock = threading.Lock()
-        self._not_registering = threading.Event()
-        self._not_registering.set()
-        self._registrations = 0  # re-registrations so far: callers that saw the same 404 skip theirs
-        self._seen = _Watermark()
-        self._proxy: Any = None
-        self._proxy_ok = True
-        self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
-        self._proxy_calls = 0
-
-        export_dir = self.store.export_dir(self.name)
-        has_export = (export_dir / SPEC_FILE).is_file()
-        if model is not None and (override_model or not has_export):
-            export_model(model, self._forward_args, self._forward_kwargs, dest=export_dir,
-                         onnx=self.engine_name != "torch")
-        elif not has_export:
-            raise StepNotFoundError(
-                f"no model named {self.name!r} in the store {self.store.root}; create it once with "
-                f"RemoteModel({name!r}, model=..., forward_args=...)"
-            )
-        elif self.engine_name != "torch" and not load_spec(export_dir).has_onnx:
-            raise ConfigError(f"{self.name!r} was exported without ONNX; construct it with model=... to re-export")
+        self._set_up(f"{namespace}.{name}" if namespace else name, model, forward_args, forward_kwargs, settings,
+                     pinned=_pinned_step)
+        self._ensure_export(name, override=override_model)
         if model is not None and (override_model or self.store.latest(self.name) is None):
             self.store.publish(self.name, model.state_dict())
-        if local_mode:
+        if self.local_mode:
             self._start_local()
         else:
             self._register(override=model is not None and override_model)
-            if node_proxy:
+            if settings.node_proxy:
                 self._start_proxy()
-        if metrics_at is not None:
-            from bray.bridge.metrics import track
-
-            track(self, metrics_at)
+        self._track_metrics()
 
     @property
     def engine_name(self) -> str:
@@ -427,6 +332,74 @@ class RemoteModel:
         return self.options.engine
 
     # --- set-up -------------------------------------------------------------------------
+
+    def _set_up(self, name: str, model: Any, forward_args: Sequence[Any], forward_kwargs: Mapping[str, Any] | None,
+                settings: "_Settings", *, pinned: int | None) -> None:
+        """This object's state: where it lives, what it serves, and nothing sent anywhere yet."""
+        session = current()
+        self.locations = session.locations
+        self.name = name
+        self._settings = settings  # what clones are made with
+        self.local_mode = settings.local_mode
+        self.max_batch_size = settings.max_batch_size
+        self.client_batching = settings.client_batching
+        self.num_workers = settings.num_workers or 1
+        self.timeout_s = settings.timeout_s
+        self.options = settings.options()  # what the version is served with (archive, registration, local engine)
+        self._model = model
+        self._forward_args = tuple(forward_args)
+        self._forward_kwargs = dict(forward_kwargs or {})
+        self._device = "cuda" if (settings.gpus_per_worker or 0) > 0 else "cpu"
+        self._pinned = pinned
+        self.store = CheckpointStore(session.store_root, keep_last=settings.keep_last,
+                                     checkpoint_interval=settings.checkpoint_interval or 0,
+                                     checkpoint_interval_s=settings.checkpoint_interval_s or 0.0)
+        if not self.local_mode:
+            per_node(self.locations)  # one key file / management URL, or one per node: checked before any work
+        self._registration = Registration(self.name, self.store, self.locations, options=self.options,
+                                          pinned=pinned, timeout_s=self.timeout_s)
+        self._version = self._registration.version
+        self._lock = threading.Lock()
+        self._local: Any = None
+        self._client: Any = None
+        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._batcher_stats: list[Any] = []
+        self._seen = _Watermark()
+        self._proxy: Any = None
+        self._proxy_ok = True
+        self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
+        self._proxy_calls = 0
+
+    def _ensure_export(self, given_name: str, *, override: bool) -> None:
+        """Export the model into the store (given one), or check the store has a usable export."""
+        export_dir = self.store.export_dir(self.name)
+        has_export = (export_dir / SPEC_FILE).is_file()
+        if self._model is not None and (override or not has_export):
+            export_model(self._model, self._forward_args, self._forward_kwargs, dest=export_dir,
+                         onnx=self.engine_name != "torch")
+        elif not has_export:
+            raise StepNotFoundError(
+                f"no model named {self.name!r} in the store {self.store.root}; create it once with "
+                f"RemoteModel({given_name!r}, model=..., forward_args=...)"
+            )
+        elif self.engine_name != "torch" and not load_spec(export_dir).has_onnx:
+            raise ConfigError(f"{self.name!r} was exported without ONNX; construct it with model=... to re-export")
+
+    def _register(self, *, override: bool) -> None:
+        """Make sure every node serves the version; attaching without settings adopts the registered ones."""
+        existing = self._registration.ensure(override=override)
+        if existing is not None and any(self._settings.adopt):
+            self._adopt_settings(existing)
+
+    def _track_metrics(self) -> None:
+        from bray.config import metrics_address
+
+        address = metrics_address(self._settings.metrics_port)
+        if address is not None:
+            from bray.bridge.metrics import track
+
+            track(self, address)
+
 
     def _engine_options(self) -> Any:
         return self.options.engine_options(device="cuda:0" if self._device == "cuda" else "cpu")
@@ -464,90 +437,24 @@ class RemoteModel:
             log.warning("bray: %s: no node proxy (%s); calling TorchServe directly until one answers",
                         self.name, self._proxy.last_error)
 
-    def _nodes(self) -> list[tuple[Any, Path]]:
-        """``(management client, model store)`` of every node the model is registered on.
-
-        One per management address: ``BRAY_MANAGEMENT_URL`` (and ``BRAY_KEY_FILE``,
-        ``BRAY_MODEL_STORE``) may list one entry per node, comma-separated in the same
-        order; a single model store is taken as shared by every node.
-        """
-        if self._mgmt_nodes is None:
-            from bray.torchserve.management import ManagementClient
-
-            mgmt_urls, key_files = _per_node(self.locations)
-            stores = [Path(p.strip()) for p in str(self.locations.model_store).split(",") if p.strip()]
-            if len(stores) not in (1, len(mgmt_urls)):
-                raise ConfigError(
-                    f"{len(stores)} model stores for {len(mgmt_urls)} management address(es); give one "
-                    "shared by every node, or one per node in BRAY_MANAGEMENT_URL's order (BRAY_MODEL_STORE=a,b)"
-                )
-            self._mgmt_nodes = [
-                (ManagementClient(url, key_file=key_files[i % len(key_files)], timeout_s=max(self.timeout_s * 10, 300)),
-                 stores[i % len(stores)])
-                for i, url in enumerate(mgmt_urls)
-            ]
-        return self._mgmt_nodes
-
     def _management(self) -> Any:
-        return self._nodes()[0][0]
-
-    def _inference_auth(self) -> Any:
-        from bray.torchserve.auth import TokenAuth
-
-        mgmt_urls, key_files = _per_node(self.locations)
-        urls = self.locations.inference_urls
-        if len(key_files) == 1 and len(mgmt_urls) == 1:
-            return TokenAuth(key_files[0], management_url=mgmt_urls[0])
-        # Each TorchServe generates its own keys at start: one TokenAuth per node, refreshed
-        # through that node's management API (or the one given, when only one is).
-        return {url: TokenAuth(key_files[i % len(key_files)], management_url=mgmt_urls[i % len(mgmt_urls)])
-                for i, url in enumerate(urls)}
-
-    def _register(self, *, override: bool) -> None:
-        """Make sure every node serves the version (registering it where it is missing)."""
-        version = LIVE_VERSION if self._pinned is None else str(self._pinned)
-        for i, (client, model_store) in enumerate(self._nodes()):
-            existing = self._register_on(client, model_store, version, override=override)
-            if i == 0 and existing is not None and any(self._adopt):
-                self._adopt_settings(existing)
-        self._version = version
-
-    def _register_on(self, client: Any, model_store: Path, version: str, *, override: bool) -> Any:
-        """Register ``version`` on one node; returns what was registered there already, if anything."""
-        from bray.archiver.publish import publish_version
-
-        try:
-            existing = client.describe(self.name, version)
-        except ModelNotFoundError:
-            existing = []
-        if existing and override:
-            client.unregister(self.name, version)
-            existing = []
-        if existing:
-            return existing[0]
-        try:
-            publish_version(
-                self.store, self.name, step=self._pinned, client=client, model_store=model_store,
-                set_default=True, wait_timeout_s=max(self.timeout_s * 10, 300), options=self.options,
-                version=version, force=True,
-            )
-        except VersionExistsError:
-            # Another process (an actor cloning the same opponent) registered it first.
-            client.wait_ready(self.name, version, timeout_s=max(self.timeout_s * 10, 300))
-        return None
+        """The first node's management client (tests and tools reach the server through it)."""
+        return self._registration.nodes()[0][0]
 
     def _adopt_settings(self, desc: Any) -> None:
         """Attaching without settings: take the registered version's batching and workers."""
-        if self._adopt[0] and desc.batch_size > 1:
+        adopt_batching, adopt_workers = self._settings.adopt
+        if adopt_batching and desc.batch_size > 1:
             self.max_batch_size = int(desc.batch_size)
             self.options = replace(self.options, batch_size=self.max_batch_size,
                                    max_batch_delay_ms=int(desc.max_batch_delay_ms))
-            self._init_kwargs.update(max_batch_size=self.max_batch_size,
+            self._settings = replace(self._settings, max_batch_size=self.max_batch_size,
                                      max_batch_delay_ms=self.options.max_batch_delay_ms)
-        if self._adopt[1] and desc.workers:
+        if adopt_workers and desc.workers:
             self.num_workers = int(desc.workers)
             self.options = replace(self.options, workers=self.num_workers)
-            self._init_kwargs.update(num_workers=self.num_workers)
+            self._settings = replace(self._settings, num_workers=self.num_workers)
+        self._registration.options = self.options  # what a re-registration archives
 
     # --- forward ----------------------------------------------------------------------
 
@@ -569,7 +476,7 @@ class RemoteModel:
             from bray.torchserve.inference import InferenceClient
 
             if self._client is None:
-                self._client = InferenceClient(self.locations.inference_urls, auth=self._inference_auth(),
+                self._client = InferenceClient(self.locations.inference_urls, auth=self._registration.inference_auth(),
                                                timeout_s=self.timeout_s, session_factory=loop_session)
             batcher = self._batchers.get(loop)
             if batcher is None:
@@ -593,42 +500,18 @@ class RemoteModel:
         import asyncio
 
         body = wire.encode(payload)
-        if not self._not_registering.is_set():  # its workers are not up yet: 503s otherwise
-            await asyncio.get_running_loop().run_in_executor(None, self._not_registering.wait, self.timeout_s * 10)
-        seen = self._registrations
+        registration = self._registration
+        if not registration.idle.is_set():  # its workers are not up yet: 503s otherwise
+            await asyncio.get_running_loop().run_in_executor(None, registration.idle.wait, self.timeout_s * 10)
+        seen = registration.count
         try:
             reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
         except ModelNotFoundError:
-            # A restarted TorchServe has forgotten its models (config snapshots are off):
-            # register ours again from the store, whose latest step the live version
-            # serves, so no published step is lost; then retry once.
-            await asyncio.get_running_loop().run_in_executor(None, self._reregister, seen)
+            # A restarted TorchServe has forgotten its models: register ours again, then retry once.
+            await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
             reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
         self._seen.advance(reply.step)  # monotonic reads across workers, for every caller here
         return wire.decode(bytearray(reply.body)), reply.step
-
-    def _reregister(self, seen: int) -> None:
-        """Register again, once for all callers that saw the same 404 (any loop or thread)."""
-        with self._register_lock:
-            if self._registrations != seen:
-                return  # done by another caller since this one's request went out
-            self._not_registering.clear()
-            try:
-                self._register_again()
-                self._registrations += 1
-            finally:
-                self._not_registering.set()
-
-    def _register_again(self) -> None:
-        from bray.errors import VersionExistsError
-
-        log.warning("bray: %s version %s is not registered on the server (restarted?); registering it again "
-                    "from the store %s", self.name, self._version, self.store.root)
-        try:
-            self._register(override=False)  # a no-op when it is registered again already
-        except VersionExistsError:
-            pass  # another process registered it first
-        self._worker_pids = ()
 
     async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
         return await self._batcher_here().submit(payload, n)
@@ -776,40 +659,12 @@ class RemoteModel:
         return -1 if latest is None else latest
 
     def _wait_served(self, step: int, *, timeout_s: float) -> float:
+        if self._local is None:
+            return self._registration.wait_served(step, timeout_s=timeout_s)
         started = time.monotonic()
-        if self._local is not None:
-            if not self._local.follower.wait_staged(step, timeout_s=timeout_s):
-                raise BrayTimeoutError(f"local engine of {self.name!r} did not load step {step} within {timeout_s} s")
-            return time.monotonic() - started
-        deadline = started + timeout_s
-        next_refresh = started + 0.5
-        while True:
-            pids = self._worker_pids or self._refresh_pids()
-            serving = {int(v["pid"]): int(v["step"]) for v in self.store.serving(self.name).values() if "pid" in v}
-            if pids and all(serving.get(pid, -1) >= step for pid in pids):
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                behind = {pid: serving.get(pid) for pid in pids if serving.get(pid, -1) < step}
-                raise BrayTimeoutError(f"step {step} of {self.name!r} not served by every worker within {timeout_s} s; "
-                                       f"workers behind (pid: step): {behind}")
-            if any(pid not in serving for pid in pids) or time.monotonic() > next_refresh:
-                # A restarted worker has a new pid; a SIGKILLed one leaves its announcement
-                # behind, so a behind worker is looked up again now and then too.
-                self._refresh_pids()
-                next_refresh = time.monotonic() + 0.5
-            time.sleep(0.002)
-
-    def _refresh_pids(self) -> tuple[int, ...]:
-        """READY worker pids of the version on every node."""
-        pids: list[int] = []
-        for client, _ in self._nodes():
-            try:
-                (desc,) = client.describe(self.name, self._version)
-            except (ModelNotFoundError, ValueError):
-                continue
-            pids += [int(w["pid"]) for w in desc.raw.get("workers", []) if w.get("pid") and w.get("status") == "READY"]
-        self._worker_pids = tuple(pids)
-        return self._worker_pids
+        if not self._local.follower.wait_staged(step, timeout_s=timeout_s):
+            raise BrayTimeoutError(f"local engine of {self.name!r} did not load step {step} within {timeout_s} s")
+        return time.monotonic() - started
 
     def get_model(self) -> Any:
         """A ``torch.nn.Module`` with the latest weights (the given model's class when known)."""
@@ -864,25 +719,8 @@ class RemoteModel:
                 f"{clone_name!r} already names a clone of {origin[0]!r} at step {origin[1]}, not of "
                 f"{self.name!r} at step {real}; clone with another name= suffix"
             )
-        dest = self.store.model_dir(clone_name)
-        if self.store.latest(clone_name) is None:
-            export_src = self.store.export_dir(self.name)
-            tmp = dest.parent / f".{clone_name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            shutil.copytree(export_src, tmp)
-            dest.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(tmp, self.store.export_dir(clone_name))
-            except OSError:
-                if not (self.store.export_dir(clone_name) / SPEC_FILE).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process cloned it first
-            ckpt = self.store.load(self.name, real, framework="pt")
-            try:
-                self.store.publish(clone_name, ckpt.weights, step=real)
-            except StepConflictError:
-                if self.store.latest(clone_name) is None:
-                    raise
-        kwargs = {**self._init_kwargs, **overrides}
+        self.store.seed_clone(clone_name)  # the source's export and the origin step, once
+        kwargs = {**self._settings.kwargs(), **overrides}
         clone = RemoteModel(clone_name, override_model=False, **kwargs)
         clone._model = self._model
         return clone
@@ -900,8 +738,7 @@ class RemoteModel:
                 run_sync(self._client.close(), timeout_s=5)
             except Exception:  # closing is best effort
                 pass
-        for client, _ in self._mgmt_nodes or []:
-            client.close()
+        self._registration.close()
 
     def __repr__(self) -> str:
         mode = "local" if self.local_mode else ",".join(self.locations.inference_urls)
