@@ -99,7 +99,7 @@ class _Collector:
         with _lock:
             models = list(_models)
         for model in models:
-            values = [model.name, str(getattr(model, "_version", ""))]
+            values = [model.name, "" if model.local_mode else model._version]  # local mode serves no version
             latest = model.step
             seen = model._seen.value
             published.add_metric(values, latest)
