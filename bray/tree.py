@@ -23,16 +23,19 @@ the store :class:`~bray.errors.ConfigError`, the handler :class:`~bray.errors.In
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from bray.errors import BrayError, WireError
 
-__all__ = ["MAX_DEPTH", "TreeDef", "batch_signature", "flatten", "flatten_up_to", "key_path", "leaves", "map_leaves"]
+__all__ = ["MAX_DEPTH", "TreeDef", "batch_signature", "flatten", "flatten_up_to", "key_path", "leaves", "map_leaves", "short"]
 
 #: Most container levels any walk accepts (far below Python's recursion limit).
 MAX_DEPTH = 100
 
 _LEAF = "leaf"
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
 _KINDS = ("list", "tuple", "dict")
 
 
@@ -130,7 +133,7 @@ class TreeDef:
             return cls._read_fast(node, 0, counter, max_depth)
         except _Malformed:
             cls._read(node, 0, "$", [0], max_depth, error)  # the walk with paths says where
-            raise error(f"malformed tree {_short(node)}") from None  # not reached
+            raise error(f"malformed tree {short(node)}") from None  # not reached
 
     @classmethod
     def _read_fast(cls, node: Any, depth: int, counter: list[int], max_depth: int) -> TreeDef:
@@ -170,10 +173,10 @@ class TreeDef:
             return LEAF
         if not (isinstance(node, dict) and len(node) == 1):
             raise error(f"tree node at {path} must be a leaf index or one of "
-                        f'{{"list": [...]}}, {{"tuple": [...]}}, {{"dict": [[key, node], ...]}}; got {_short(node)}')
+                        f'{{"list": [...]}}, {{"tuple": [...]}}, {{"dict": [[key, node], ...]}}; got {short(node)}')
         ((kind, children),) = node.items()
         if kind not in _KINDS or not isinstance(children, list):
-            raise error(f"tree node at {path}: expected list, tuple or dict with a list, got {_short(node)}")
+            raise error(f"tree node at {path}: expected list, tuple or dict with a list, got {short(node)}")
         if depth >= max_depth:
             _too_deep(path, max_depth, error)
         if kind != "dict":
@@ -183,9 +186,9 @@ class TreeDef:
         defs: list[TreeDef] = []
         for pair in children:
             if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise error(f"dict entry at {path} must be [str key, node], got {_short(pair)}")
+                raise error(f"dict entry at {path} must be [str key, node], got {short(pair)}")
             if pair[0] in keys:
-                raise error(f"dict at {path} repeats key {_short(pair[0])}")
+                raise error(f"dict at {path} repeats key {short(pair[0])}")
             keys.append(pair[0])
             defs.append(cls._read(pair[1], depth + 1, key_path(path, pair[0]), counter, max_depth, error))
         return TreeDef("dict", tuple(defs), tuple(keys))
@@ -325,12 +328,12 @@ def _format(root: str, keys: tuple[str | int, ...]) -> str:
     return path
 
 
-def _short(obj: object) -> str:
-    import reprlib
+def short(obj: object) -> str:
+    """``repr(obj)`` cut short for error messages: three levels deep, 60 characters a value.
 
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
-    return short.repr(obj)
+    Values quoted in messages stay short and never recurse deeply (hostile headers nest).
+    """
+    return _SHORT.repr(obj)
 
 
 def _too_deep(path: str, max_depth: int, error: type[BrayError]) -> NoReturn:

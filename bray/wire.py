@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeAlias, Union
@@ -98,11 +97,6 @@ _BY_KIND_SIZE: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in _WIRE_DTYPES.items()
 }
 _DTYPE_LIST = ", ".join(SUPPORTED_DTYPES)
-# Values quoted in messages stay short and never recurse deeply (hostile headers nest).
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel = 3
-_SHORT.maxstring = 60
-_SHORT.maxother = 60
 # Upper bounds on the limits themselves. Decoding and encoding recurse once per container
 # level and json nests about three levels per dict, so 100 keeps far below Python's
 # default recursion limit; numpy arrays have at most 64 dimensions.
@@ -173,10 +167,6 @@ def _type_name(obj: object) -> str:
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _short(obj: object) -> str:
-    return _SHORT.repr(obj)
-
-
 def _wire_dtype_name(dtype: np.dtype, where: str) -> str:
     """The whitelist name of ``dtype`` (any byte order), or WireError."""
     name = _BY_KIND_SIZE.get((dtype.kind, dtype.itemsize))
@@ -196,7 +186,7 @@ def _check_dims(where: str, shape: Sequence[int], limits: WireLimits) -> None:
     for d in shape:
         if d > limits.max_total_bytes:
             raise WireError(
-                f"{where} has dimension {d} in shape {_short(list(shape))}, over "
+                f"{where} has dimension {d} in shape {tree.short(list(shape))}, over "
                 f"max_total_bytes={limits.max_total_bytes}"
             )
 
@@ -282,6 +272,9 @@ class _Encoder:
         dtype = _WIRE_DTYPES[name]
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
+        # A screen for _check_extent, not a second rule: every shape _check_extent refuses
+        # fails it (a dimension over the limit makes the span over it too), and the one
+        # check with its messages runs only then (it costs ~1 us an array, a forward has few).
         if arr.ndim > self.limits.max_ndim or math.prod(max(d, 1) for d in arr.shape) * dtype.itemsize > self.limits.max_total_bytes:
             _check_extent(f"array at {treedef.paths()[index]}", arr.shape, name, self.limits)
         offset = _align(self.end)
@@ -360,7 +353,7 @@ def encode(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
 def _int_field(value: object, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise WireError(f"{where} must be a non-negative integer, got {_short(value)}")
+    raise WireError(f"{where} must be a non-negative integer, got {tree.short(value)}")
 
 
 class _Decoder:
@@ -384,19 +377,19 @@ class _Decoder:
         for i, spec in enumerate(specs):
             where = f"array {i}"
             if not (isinstance(spec, list) and len(spec) == 4):
-                raise WireError(f"{where}: expected [dtype, shape, offset, nbytes], got {_short(spec)}")
+                raise WireError(f"{where}: expected [dtype, shape, offset, nbytes], got {tree.short(spec)}")
             name, shape, offset, length = spec
             if not (isinstance(name, str) and name in _WIRE_DTYPES):
-                raise WireError(f"{where} has dtype {_short(name)}; expected one of {_DTYPE_LIST}")
+                raise WireError(f"{where} has dtype {tree.short(name)}; expected one of {_DTYPE_LIST}")
             if not isinstance(shape, list):
-                raise WireError(f"{where}: shape must be a list of integers, got {_short(shape)}")
+                raise WireError(f"{where}: shape must be a list of integers, got {tree.short(shape)}")
             if len(shape) > self.limits.max_ndim:
                 raise WireError(
                     f"{where} has {len(shape)} dimensions, over max_ndim={self.limits.max_ndim}"
                 )
             for d in shape:
                 if type(d) is not int or d < 0:  # the message (and its repr) only when needed
-                    _int_field(d, f"{where}: every dimension of shape {_short(shape)}")
+                    _int_field(d, f"{where}: every dimension of shape {tree.short(shape)}")
             _check_dims(where, shape, self.limits)
             offset = _int_field(offset, f"{where}: offset")
             length = _int_field(length, f"{where}: nbytes")
@@ -502,7 +495,7 @@ def decode(
         raise WireError(f"the header is not valid UTF-8 JSON: {err}") from err
     if not (isinstance(header, dict) and header.keys() == {"tree", "arrays"}):
         raise WireError(
-            f"the header must be a JSON object with keys 'tree' and 'arrays', got {_short(header)}"
+            f"the header must be a JSON object with keys 'tree' and 'arrays', got {tree.short(header)}"
         )
     decoder = _Decoder(view, data_start, limits)
     decoder.table(header["arrays"])
