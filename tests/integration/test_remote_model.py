@@ -354,7 +354,7 @@ def test_two_servers_share_the_load_and_survive_one_stopping(
         with ManagementClient(node.management_url, key_file=node.key_file) as client:
             assert [v.version for v in client.versions("rm_lb")] == ["latest"]
     # wait() covers the workers of both nodes
-    assert len(trainer._refresh_pids()) == 2
+    assert len(trainer._registration.worker_pids()) == 2
     rm = make("rm_lb", max_batch_size=0)
     for _ in range(40):
         np.testing.assert_allclose(rm(X), expected(4))
