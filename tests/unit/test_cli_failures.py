@@ -181,8 +181,11 @@ def test_a_malformed_address_is_named_with_its_own_variable(env: dict[str, str],
 def test_ctrl_c_during_a_call_is_one_line_and_exit_130(silent_listener: socket.socket) -> None:
     port = silent_listener.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRAY_")}
+    # A shell's background job (`cmd &`) inherits SIGINT ignored, and so would the CLI, which
+    # would then never see the Ctrl-C: the child gets the default disposition back first.
     proc = subprocess.Popen([BRAY_ARCHIVE, "status", "--management", f"http://127.0.0.1:{port}",
-                             "--timeout-s", "120"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--timeout-s", "120"], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         silent_listener.settimeout(60)
         conn, _ = silent_listener.accept()  # the CLI is now inside its HTTP call
