@@ -55,9 +55,13 @@ class ForwardBatcher:
         max_batch_samples: most samples in one request; ``0`` disables coalescing.
         max_inflight: requests on the wire at once (keep every server worker busy).
         more_coming: says whether more calls are about to arrive (the node proxy: callers
-            answered a moment ago that have not called again). While it says so and a
-            request is on the wire already, a further request waits for them, at most
-            ``max_wait_s``; with nothing on the wire a call always leaves at once.
+            answered a moment ago that have not called again). While it says so, a
+            request waits for them, at most ``max_wait_s`` after its first call arrived,
+            also with nothing on the wire: 16 lockstep actor processes otherwise settle
+            into three groups taking turns (5.8 samples per TorchServe request), and
+            into two with the wait (8.0; 2,478 / 4,467 / 4,086 forwards/s against
+            2,329 / 3,493 / 2,116 without, three alternating pairs). ``None`` (a
+            process's own callers): a call leaves at once whenever a slot is free.
         max_wait_s: see ``more_coming``.
     """
 
@@ -99,7 +103,7 @@ class ForwardBatcher:
             self._wait_handle.cancel()
             self._wait_handle = None
         while self._pending and self._inflight < self.max_inflight:
-            if self._inflight and self.more_coming is not None and self.more_coming():
+            if self.more_coming is not None and self.more_coming():
                 loop = asyncio.get_running_loop()
                 left = self._pending[0].at + self.max_wait_s - loop.time()
                 if left > 0:

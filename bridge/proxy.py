@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 #: A spawned proxy exits after this long without a caller (``BRAY_PROXY_IDLE_S`` overrides).
 DEFAULT_IDLE_EXIT_S = 30.0
 # A caller answered this recently that has not called again is expected back soon (actors
-# step in lockstep); while one is, a request waits for it, at most _WAIT_S, when another
-# request keeps the server busy meanwhile.
+# step in lockstep); while one is, a request waits for it, at most _WAIT_S (see
+# ForwardBatcher's more_coming). A lone caller never waits: its own call makes it busy.
 _RECENT_S = 0.05
 _WAIT_S = 0.005
 # How long a proxy that failed to start keeps answering callers with the reason.

@@ -1,0 +1,90 @@
+"""ForwardBatcher's scheduling: who leaves together, with the node proxy's "more coming" hint.
+
+``send`` is the batcher's own injected dependency (the HTTP transport in production);
+here it records the batches it is given and answers each row with its input, so the
+grouping and the split back to callers are checked exactly. The real path is tested
+against TorchServe in tests/integration/test_node_proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import numpy as np
+
+from bray.bridge.batching import ForwardBatcher
+
+
+def _batcher(more_coming: Callable[[], bool] | None, *, max_inflight: int = 2,
+             max_wait_s: float = 0.05) -> tuple[ForwardBatcher, list[int]]:
+    sizes: list[int] = []
+
+    async def send(payload: Any) -> tuple[Any, int]:
+        sizes.append(len(payload["args"][0]))
+        await asyncio.sleep(0)
+        return {"out": payload["args"][0] * 2}, 7
+
+    return ForwardBatcher(send, max_batch_samples=64, max_inflight=max_inflight, more_coming=more_coming,
+                          max_wait_s=max_wait_s), sizes
+
+
+def _row(i: int) -> dict[str, Any]:
+    return {"args": [np.full((1, 3), i, np.float32)]}
+
+
+def test_a_lone_caller_leaves_at_once_and_gets_its_rows() -> None:
+    async def main() -> None:
+        batcher, sizes = _batcher(lambda: False)
+        out, step = await batcher.submit(_row(5), 1)
+        np.testing.assert_array_equal(out["out"], np.full((1, 3), 10, np.float32))
+        assert step == 7 and sizes == [1]
+
+    asyncio.run(main())
+
+
+def test_callers_expected_back_are_waited_for_even_with_nothing_on_the_wire() -> None:
+    async def main() -> None:
+        expected = 4
+        arrived: list[int] = []
+        batcher, sizes = _batcher(lambda: len(arrived) < expected, max_wait_s=30.0)
+
+        async def caller(i: int) -> Any:
+            arrived.append(i)
+            return await batcher.submit(_row(i), 1)
+
+        # The callers arrive one by one, each after the loop ran: without the wait, the first
+        # would leave alone (nothing is on the wire) and the rest would follow in a second request.
+        results = []
+        for i in range(expected):
+            results.append(asyncio.ensure_future(caller(i)))
+            await asyncio.sleep(0)
+        done = await asyncio.wait_for(asyncio.gather(*results), timeout=20)
+        assert sizes == [expected]
+        for i, (out, step) in enumerate(done):
+            np.testing.assert_array_equal(out["out"], np.full((1, 3), 2 * i, np.float32))
+
+    asyncio.run(main())
+
+
+def test_the_wait_is_bounded_when_the_expected_callers_never_come() -> None:
+    async def main() -> None:
+        batcher, sizes = _batcher(lambda: True, max_wait_s=0.01)
+        out, _ = await asyncio.wait_for(batcher.submit(_row(3), 1), timeout=20)
+        np.testing.assert_array_equal(out["out"], np.full((1, 3), 6, np.float32))
+        assert sizes == [1]
+
+    asyncio.run(main())
+
+
+def test_without_a_hint_calls_never_wait() -> None:
+    async def main() -> None:
+        batcher, sizes = _batcher(None, max_inflight=1)
+        first = asyncio.ensure_future(batcher.submit(_row(1), 1))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.submit(_row(i), 1)) for i in (2, 3)]
+        await asyncio.wait_for(asyncio.gather(first, *rest), timeout=20)
+        # The first left alone at once; the two that came while it was on the wire left together.
+        assert sizes == [1, 2]
+
+    asyncio.run(main())
