@@ -8,8 +8,8 @@ Every command is ``run(args, opts, pack, out) -> int``: it prints its result to 
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO

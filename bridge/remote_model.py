@@ -339,13 +339,10 @@ class RemoteModel:
         session = current()
         self.locations = session.locations
         self.name = name
-        self._settings = settings  # what clones are made with
+        self._use(settings)
         self.local_mode = settings.local_mode
-        self.max_batch_size = settings.max_batch_size
         self.client_batching = settings.client_batching
-        self.num_workers = settings.num_workers or 1
         self.timeout_s = settings.timeout_s
-        self.options = settings.options()  # what the version is served with (archive, registration, local engine)
         self._model = model
         self._forward_args = tuple(forward_args)
         self._forward_kwargs = dict(forward_kwargs or {})
@@ -441,19 +438,22 @@ class RemoteModel:
         """The first node's management client (tests and tools reach the server through it)."""
         return self._registration.nodes()[0][0]
 
+    def _use(self, settings: "_Settings") -> None:
+        """Take ``settings`` and what follows from them: batching, workers, the serving options."""
+        self._settings = settings  # what clones are made with
+        self.max_batch_size = settings.max_batch_size
+        self.num_workers = settings.num_workers or 1
+        self.options = settings.options()  # what the version is served with (archive, registration, local engine)
+
     def _adopt_settings(self, desc: Any) -> None:
         """Attaching without settings: take the registered version's batching and workers."""
         adopt_batching, adopt_workers = self._settings.adopt
+        registered: dict[str, Any] = {}
         if adopt_batching and desc.batch_size > 1:
-            self.max_batch_size = int(desc.batch_size)
-            self.options = replace(self.options, batch_size=self.max_batch_size,
-                                   max_batch_delay_ms=int(desc.max_batch_delay_ms))
-            self._settings = replace(self._settings, max_batch_size=self.max_batch_size,
-                                     max_batch_delay_ms=self.options.max_batch_delay_ms)
+            registered.update(max_batch_size=int(desc.batch_size), max_batch_delay_ms=int(desc.max_batch_delay_ms))
         if adopt_workers and desc.workers:
-            self.num_workers = int(desc.workers)
-            self.options = replace(self.options, workers=self.num_workers)
-            self._settings = replace(self._settings, num_workers=self.num_workers)
+            registered["num_workers"] = int(desc.workers)
+        self._use(replace(self._settings, **registered))
         self._registration.options = self.options  # what a re-registration archives
 
     # --- forward ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "bray":
         return None
-    return FOLDERS.get(parts[1], "core") if len(parts) > 1 and parts[1] in FOLDERS else "core"
+    return FOLDERS[parts[1]] if len(parts) > 1 and parts[1] in FOLDERS else "core"
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
