@@ -42,7 +42,7 @@ from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
-from bray.handlers.worker_log import quiet_per_batch_log
+from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log
 from bray.store import CheckpointStore
 
 __all__ = ["EngineHandler"]
@@ -93,6 +93,7 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(None, model="", version="")
         self._model_name = ""
         self._version = ""
+        self._pid = str(os.getpid())  # the X-Bray-Worker header: one system call less per request
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(getattr(context, "metrics", None), model=self._model_name,
                                       version=self._version, period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
+        buffer_frontend_reads()
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)
@@ -205,7 +207,7 @@ class EngineHandler(BaseHandler):
         self.metrics.batch(requests=len(data), samples=sum(p.batch for _, p in good), forwarded=bool(good))
         for idx in range(len(data)):
             context.set_response_header(idx, STEP_HEADER, str(step))
-            context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
+            context.set_response_header(idx, WORKER_HEADER, self._pid)
         return results
 
     @staticmethod

@@ -1,0 +1,109 @@
+"""The TorchServe 0.12 worker workarounds (handlers/ts_worker.py), on real sockets.
+
+Messages are framed as TorchServe's frontend frames them (``ts/protocol/
+otf_message_handler.py`` documents each field) and parsed by TorchServe's own
+``retrieve_msg``: once with its ``_retrieve_buffer`` and once with ours.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import pytest
+
+otf = pytest.importorskip("ts.protocol.otf_message_handler", reason="torchserve is not installed")
+
+from bray.handlers.ts_worker import BufferedFrontendReads, buffer_frontend_reads  # noqa: E402
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack("!i", len(data)) + data
+
+
+def _inference(requests: list[tuple[bytes, dict[bytes, bytes], bytes]]) -> bytes:
+    """An ``I`` message the way the frontend writes it: id, headers, one ``body`` input."""
+    out = b"I"
+    for req_id, headers, body in requests:
+        out += _field(req_id)
+        for name, value in headers.items():
+            out += _field(name) + _field(value)
+        out += struct.pack("!i", -1)
+        out += _field(b"body") + _field(b"application/octet-stream") + _field(body)
+        out += struct.pack("!i", -1)
+    return out + struct.pack("!i", -1)
+
+
+HEADERS = {b"host": b"127.0.0.1:8080", b"content-type": b"application/octet-stream",
+           b"x-bray-min-step": b"12", b"authorization": b"Bearer abc", b"content-length": b"300",
+           b"user-agent": b"bray", b"accept": b"*/*", b"accept-encoding": b"gzip", b"connection": b"keep-alive"}
+MESSAGES = [
+    _inference([(b"a" * 36, HEADERS, bytes(range(256)) * 2)]),
+    _inference([(b"b" * 36, HEADERS, b"x" * 3000), (b"c" * 36, {}, b"")]),
+    _inference([(b"d" * 36, HEADERS, bytes(1 << 20))]),  # 1 MiB: read straight into its buffer
+    _inference([(b"e" * 36, HEADERS, b"after the large one")]),
+]
+
+
+def _parse_all(reader: object, data: bytes, monkeypatch: pytest.MonkeyPatch, *, chunks: int = 0) -> list[object]:
+    """Every message of ``data``, sent at once (or in ``chunks``-byte writes), through ``reader``."""
+    monkeypatch.setattr(otf, "_retrieve_buffer", reader)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        def send() -> None:
+            if chunks:
+                for i in range(0, len(data), chunks):
+                    theirs.sendall(data[i:i + chunks])
+            else:
+                theirs.sendall(data)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = [otf.retrieve_msg(ours) for _ in MESSAGES]
+        sender.join()
+    return got
+
+
+def test_buffered_reads_parse_what_torchserve_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = otf._retrieve_buffer
+    data = b"".join(MESSAGES)
+    expected = _parse_all(original, data, monkeypatch)
+    assert [cmd for cmd, _ in expected] == [b"I"] * len(MESSAGES)
+    assert expected[1][1][1]["requestId"] == b"c" * 36  # the framing above is TorchServe's
+    reader = BufferedFrontendReads()
+    assert _parse_all(reader, data, monkeypatch) == expected
+    # 48 fields per small message, several reads of the MiB value: a handful of recv calls in all.
+    assert reader.recv_calls <= 12, reader.recv_calls
+    # Bytes trickling in (7 at a time) are put together the same way.
+    assert _parse_all(BufferedFrontendReads(), data, monkeypatch, chunks=7) == expected
+
+
+def test_one_recv_per_small_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = BufferedFrontendReads()
+    monkeypatch.setattr(otf, "_retrieve_buffer", reader)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for i in range(20):
+            theirs.sendall(_inference([(b"%036d" % i, HEADERS, b"obs" * 100)]))
+            cmd, msg = otf.retrieve_msg(ours)
+            assert cmd == b"I" and msg[0]["requestId"] == b"%036d" % i
+    assert reader.recv_calls == 20  # TorchServe's own reader: 20 x 48
+
+
+def test_frontend_gone_mid_message_exits_like_torchserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(otf, "_retrieve_buffer", BufferedFrontendReads())
+    ours, theirs = socket.socketpair()
+    with ours:
+        theirs.sendall(MESSAGES[0][:50])
+        theirs.close()
+        with pytest.raises(SystemExit) as exc:
+            otf.retrieve_msg(ours)
+    assert exc.value.code == 0
+
+
+def test_installed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(otf, "_retrieve_buffer", otf._retrieve_buffer)
+    first = buffer_frontend_reads()
+    assert isinstance(first, BufferedFrontendReads) and otf._retrieve_buffer is first
+    assert buffer_frontend_reads() is first
