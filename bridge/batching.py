@@ -63,6 +63,10 @@ class ForwardBatcher:
             2,329 / 3,493 / 2,116 without, three alternating pairs). ``None`` (a
             process's own callers): a call leaves at once whenever a slot is free.
         max_wait_s: see ``more_coming``.
+
+    Built on the event loop it serves (one batcher per loop), which it keeps: Python
+    3.11's ``asyncio.get_running_loop`` makes a ``getpid`` system call each time, and
+    the node proxy enqueues thousands of calls a second.
     """
 
     def __init__(self, send: Send, *, max_batch_samples: int, max_inflight: int,
@@ -82,21 +86,33 @@ class ForwardBatcher:
         self.more_coming = more_coming
         self.max_wait_s = max_wait_s
         self._wait_handle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
 
     async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
         """Queue one call of ``n`` samples; returns its own slice of the outputs and the step."""
-        self.calls += 1
         if self.max_batch_samples == 0:
+            self.calls += 1
             self.requests_sent += 1
             return await self._send(payload)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self.enqueue(payload, n)
+
+    def enqueue(self, payload: Any, n: int) -> asyncio.Future[tuple[Any, int]]:
+        """:meth:`submit` without a coroutine: the future of ``(outputs, step)``, for a
+        caller that answers from a done-callback (the node proxy: no task per call).
+        Call it on the batcher's loop."""
+        self.calls += 1
+        future: asyncio.Future[Any]
+        if self.max_batch_samples == 0:
+            self.requests_sent += 1
+            return asyncio.ensure_future(self._send(payload), loop=self._loop)
+        future = self._loop.create_future()
         # One walk: calls with equal signatures (containers, keys, dtypes, per-sample
         # shapes) can share a request.
         leaves, treedef = tree.flatten(payload)
         self._pending.append(_Call(tree.batch_signature(treedef, leaves), treedef, leaves, payload, n, future,
-                                   asyncio.get_running_loop().time()))
+                                   self._loop.time()))
         self._kick()
-        return await future
+        return future
 
     def _kick(self) -> None:
         if self._wait_handle is not None:
@@ -104,10 +120,9 @@ class ForwardBatcher:
             self._wait_handle = None
         while self._pending and self._inflight < self.max_inflight:
             if self.more_coming is not None and self.more_coming():
-                loop = asyncio.get_running_loop()
-                left = self._pending[0].at + self.max_wait_s - loop.time()
+                left = self._pending[0].at + self.max_wait_s - self._loop.time()
                 if left > 0:
-                    self._wait_handle = loop.call_later(left, self._kick)
+                    self._wait_handle = self._loop.call_later(left, self._kick)
                     return
             first = self._pending.popleft()
             group, total = [first], first.n
@@ -123,7 +138,7 @@ class ForwardBatcher:
             self._pending = rest
             self._inflight += 1
             self.requests_sent += 1
-            asyncio.get_running_loop().create_task(self._run(group, total))
+            self._loop.create_task(self._run(group, total))
 
     async def _run(self, group: list[_Call], total: int) -> None:
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
@@ -125,6 +126,7 @@ class NodeProxy:
         self._idle_since = time.monotonic()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._batcher: Any = None  # the model's batcher on the serving loop
         #: Called with ``(samples, seconds, error)`` after every call answered (``error``
         #: is ``None`` on success): the place to count the proxy's calls (metrics).
         self.on_call: Callable[[int, float, BaseException | None], None] | None = None
@@ -151,7 +153,7 @@ class NodeProxy:
         self._stop = asyncio.Event()
         loop.add_reader(self.listener.fileno(), self._accept)
         if self.model is not None:
-            batcher = self.model._batcher_here()
+            self._batcher = batcher = self.model._batcher_here()
             batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
         idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
         try:
@@ -262,27 +264,34 @@ class NodeProxy:
                 self._send_error(conn, err)
                 return
             conn.busy = True
-            asyncio.get_running_loop().create_task(self._call(conn, payload, n, step))
+            self._call(conn, payload, n, step)
         elif op == OP_STATS:
             body = json.dumps(self.stats()).encode()
             self._send(conn, HEADER.pack(ST_INLINE, 0, -1, len(body), size) + body)
         else:
             raise ProxyUnavailableError(f"unknown operation {op}")
 
-    async def _call(self, conn: _Conn, payload: Any, n: int, min_step: int) -> None:
+    def _call(self, conn: _Conn, payload: Any, n: int, min_step: int) -> None:
+        """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
-        model = self.model
+        try:
+            self.model._seen.advance(min_step)  # a step the caller was answered with elsewhere
+            future = self._batcher.enqueue(payload, n)
+        except Exception as err:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(err)
+        future.add_done_callback(functools.partial(self._done, conn, n, started))
+
+    def _done(self, conn: _Conn, n: int, started: float, future: asyncio.Future[tuple[Any, int]]) -> None:
         error: BaseException | None = None
         try:
-            model._seen.advance(min_step)  # a step the caller was answered with elsewhere
-            outputs, step = await model._forward_on_loop(payload, n)
-            del payload
+            outputs, step = future.result()
             reply = b""
             if not conn.closed:
                 assert conn.slot is not None
                 nbytes = conn.slot.write(outputs)
                 reply = HEADER.pack(ST_SLOT, n, step, nbytes, conn.slot.size)
-        except Exception as err:  # every call is answered: with its outputs or its error
+        except (Exception, asyncio.CancelledError) as err:  # every call is answered: with its outputs or its error
             error = err
             reply = b""
             if not conn.closed:
