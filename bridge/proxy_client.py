@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -45,6 +46,30 @@ _RETRY_S = 0.25
 _REFUSED_RETRY_S = 10.0
 _HELLO_TIMEOUT_S = 10.0
 _START_TIMEOUT_S = 120.0
+
+# Forks seen by this process's children (os.register_at_fork, installed by the first
+# ProxyClient): a client notices it was forked by comparing, instead of asking getpid on
+# every call (a system call each).
+_forks = 0
+_fork_hook = False
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """A blocking socket whose reads and writes fail with EAGAIN after ``timeout_s``.
+
+    Python's own ``settimeout`` polls before every recv and send (a system call each,
+    two per call); the kernel's SO_RCVTIMEO / SO_SNDTIMEO cost nothing per call.
+    """
+    sock.settimeout(None)
+    seconds = int(timeout_s)
+    tv = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class _Conn:
@@ -77,7 +102,11 @@ class ProxyClient:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._idle: dict[bool, list[_Conn]] = {True: [], False: []}  # by "blocking"
-        self._pid = os.getpid()
+        global _fork_hook
+        if not _fork_hook:
+            os.register_at_fork(after_in_child=_forked)
+            _fork_hook = True
+        self._forks = _forks
         self._down_until = 0.0
         self._starter: tuple[socket.socket, subprocess.Popen[bytes], float] | None = None
 
@@ -135,18 +164,18 @@ class ProxyClient:
             raise ProxyUnavailableError(f"the node proxy did not complete the hello: {err!r}") from err
         self._started()
         if blocking:
-            sock.settimeout(self.timeout_s)
+            _kernel_timeouts(sock, self.timeout_s)
         else:
             sock.setblocking(False)
         return _Conn(sock, slot, blocking)
 
     def _take(self, blocking: bool) -> _Conn:
         with self._lock:
-            if os.getpid() != self._pid:  # a forked child: the parent's connections are not ours
+            if self._forks != _forks:  # a forked child: the parent's connections are not ours
                 for conn in self._idle[True] + self._idle[False]:
                     conn.close()
                 self._idle = {True: [], False: []}
-                self._pid, self._starter = os.getpid(), None
+                self._forks, self._starter = _forks, None
             pool = self._idle[blocking]
             if pool:
                 return pool.pop()
@@ -227,7 +256,7 @@ class ProxyClient:
             status, _, step, nbytes, size = HEADER.unpack(_recv_exact(conn.sock, HEADER.size))
             conn.slot.follow(size)
             result = read_outputs(conn.slot, nbytes) if status == ST_SLOT else _recv_exact(conn.sock, nbytes)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO ran out
             conn.close()
             raise BrayTimeoutError(f"the node proxy did not answer within {self.timeout_s} s") from None
         except (OSError, EOFError, ProxyUnavailableError) as err:
