@@ -138,8 +138,10 @@ class InferenceClient:
 
         connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
+        # TorchServe hands every request header to the worker, which reads each one (4
+        # fields apiece): headers it ignores (it never compresses) are left out.
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                        skip_auto_headers=("User-Agent",))
+                                        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
         if close_with_loop:
             # asyncio.run() cancels every task left when its main coroutine ends: this
             # one then closes the session before the loop goes away.
