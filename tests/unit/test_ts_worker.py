@@ -73,8 +73,10 @@ def test_buffered_reads_parse_what_torchserve_parses(monkeypatch: pytest.MonkeyP
     assert expected[1][1][1]["requestId"] == b"c" * 36  # the framing above is TorchServe's
     reader = BufferedFrontendReads()
     assert _parse_all(reader, data, monkeypatch) == expected
-    # 48 fields per small message, several reads of the MiB value: a handful of recv calls in all.
-    assert reader.recv_calls <= 12, reader.recv_calls
+    # TorchServe's reader makes one recv per field (48 per message with 9 headers, 202 here
+    # in all) plus several for the MiB value; how many the MiB takes depends on the socket
+    # buffer, so only "far fewer" is asserted here (one per request: the test below).
+    assert reader.recv_calls <= 40, reader.recv_calls
     # Bytes trickling in (7 at a time) are put together the same way.
     assert _parse_all(BufferedFrontendReads(), data, monkeypatch, chunks=7) == expected
 
