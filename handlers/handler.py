@@ -42,7 +42,7 @@ from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
-from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log
+from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log, throttle_prediction_time
 from bray.store import CheckpointStore
 
 __all__ = ["EngineHandler"]
@@ -111,6 +111,7 @@ class EngineHandler(BaseHandler):
                                       version=self._version, period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
         buffer_frontend_reads()
+        throttle_prediction_time(getattr(context, "metrics", None), METRIC_PERIOD_S)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)

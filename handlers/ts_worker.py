@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, Callable
 
-__all__ = ["BufferedFrontendReads", "buffer_frontend_reads", "quiet_per_batch_log"]
+__all__ = ["BufferedFrontendReads", "buffer_frontend_reads", "quiet_per_batch_log", "throttle_prediction_time"]
+
+#: TorchServe's per-batch gauge (``ts/service.py``'s ``PREDICTION_METRIC``).
+PREDICTION_TIME = "PredictionTime"
 
 # One recv asks for this much: a whole request of a few KB arrives in one call.
 _CHUNK = 256 * 1024
@@ -33,6 +37,41 @@ def quiet_per_batch_log() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _DropPerBatchLines) for f in handler.filters):
             handler.addFilter(_DropPerBatchLines())
+
+
+def throttle_prediction_time(metrics: Any, period_s: float = 1.0) -> bool:
+    """Let TorchServe's ``PredictionTime`` gauge through at most once per ``period_s``.
+
+    0.12's worker reports it after every batch, before sending the answer: a log line
+    to stdout (a ``write``, plus ``uname`` and ``getpid`` for the line's hostname and
+    record) that the frontend reads and parses on another thread, all on the request's
+    path. A gauge scraped every few seconds shows one value per scrape anyway, so the
+    first batch of each period reports it and the rest do not. Every other metric
+    passes through untouched.
+
+    Args:
+        metrics: the worker's metrics cache (``context.metrics``).
+        period_s: at most one report per this many seconds.
+
+    Returns:
+        Whether it was installed (``False`` without a metrics cache, or twice).
+    """
+    original = getattr(metrics, "add_time", None)
+    if original is None or getattr(original, "_bray_throttled", False):
+        return False
+    last = [-float("inf")]
+
+    def add_time(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == PREDICTION_TIME:
+            now = time.monotonic()
+            if now - last[0] < period_s:
+                return None
+            last[0] = now
+        return original(name, *args, **kwargs)
+
+    add_time._bray_throttled = True  # type: ignore[attr-defined]
+    metrics.add_time = add_time
+    return True
 
 
 class BufferedFrontendReads:

@@ -109,3 +109,42 @@ def test_installed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     first = buffer_frontend_reads()
     assert isinstance(first, BufferedFrontendReads) and otf._retrieve_buffer is first
     assert buffer_frontend_reads() is first
+
+
+def _metrics_cache() -> object:
+    import os
+
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    cache = MetricsCacheYamlImpl(config_file_path=os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    cache.initialize_cache()
+    cache.model_name, cache.request_ids = "policy", {0: "req-0"}  # what a worker's service sets
+    return cache
+
+
+def test_prediction_time_reported_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from bray.handlers.ts_worker import throttle_prediction_time
+
+    cache: object = _metrics_cache()
+    assert throttle_prediction_time(cache, period_s=0.2)
+    assert not throttle_prediction_time(cache, period_s=0.2)  # installed once
+    with caplog.at_level("INFO"):
+        for i in range(50):  # what ts/service.py does after each batch
+            cache.add_time("PredictionTime", 1.5 + i)  # type: ignore[attr-defined]
+        time.sleep(0.25)
+        cache.add_time("PredictionTime", 9.0)  # type: ignore[attr-defined]
+        for _ in range(3):
+            cache.add_time("HandlerTime", 2.0)  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    prediction = [line for line in lines if line.startswith("[METRICS]PredictionTime")]
+    assert [line.split(":", 1)[1].split("|", 1)[0] for line in prediction] == ["1.5", "9.0"]
+    assert sum(line.startswith("[METRICS]HandlerTime") for line in lines) == 3  # others untouched
+
+
+def test_prediction_time_without_a_metrics_cache() -> None:
+    from bray.handlers.ts_worker import throttle_prediction_time
+
+    assert not throttle_prediction_time(None)
