@@ -188,3 +188,74 @@ def test_repeated_structures_reuse_their_layout_and_stay_exact() -> None:
     finally:
         caller.close()
         proxy.close()
+
+
+def _silent_proxy(address: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A peer that completes the hello and then never answers a call (a hung proxy)."""
+    import threading
+
+    listener = _listener(address)
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            _, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(HEADER.pack(0, 0, -1, 0, MIN_SLOT_BYTES))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
+
+
+def test_a_hung_proxy_fails_a_sync_call_after_timeout_s_never_hangs() -> None:
+    import asyncio
+    import time
+
+    from bray.bridge.proxy_client import ProxyClient
+    from bray.errors import BrayTimeoutError
+
+    address = f"\0bray-test-hung-{os.getpid()}"
+    listener, _ = _silent_proxy(address)
+    client = ProxyClient(address, argv=["false"], env={}, timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrayTimeoutError, match="did not answer within 0.3 s"):
+            client.call(OBS, 1, -1)  # the kernel's SO_RCVTIMEO, not a poll per recv
+        assert 0.25 < time.monotonic() - started < 5
+        with pytest.raises(BrayTimeoutError):
+            asyncio.run(client.acall(OBS, 1, -1))
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_forked_child_does_not_reuse_its_parents_connections() -> None:
+    from bray.bridge.proxy_client import ProxyClient
+
+    address = f"\0bray-test-fork-{os.getpid()}"
+    listener, accepted = _silent_proxy(address)
+    client = ProxyClient(address, argv=["false"], env={}, timeout_s=5)
+    try:
+        assert client.start(wait_s=5)
+        parent_conn = client._idle[True][0]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its connection must be new (the parent's socket is shared)
+            try:
+                conn = client._take(True)
+                os.write(write, b"new" if conn is not parent_conn else b"reused")
+            finally:
+                os._exit(0)
+        os.close(write)
+        assert os.read(read, 16) == b"new"
+        os.waitpid(pid, 0)
+        assert client._take(True) is parent_conn  # the parent keeps its own
+    finally:
+        client.close()
+        listener.close()
