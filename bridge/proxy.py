@@ -223,16 +223,19 @@ class NodeProxy:
 
     def _readable(self, conn: _Conn) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(conn.sock, 4096, 4)
+            if conn.slot is None:  # the hello hands over the slot's descriptor
+                data, fds, _, _ = socket.recv_fds(conn.sock, 4096, 4)
+                conn.fds.extend(fds)
+            else:  # no descriptor travels after it (a plain recv drops any, unopened)
+                data = conn.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, fds = b"", []
-        conn.fds.extend(fds)
+            data = b""
         if not data:  # EOF: the caller closed its socket or its process died
             self._drop(conn)
             return
-        conn.buf += data
+        conn.buf = conn.buf + data if conn.buf else data
         while len(conn.buf) >= HEADER.size and not conn.closed:
             head, conn.buf = conn.buf[:HEADER.size], conn.buf[HEADER.size:]
             try:
