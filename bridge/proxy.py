@@ -307,7 +307,10 @@ class NodeProxy:
         self.samples += n
         self.call_s += elapsed
         if self.on_call is not None:
-            self.on_call(n, elapsed, error)
+            try:
+                self.on_call(n, elapsed, error)
+            except Exception:  # a counter must not keep the answer from its caller
+                log.exception("bray proxy: counting a call failed")
         if conn.closed:
             conn.release()  # the caller died while its call was in flight
         elif reply:
