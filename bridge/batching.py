@@ -101,11 +101,10 @@ class ForwardBatcher:
         caller that answers from a done-callback (the node proxy: no task per call).
         Call it on the batcher's loop."""
         self.calls += 1
-        future: asyncio.Future[Any]
         if self.max_batch_samples == 0:
             self.requests_sent += 1
             return asyncio.ensure_future(self._send(payload), loop=self._loop)
-        future = self._loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         # One walk: calls with equal signatures (containers, keys, dtypes, per-sample
         # shapes) can share a request.
         leaves, treedef = tree.flatten(payload)

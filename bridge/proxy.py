@@ -281,7 +281,8 @@ class NodeProxy:
             self.model._seen.advance(min_step)  # a step the caller was answered with elsewhere
             future = self._batcher.enqueue(payload, n)
         except Exception as err:
-            future = asyncio.get_running_loop().create_future()
+            assert self._loop is not None
+            future = self._loop.create_future()
             future.set_exception(err)
         future.add_done_callback(functools.partial(self._done, conn, n, started))
 

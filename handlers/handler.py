@@ -93,7 +93,7 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(None, model="", version="")
         self._model_name = ""
         self._version = ""
-        self._pid = str(os.getpid())  # the X-Bray-Worker header: one system call less per request
+        self._pid = os.getpid()  # X-Bray-Worker: read once, not a system call per request
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -107,11 +107,12 @@ class EngineHandler(BaseHandler):
         # The registered name and version: metric labels, and the OIP answer's model_name/_version.
         self._model_name = str(getattr(context, "model_name", "") or cfg.name)
         self._version = str((manifest.get("model") or {}).get("modelVersion", ""))
-        self.metrics = ServingMetrics(getattr(context, "metrics", None), model=self._model_name,
-                                      version=self._version, period_s=METRIC_PERIOD_S)
+        ts_metrics = getattr(context, "metrics", None)
+        self.metrics = ServingMetrics(ts_metrics, model=self._model_name, version=self._version,
+                                      period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
         buffer_frontend_reads()
-        throttle_prediction_time(getattr(context, "metrics", None), METRIC_PERIOD_S)
+        throttle_prediction_time(ts_metrics, METRIC_PERIOD_S)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
         self.spec = load_spec(export_dir)
@@ -208,7 +209,7 @@ class EngineHandler(BaseHandler):
         self.metrics.batch(requests=len(data), samples=sum(p.batch for _, p in good), forwarded=bool(good))
         for idx in range(len(data)):
             context.set_response_header(idx, STEP_HEADER, str(step))
-            context.set_response_header(idx, WORKER_HEADER, self._pid)
+            context.set_response_header(idx, WORKER_HEADER, str(self._pid))
         return results
 
     @staticmethod
@@ -233,7 +234,7 @@ class EngineHandler(BaseHandler):
     def _oip_answer(self, context: Any, idx: int, leaves: list[np.ndarray], request: OipRequest,
                     step: int) -> bytes | str:
         reply = encode_response(leaves, self.spec, request, model_name=self._model_name,
-                                model_version=self._version, step=step, worker=os.getpid())
+                                model_version=self._version, step=step, worker=self._pid)
         context.set_response_content_type(idx, reply.content_type)
         if reply.header_length is not None:
             context.set_response_header(idx, HEADER_LENGTH, str(reply.header_length))

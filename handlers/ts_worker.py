@@ -103,32 +103,27 @@ class BufferedFrontendReads:
         pos, end = self._pos, self._pos + length
         if end <= len(self._buf):
             self._pos = end
-            return bytearray(self._buf[pos:end])
+            return bytearray(memoryview(self._buf)[pos:end])
         data = bytearray(length)
         got = len(self._buf) - pos
-        data[:got] = self._buf[pos:]
+        data[:got] = memoryview(self._buf)[pos:]
         self._buf, self._pos = b"", 0
         view = memoryview(data)
         while got < length:
+            self.recv_calls += 1
             if length - got >= _CHUNK:  # a large value: straight into its own buffer
-                k = conn.recv_into(view[got:])
-                chunk = b""
+                k = taken = conn.recv_into(view[got:])
             else:
                 chunk = conn.recv(_CHUNK)
-                k = len(chunk)
-            self.recv_calls += 1
+                k, taken = len(chunk), min(len(chunk), length - got)
+                view[got:got + taken] = memoryview(chunk)[:taken]
+                if taken < k:
+                    self._buf, self._pos = chunk, taken  # the next fields' bytes
             if not k:
                 # What 0.12's _retrieve_buffer does when the frontend goes away.
                 logging.info("Frontend disconnected.")
                 sys.exit(0)
-            if chunk:
-                take = min(k, length - got)
-                view[got:got + take] = chunk[:take]
-                if take < k:
-                    self._buf, self._pos = chunk, take  # the next fields' bytes
-                got += take
-            else:
-                got += k
+            got += taken
         return data
 
 
