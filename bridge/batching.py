@@ -114,15 +114,18 @@ class ForwardBatcher:
         return future
 
     def _kick(self) -> None:
-        if self._wait_handle is not None:
-            self._wait_handle.cancel()
-            self._wait_handle = None
         while self._pending and self._inflight < self.max_inflight:
             if self.more_coming is not None and self.more_coming():
                 left = self._pending[0].at + self.max_wait_s - self._loop.time()
                 if left > 0:
-                    self._wait_handle = self._loop.call_later(left, self._kick)
+                    # One timer per waiting request, not one per call that joins it: a
+                    # timer left from an earlier head only makes _waited look again.
+                    if self._wait_handle is None:
+                        self._wait_handle = self._loop.call_later(left, self._waited)
                     return
+            if self._wait_handle is not None:
+                self._wait_handle.cancel()
+                self._wait_handle = None
             first = self._pending.popleft()
             group, total = [first], first.n
             rest: deque[_Call] = deque()
@@ -138,6 +141,10 @@ class ForwardBatcher:
             self._inflight += 1
             self.requests_sent += 1
             self._loop.create_task(self._run(group, total))
+
+    def _waited(self) -> None:
+        self._wait_handle = None
+        self._kick()
 
     async def _run(self, group: list[_Call], total: int) -> None:
         try:

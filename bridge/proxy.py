@@ -80,7 +80,7 @@ def bind(address: str) -> socket.socket | None:
 class _Conn:
     """One caller connection: its socket, its slot, and whether a call is in flight."""
 
-    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed", "answered_at")
+    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
@@ -90,7 +90,6 @@ class _Conn:
         self.buf = b""
         self.busy = False
         self.closed = False
-        self.answered_at = 0.0
 
     def release(self) -> None:
         if self.slot is not None:
@@ -123,6 +122,9 @@ class NodeProxy:
         self.call_s = 0.0  # summed time from a call's arrival to its answer, inside the proxy
         self.clients_seen = 0
         self._conns: set[_Conn] = set()
+        # Callers answered and not called again yet, by answer time (oldest first): what
+        # _more_coming asks on every call, in amortized O(1) instead of a walk over all.
+        self._expected: dict[_Conn, float] = {}
         self._idle_since = time.monotonic()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -181,7 +183,13 @@ class NodeProxy:
         """Whether a caller answered a moment ago has not called again yet."""
         assert self._loop is not None
         recent = self._loop.time() - _RECENT_S
-        return any(not c.busy and c.answered_at > recent for c in self._conns)
+        expected = self._expected
+        while expected:
+            conn, answered_at = next(iter(expected.items()))
+            if answered_at > recent:
+                return True
+            del expected[conn]  # gone quiet: not waited for any more
+        return False
 
     # --- connections -------------------------------------------------------------------
 
@@ -212,6 +220,7 @@ class NodeProxy:
         if conn.closed:
             return
         conn.closed = True
+        self._expected.pop(conn, None)
         assert self._loop is not None
         self._loop.remove_reader(conn.sock.fileno())
         conn.sock.close()
@@ -267,6 +276,7 @@ class NodeProxy:
                 self._send_error(conn, err)
                 return
             conn.busy = True
+            self._expected.pop(conn, None)
             self._call(conn, payload, n, step)
         elif op == OP_STATS:
             body = json.dumps(self.stats()).encode()
@@ -315,7 +325,8 @@ class NodeProxy:
         if conn.closed:
             conn.release()  # the caller died while its call was in flight
         elif reply:
-            conn.answered_at = self._loop.time() if self._loop is not None else 0.0
+            if self._loop is not None:
+                self._expected[conn] = self._loop.time()
             self._send(conn, reply)
 
     def _send_error(self, conn: _Conn, err: BaseException) -> None:

@@ -88,3 +88,20 @@ def test_without_a_hint_calls_never_wait() -> None:
         assert sizes == [1, 2]
 
     asyncio.run(main())
+
+
+def test_a_request_that_left_early_does_not_leave_the_next_one_without_a_bound() -> None:
+    async def main() -> None:
+        coming = [True]
+        batcher, sizes = _batcher(lambda: coming[0], max_wait_s=0.05)
+        first = asyncio.ensure_future(batcher.submit(_row(1), 1))
+        await asyncio.sleep(0)  # it waits for the callers said to be coming (a timer is set)
+        coming[0] = False
+        second = asyncio.ensure_future(batcher.submit(_row(2), 1))  # the last one: both leave now
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=20)
+        coming[0] = True  # the next request waits again, on a timer of its own, and still leaves
+        out, _ = await asyncio.wait_for(batcher.submit(_row(3), 1), timeout=20)
+        np.testing.assert_array_equal(out["out"], np.full((1, 3), 6, np.float32))
+        assert sizes == [2, 1]
+
+    asyncio.run(main())
