@@ -118,8 +118,8 @@ class ForwardBatcher:
             if self.more_coming is not None and self.more_coming():
                 left = self._pending[0].at + self.max_wait_s - self._loop.time()
                 if left > 0:
-                    # One timer per waiting request, not one per call that joins it: a
-                    # timer left from an earlier head only makes _waited look again.
+                    # One timer per waiting request, not one per call that joins it (the
+                    # deadline is its first call's); a group that leaves cancels it.
                     if self._wait_handle is None:
                         self._wait_handle = self._loop.call_later(left, self._waited)
                     return
