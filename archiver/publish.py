@@ -24,6 +24,7 @@ from bray.errors import (
     ConfigError,
     ManagementError,
     ModelNotFoundError,
+    ModelOwnedError,
     VersionExistsError,
 )
 from bray.handlers.config import ServingOptions
@@ -36,11 +37,13 @@ __all__ = [
     "ModelStatus",
     "PublishWatch",
     "VersionStatus",
+    "check_owner",
     "list_versions",
     "prune",
     "publish_version",
     "rollback",
     "scale",
+    "served_store",
     "set_default",
     "status",
     "watch_and_publish",
@@ -57,6 +60,61 @@ def _version_key(version: str) -> tuple[int, int, str]:
     """Numeric versions in numeric order, then the others (``latest``) by name."""
     n = _numeric(version)
     return (0, n, "") if n is not None else (1, 0, version)
+
+
+def served_store(version: ModelVersion, model_store: str | os.PathLike[str]) -> str | None:
+    """The checkpoint store a registered version serves, from its archive's ``model-config.yaml``.
+
+    Returns:
+        The store's absolute path, or ``None`` when the archive is not in ``model_store``
+        or is not a bray archive (nothing can be said about it).
+    """
+    if not version.url:
+        return None
+    mar = Path(model_store) / version.url
+    if not mar.is_file():
+        return None
+    try:
+        return read_archive_config(mar).store
+    except ConfigError:
+        return None
+
+
+def check_owner(name: str, *, client: ManagementClient, model_store: str | os.PathLike[str],
+                store_path: str) -> None:
+    """Refuse to touch ``name`` on this server when it serves another checkpoint store.
+
+    TorchServe's model names are global to a server, checkpoint stores are per project
+    and trial (``bray.init``): a run registering a version of a name that another run's
+    store serves would hand that run's callers its own weights. Versions whose archive
+    cannot be read (another node's model store, a foreign archive) say nothing.
+
+    Args:
+        name: the TorchServe model name.
+        client: the server's management client.
+        model_store: the server's model store (where the archives are).
+        store_path: the store this caller serves from (absolute).
+
+    Raises:
+        ModelOwnedError: some version of ``name`` serves another store (the message
+            names both and what to do).
+    """
+    try:
+        versions = client.versions(name)
+    except ModelNotFoundError:
+        return
+    mine = os.path.realpath(store_path)
+    for v in versions:
+        owner = served_store(v, model_store)
+        if owner is not None and os.path.realpath(owner) != mine:
+            raise ModelOwnedError(
+                f"{name!r} on {client.url} (version {v.version}) serves the checkpoint store {owner}, "
+                f"another project or trial than this one's store {mine}: runs never take over each "
+                f"other's models. Give this model another name or a namespace (RemoteModel({name!r}, "
+                "namespace=<trial>)), or, if that run is over, unregister its model first "
+                f"(DELETE /models/{name} on the management API)",
+                name=name, url=client.url, owner=owner, store=mine,
+            )
 
 
 def publish_version(
@@ -98,6 +156,8 @@ def publish_version(
 
     Raises:
         VersionExistsError: that version is already registered (nothing was packed).
+        ModelOwnedError: another version of ``name`` serves another checkpoint store
+            (another project or trial; nothing was packed).
         StepNotFoundError: no such step in the store.
         ConfigError: invalid options, or a stale archive file without ``force=True``.
         ServerError: registration, start-up or set-default failed; the archive is removed
@@ -118,6 +178,7 @@ def publish_version(
             f"another step, or unregister it first (bray-archive prune, or DELETE /models/{name}/{version})",
             status=None, name=name, version=version,
         )
+    check_owner(name, client=client, model_store=model_store, store_path=str(Path(store.root).resolve()))
     packed = pack_archive(store, name, step=step, model_store=model_store, options=opts, version=version,
                           force=force, progress=progress)
     registered = False

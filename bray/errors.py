@@ -6,6 +6,7 @@ for callers who do not know about bray::
 
     BrayError
     ├── ConfigError(ValueError)              an option or argument is invalid
+    │   └── ModelOwnedError                  the name is served from another run's store
     ├── WireError(ValueError)                a NestedArray body cannot be decoded
     ├── InputError(ValueError)               decoded inputs do not fit the model
     ├── StoreError
@@ -44,6 +45,7 @@ __all__ = [
     "ManagementError",
     "ModelApiDisabledError",
     "ModelNotFoundError",
+    "ModelOwnedError",
     "ServerError",
     "ServerUnreachableError",
     "StepConflictError",
@@ -79,6 +81,21 @@ def _rebuild(cls: type[BrayError], message: str, attrs: dict[str, Any]) -> BrayE
 
 class ConfigError(BrayError, ValueError):
     """An option, argument or environment variable has an invalid value."""
+
+
+class ModelOwnedError(ConfigError):
+    """The TorchServe model name is already served from another checkpoint store.
+
+    TorchServe's model names are global to a server, while stores are per project and
+    trial: a second run registering the same name would make the first run's callers
+    get its weights. Attributes: ``name``, ``url`` (the management address), ``owner``
+    (the store the registered model serves), ``store`` (the one refused).
+    """
+
+    name: str
+    url: str
+    owner: str
+    store: str
 
 
 class WireError(BrayError, ValueError):

@@ -110,6 +110,8 @@ class Registration:
             What the first node had registered already (a ``ModelDescription``), else ``None``.
 
         Raises:
+            ModelOwnedError: the name is served from another checkpoint store (another
+                project or trial) on some node; nothing was changed there.
             ServerError: a node refused the registration (the message says why).
         """
         first = None
@@ -120,8 +122,11 @@ class Registration:
         return first
 
     def _ensure_on(self, client: Any, model_store: Path, *, override: bool) -> Any:
-        from bray.archiver.publish import publish_version
+        from bray.archiver.publish import check_owner, publish_version
 
+        # Before anything is unregistered or attached to: a name another run's store
+        # serves stays that run's (TorchServe names are global, stores per trial).
+        check_owner(self.name, client=client, model_store=model_store, store_path=str(self.store.root.resolve()))
         try:
             existing = client.describe(self.name, self.version)
         except ModelNotFoundError:

@@ -20,7 +20,7 @@ import torch
 
 import bray
 from bray import wire
-from bray.errors import ConfigError, InputError, StepNotFoundError
+from bray.errors import ConfigError, InputError, ModelOwnedError, StepNotFoundError
 from bray.torchserve.inference import InferenceClient, Reply
 from bray.torchserve.launcher import TorchServeProcess, free_ports
 from bray.torchserve.management import ManagementClient
@@ -241,6 +241,59 @@ def test_override_false_and_constructing_without_model_attach(make: Make) -> Non
     # an attached model publishes to the same model
     attached.publish_weights(probe_weights(6)).wait(timeout_s=30)
     np.testing.assert_allclose(first(X), expected(6))
+
+
+def test_two_trials_on_one_server_never_serve_each_others_weights(
+        torchserve: TorchServeProcess, tmp_path: Path, make: Make) -> None:
+    """Bray keeps trials apart; TorchServe's names are global: a second trial's ``policy`` is refused.
+
+    Before the ownership check, run2's ``RemoteModel("rm_trial", model=...)`` unregistered
+    run1's version and registered its own: every one of run1's later answers was run2's.
+    """
+    root = tmp_path / "trials"
+    init_for(torchserve, root, project="pong", trial="run1")
+    run1 = make("rm_trial", model=probe_net(3), forward_args=(X,))
+    wrong: list[np.ndarray] = []
+    answers = 0
+    stop = threading.Event()
+
+    def actor() -> None:  # run1's actor checks every answer against run1's weights
+        nonlocal answers
+        while not stop.is_set():
+            out = run1(X)
+            answers += 1
+            if not np.allclose(out, expected(3)):
+                wrong.append(out)
+
+    thread = threading.Thread(target=actor)
+    thread.start()
+    try:
+        init_for(torchserve, root, project="pong", trial="run2")
+        with pytest.raises(ModelOwnedError) as err:
+            make("rm_trial", model=probe_net(7), forward_args=(X,))
+        message = str(err.value)
+        assert str((root / "pong" / "run1").resolve()) in message
+        assert str((root / "pong" / "run2").resolve()) in message
+        assert "namespace" in message
+        assert err.value.owner == str((root / "pong" / "run1").resolve())
+        # Attaching from a trial whose own store has the name: refused too, not run1's weights.
+        make("rm_trial", model=probe_net(7), forward_args=(X,), local_mode=True)
+        with pytest.raises(ModelOwnedError):
+            make("rm_trial")
+        # What the message says to do works: both runs served side by side.
+        run2 = make("rm_trial", model=probe_net(7), forward_args=(X,), namespace="run2")
+        assert run2.name == "run2.rm_trial"
+        for _ in range(20):
+            np.testing.assert_allclose(run2(X), expected(7))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert answers > 0
+    assert not wrong, f"{len(wrong)} of run1's {answers} answers came from another trial's weights"
+    np.testing.assert_allclose(run1(X), expected(3))
+    with ManagementClient(torchserve.management_url, key_file=torchserve.key_file) as client:
+        (version,) = client.describe("rm_trial", "latest")
+        assert version.ready_workers == 1  # run1 kept its worker
 
 
 # -- errors -------------------------------------------------------------------------------
