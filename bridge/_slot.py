@@ -45,14 +45,13 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from bray import tree, wire
-from bray.errors import BrayError
+from bray.errors import BrayError, ProxyUnavailableError
 
 __all__ = [
     "HEADER",
     "OP_CALL",
     "OP_HELLO",
     "OP_STATS",
-    "ProxyUnavailableError",
     "ST_ERROR",
     "ST_INLINE",
     "ST_SLOT",
@@ -73,10 +72,6 @@ MIN_SLOT_BYTES = 64 * 1024
 _UCRED = struct.Struct("3i")
 _PREFIX = struct.Struct("<4sBI")  # bray.wire's: magic, version, header length
 _LAYOUTS_KEPT = 16
-
-
-class ProxyUnavailableError(BrayError, ConnectionError):
-    """The node proxy could not be reached, refused this caller, or went away mid-call."""
 
 
 def proxy_address(name: str, version: str, inference_urls: Sequence[str], store: os.PathLike[str] | str) -> str:

@@ -24,13 +24,9 @@ from typing import Any, Awaitable, Callable, Hashable
 import numpy as np
 
 from bray import tree
-from bray.errors import BrayError, ConfigError, InputError
+from bray.errors import BatchMismatchError, ConfigError, InputError
 
-__all__ = ["BatchMismatchError", "ForwardBatcher"]
-
-
-class BatchMismatchError(BrayError, RuntimeError):
-    """The server answered a coalesced request with the wrong number of rows."""
+__all__ = ["ForwardBatcher"]
 
 
 @dataclass

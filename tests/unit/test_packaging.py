@@ -66,3 +66,22 @@ def test_wheel_metadata_license_version_urls_and_entry_point(wheel: tuple[zipfil
     assert entry_points["console_scripts"]["bray-archive"] == "bray.archiver.cli:main"
     # The TOML-table license of old printed this on every build (an error after 2027-02-18).
     assert "project.license` as a TOML table is deprecated" not in build_log
+
+
+# Features of Python 3.11 the code relies on, with where they appear (asyncio.timeout in
+# the proxy client, tomllib in the tests): the declared floor must admit none older.
+_NEEDS_311 = ("asyncio.timeout(", "import tomllib", "asyncio.TaskGroup", "except*")
+
+
+def test_the_declared_python_floor_runs_the_code() -> None:
+    """``requires-python`` promised 3.10 while the node proxy's client needs 3.11's asyncio.timeout."""
+    import tomllib
+
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    uses = sorted({f"{path.relative_to(ROOT)}: {needle}"
+                   for top in ("bray", "handlers", "archiver", "bridge", "ts_config", "tests", "scripts")
+                   for path in (ROOT / top).rglob("*.py") if path != Path(__file__).resolve()
+                   for needle in _NEEDS_311 if needle in path.read_text()})
+    if uses:
+        assert floor == ">=3.11", f"requires-python is {floor!r} but the code needs 3.11: {uses[:5]}"
+    assert sys.version_info >= (3, 11)
