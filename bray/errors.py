@@ -19,14 +19,19 @@ for callers who do not know about bray::
     ├── ServerError(ConnectionError)         talking to TorchServe failed
     │   ├── ServerUnreachableError           connection refused / no answer
     │   ├── AuthError(PermissionError)       401/403 from token authorization
+    │   ├── NotServedError(LookupError)      a prediction's 404: no such model or version there
     │   └── ManagementError                  the management API answered an error
     │       ├── ModelNotFoundError(LookupError)   404
     │       ├── VersionExistsError           409
     │       └── ModelApiDisabledError        405, registration API turned off
+    ├── BatchMismatchError(RuntimeError)     an answer with another number of rows than asked
+    ├── ProxyUnavailableError(ConnectionError)  the node proxy cannot be reached or went away
     └── BrayTimeoutError(TimeoutError)       a bounded wait ran out
 
 All errors pickle (they cross TorchServe worker processes and multiprocessing
-pools): extra attributes are passed through ``__reduce__``.
+pools): extra attributes are passed through ``__reduce__``. The attributes a class
+carries are declared on it with their defaults, so callers read ``err.status``, never
+``getattr(err, "status", ...)``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 __all__ = [
     "AuthError",
+    "BatchMismatchError",
     "BrayError",
     "BrayTimeoutError",
     "ConfigError",
@@ -46,6 +52,8 @@ __all__ = [
     "ModelApiDisabledError",
     "ModelNotFoundError",
     "ModelOwnedError",
+    "NotServedError",
+    "ProxyUnavailableError",
     "ServerError",
     "ServerUnreachableError",
     "StepConflictError",
@@ -80,7 +88,12 @@ def _rebuild(cls: type[BrayError], message: str, attrs: dict[str, Any]) -> BrayE
 
 
 class ConfigError(BrayError, ValueError):
-    """An option, argument or environment variable has an invalid value."""
+    """An option, argument or environment variable has an invalid value.
+
+    Attributes: ``path``, the file the value came from or is about, where there is one.
+    """
+
+    path: str | None = None
 
 
 class ModelOwnedError(ConfigError):
@@ -99,15 +112,31 @@ class ModelOwnedError(ConfigError):
 
 
 class WireError(BrayError, ValueError):
-    """A NestedArray body (binary or JSON) is malformed or over the limits."""
+    """A NestedArray body (binary or JSON) is malformed or over the limits.
+
+    Attributes: ``status``, the HTTP status a server answers it with (413 over a limit).
+    """
+
+    status: int = 400
 
 
 class InputError(BrayError, ValueError):
-    """Decoded inputs do not match what the model takes (shape, dtype, count)."""
+    """Decoded inputs do not match what the model takes (shape, dtype, count).
+
+    Attributes: ``status``, the HTTP status it is (or was) answered with.
+    """
+
+    status: int = 400
 
 
 class StoreError(BrayError):
-    """The checkpoint store could not do what was asked."""
+    """The checkpoint store could not do what was asked.
+
+    Attributes: ``name`` and ``step``, the model and step concerned, where known.
+    """
+
+    name: str | None = None
+    step: int | None = None
 
 
 class StepConflictError(StoreError, ValueError):
@@ -115,6 +144,8 @@ class StepConflictError(StoreError, ValueError):
 
     Attributes: ``name``, ``step`` (asked), ``latest`` (what the store holds).
     """
+
+    latest: int | None = None
 
 
 class StepNotFoundError(StoreError, LookupError):
@@ -138,7 +169,16 @@ class EngineUnavailableError(EngineError, ImportError):
 
 
 class ServerError(BrayError, ConnectionError):
-    """A call to TorchServe failed. ``status`` is the HTTP status when there was one."""
+    """A call to TorchServe failed.
+
+    Attributes: ``status``, the HTTP status when there was one; ``url``, the server;
+    ``reason``, how a connection failed (``refused``, ``reset``, ... see
+    :func:`bray.torchserve.answers.connection_failure`), ``""`` for an answer.
+    """
+
+    status: int | None = None
+    url: str | None = None
+    reason: str = ""
 
 
 class ServerUnreachableError(ServerError):
@@ -146,11 +186,29 @@ class ServerUnreachableError(ServerError):
 
 
 class AuthError(ServerError, PermissionError):
-    """Token authorization refused the call (missing, wrong or expired key)."""
+    """Token authorization refused the call (missing, wrong or expired key).
+
+    Attributes: ``key_file``, the key file whose key was refused, where there was one.
+    """
+
+    key_file: str | None = None
+
+
+class NotServedError(ServerError, LookupError):
+    """A prediction was answered 404: the model or version is not registered on that node.
+
+    The inference API's answer, not the management API's (:class:`ModelNotFoundError`):
+    a restarted server has forgotten its models, or the name or version is wrong.
+    """
 
 
 class ManagementError(ServerError):
-    """The management API answered with an error status."""
+    """The management API answered with an error status.
+
+    Attributes: ``ts_type``, TorchServe's exception type from the answer's body.
+    """
+
+    ts_type: str = ""
 
 
 class ModelNotFoundError(ManagementError, LookupError):
@@ -165,5 +223,25 @@ class ModelApiDisabledError(ManagementError):
     """The server runs with the model-registration API turned off."""
 
 
+class BatchMismatchError(BrayError, RuntimeError):
+    """The server answered a coalesced request with another number of rows than it was sent."""
+
+
+class ProxyUnavailableError(BrayError, ConnectionError):
+    """The node proxy could not be reached, refused this caller, or went away mid-call.
+
+    Attributes: ``starting``, no proxy serves the model yet and one is being started.
+    """
+
+    starting: bool = False
+
+
 class BrayTimeoutError(BrayError, TimeoutError):
-    """A bounded wait ran out before the condition held."""
+    """A bounded wait ran out before the condition held.
+
+    Attributes: ``timeout_s``, the limit; ``url`` and ``reason`` for a connection's wait.
+    """
+
+    timeout_s: float | None = None
+    url: str | None = None
+    reason: str = ""

@@ -37,14 +37,13 @@ from bray.bridge._slot import (
     ST_ERROR,
     ST_INLINE,
     ST_SLOT,
-    ProxyUnavailableError,
     Slot,
     check_peer,
     error_body,
     proxy_address,
 )
 from bray.config import PROXY_METRICS_ENV_VAR, Locations
-from bray.errors import BrayError, WireError
+from bray.errors import BrayError, ProxyUnavailableError, WireError
 
 __all__ = ["DEFAULT_IDLE_EXIT_S", "NodeProxy", "serve"]
 

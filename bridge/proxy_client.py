@@ -6,7 +6,7 @@ makes one, so concurrent calls of a process (threads or coroutines) each have th
 a synchronous call blocks its own thread on its own socket, with no hop to an event
 loop. When no proxy serves the model, the first caller that can take the start lock (an
 abstract socket name, so a dead starter frees it) starts one; callers meanwhile get
-:class:`~bray.bridge._slot.ProxyUnavailableError` at once, and ``RemoteModel`` sends
+:class:`~bray.errors.ProxyUnavailableError` at once, and ``RemoteModel`` sends
 their calls to TorchServe directly. A proxy that dies mid-call fails that call with the
 same error (the caller's socket reads EOF), never a hang.
 """
@@ -30,13 +30,12 @@ from bray.bridge._slot import (
     OP_STATS,
     ST_ERROR,
     ST_SLOT,
-    ProxyUnavailableError,
     Slot,
     check_peer,
     raise_error,
     read_outputs,
 )
-from bray.errors import BrayTimeoutError
+from bray.errors import BrayTimeoutError, ProxyUnavailableError
 
 __all__ = ["ProxyClient"]
 
@@ -125,7 +124,7 @@ class ProxyClient:
                 return True
             except ProxyUnavailableError as err:
                 self.last_error = str(err)
-                if not getattr(err, "starting", False) or time.monotonic() > deadline:
+                if not err.starting or time.monotonic() > deadline:
                     return False
                 exited = self._starter_exit()
                 if exited is not None:
@@ -185,7 +184,7 @@ class ProxyClient:
             return self._connect(blocking=blocking)
         except ProxyUnavailableError as err:
             self.last_error = str(err)
-            self._down_until = time.monotonic() + (_RETRY_S if getattr(err, "starting", False) else _REFUSED_RETRY_S)
+            self._down_until = time.monotonic() + (_RETRY_S if err.starting else _REFUSED_RETRY_S)
             raise
 
     def _give(self, conn: _Conn) -> None:

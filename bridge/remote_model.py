@@ -77,7 +77,7 @@ from typing import Any, Mapping, Sequence
 from bray import tree, wire
 from bray.bridge.registration import LIVE_VERSION, Registration
 from bray.bridge.session import current, init, per_node
-from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, StepNotFoundError
+from bray.errors import BrayTimeoutError, ConfigError, NotServedError, ProxyUnavailableError, StepNotFoundError
 from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
@@ -506,7 +506,7 @@ class RemoteModel:
         seen = registration.count
         try:
             reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
-        except ModelNotFoundError:
+        except NotServedError:
             # A restarted TorchServe has forgotten its models: register ours again, then retry once.
             await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
             reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
@@ -518,8 +518,6 @@ class RemoteModel:
 
     async def _forward_remote(self, payload: Any, n: int) -> tuple[Any, int]:
         """One remote forward: through the node proxy when there is one, else (or while it is away) direct."""
-        from bray.bridge._slot import ProxyUnavailableError
-
         if self._proxy is not None:
             try:
                 outputs, step = await self._proxy.acall(payload, n, self._seen.value)
@@ -532,8 +530,6 @@ class RemoteModel:
     def _forward_remote_sync(self, payload: Any, n: int) -> tuple[Any, int]:
         """:meth:`_forward_remote` from a plain thread: the proxy is called on this thread's own socket."""
         from bray.bridge._loop import run_sync
-        from bray.bridge._slot import ProxyUnavailableError
-
         if self._proxy is not None:
             try:
                 outputs, step = self._proxy.call(payload, n, self._seen.value)
@@ -572,8 +568,6 @@ class RemoteModel:
             ``requests_by_url``), ``clients`` connected now and ``clients_seen``, its
             ``pid``, ``cpu_s`` and ``max_rss_mb``; ``None`` also while it is unreachable.
         """
-        from bray.bridge._slot import ProxyUnavailableError
-
         if self._proxy is None:
             return None
         try:

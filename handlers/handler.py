@@ -192,7 +192,7 @@ class EngineHandler(BaseHandler):
                 else:
                     good.append((idx, pipeline.decode(body)))
             except (InputError, WireError) as err:
-                results[idx] = self._error(context, idx, getattr(err, "status", 400), err)
+                results[idx] = self._error(context, idx, err.status, err)
         if good:
             try:
                 outputs = pipeline.forward([p for _, p in good])

@@ -30,6 +30,7 @@ from bray.errors import (
     ManagementError,
     ModelApiDisabledError,
     ModelNotFoundError,
+    NotServedError,
     ServerError,
     ServerUnreachableError,
     VersionExistsError,
@@ -223,7 +224,7 @@ def answer_error(status: int, data: bytes | str, *, api: Api, url: str, method: 
 
     Returns:
         :class:`AuthError` for a refused key (whichever the API); for inference
-        :class:`ModelNotFoundError` (404), :class:`InputError` (400, 413, 422) or
+        :class:`NotServedError` (404), :class:`InputError` (400, 413, 422) or
         :class:`ServerError`; for management :class:`ModelNotFoundError` (404),
         :class:`VersionExistsError` (409), :class:`ModelApiDisabledError` (405) or
         :class:`ManagementError` (a refused archive URL, the default version, the rest).
@@ -243,7 +244,7 @@ def answer_error(status: int, data: bytes | str, *, api: Api, url: str, method: 
         )
     if api == "inference":
         if status == 404:
-            return ModelNotFoundError(f"{path} is not served at {url}: {message}", status=status)
+            return NotServedError(f"{path} is not served at {url}: {message}", status=status, url=url)
         if status in (400, 413, 422):
             return InputError(f"the server refused the request ({status}): {message}", status=status)
         return ServerError(f"{path} failed at {url} with {status}: {message}", status=status)

@@ -181,7 +181,7 @@ class InferenceClient:
 
         Raises:
             InputError: the server answered 400 (its message says what was wrong).
-            ModelNotFoundError: 404, no such model or version.
+            NotServedError: 404, no such model or version on that node.
             AuthError: the inference key was refused even after a refresh.
             ServerUnreachableError: no node accepted a connection within ``reconnect_timeout_s``.
             ServerError: 5xx answers after ``max_retries`` retries.

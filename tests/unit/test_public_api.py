@@ -33,6 +33,38 @@ def test_errors_all_matches_the_classes_defined() -> None:
     assert defined == set(errors.__all__)
 
 
+def test_every_error_class_lives_in_the_one_tree() -> None:
+    """A BrayError subclass defined in another module is outside the tree's docstring and this file's checks."""
+    import pkgutil
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    modules = [f"{pkg}.{info.name}" for pkg in packages
+               for info in pkgutil.iter_modules(importlib.import_module(pkg).__path__)
+               if not info.ispkg and info.name != "__main__"]
+    assert "bray.bridge._slot" in modules and "bray.handlers.handler" in modules
+    elsewhere = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, errors.BrayError) and obj.__module__ == name != "bray.errors":
+                elsewhere.append(f"{name}.{attr}")
+    assert not elsewhere, f"errors defined outside bray/errors.py: {elsewhere}"
+
+
+def test_error_attributes_are_declared_with_defaults() -> None:
+    """Callers read ``err.status`` without ``getattr(err, "status", ...)``: the class declares it."""
+    assert errors.InputError("x").status == 400
+    assert errors.WireError("x").status == 400
+    assert errors.ServerError("x").status is None and errors.ServerError("x").reason == ""
+    assert errors.ProxyUnavailableError("x").starting is False
+    assert errors.StepConflictError("x", latest=3).latest == 3
+    assert issubclass(errors.NotServedError, errors.ServerError) and not issubclass(errors.NotServedError,
+                                                                                    errors.ManagementError)
+
+
 @pytest.mark.parametrize("name", errors.__all__, ids=errors.__all__)
 def test_every_error_is_a_bray_error_and_pickles_with_its_attributes(name: str) -> None:
     cls = getattr(errors, name)

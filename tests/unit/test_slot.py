@@ -13,7 +13,6 @@ from bray.bridge._slot import (
     HEADER,
     MIN_SLOT_BYTES,
     OP_HELLO,
-    ProxyUnavailableError,
     Slot,
     check_peer,
     error_body,
@@ -21,7 +20,7 @@ from bray.bridge._slot import (
     raise_error,
     read_outputs,
 )
-from bray.errors import InputError, ServerError
+from bray.errors import InputError, ProxyUnavailableError, ServerError
 
 OBS = {"args": [np.arange(64, dtype=np.float32).reshape(1, 64)], "kwargs": {"mask": np.ones((1, 3), np.int64)}}
 

@@ -30,6 +30,7 @@ from bray.errors import (
     ManagementError,
     ModelApiDisabledError,
     ModelNotFoundError,
+    NotServedError,
     ServerError,
     ServerUnreachableError,
     VersionExistsError,
@@ -278,7 +279,7 @@ def test_inference_refreshes_a_refused_key_once_for_concurrent_callers(tmp_path:
 # --- the one mapping from answers to errors ----------------------------------------------
 
 @pytest.mark.parametrize(("api", "status", "body", "error", "said"), [
-    ("inference", 404, {"message": "Model not found: policy"}, ModelNotFoundError,
+    ("inference", 404, {"message": "Model not found: policy"}, NotServedError,
      "/predictions/policy is not served at http://node-a.test:8080: Model not found: policy"),
     ("inference", 413, {"message": "body is 20480 bytes, 4096 over the limit"}, InputError,
      "the server refused the request (413): body is 20480 bytes"),
