@@ -121,13 +121,20 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         ConfigError: a malformed address.
     """
     management = getattr(args, "management", None)
+    env = os.environ if env is None else env
     if management is not None:
         check_url(management, what="--management", var="--management", example="http://127.0.0.1:8081")
+    else:
+        urls = [u.strip().rstrip("/") for u in env.get("BRAY_MANAGEMENT_URL", "").split(",") if u.strip()]
+        if len(urls) > 1:
+            raise ConfigError(
+                f"BRAY_MANAGEMENT_URL lists {len(urls)} servers ({', '.join(urls)}); bray-archive talks to "
+                f"one at a time: pass --management {urls[0]} (and so on for each)")
     locations = Locations.from_env(
         env, store=getattr(args, "store", None), model_store=getattr(args, "model_store", None),
         management_url=management, key_file=getattr(args, "key_file", None),
     )
-    locations = _one_node(locations, os.environ if env is None else env)
+    locations = _one_node(locations, env)
     server = ServerOptions(locations=locations, timeout_s=getattr(args, "timeout_s", 300.0),
                            json=getattr(args, "json", False))
     if not hasattr(args, "engine"):
@@ -140,23 +147,20 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
 
 
 def _one_node(locations: Locations, env: Mapping[str, str]) -> Locations:
-    """The CLI talks to one server: refuse a comma list, pick the key file of the chosen node.
+    """The CLI talks to one server (``--management``): pick the key file of the chosen node.
 
     ``BRAY_MANAGEMENT_URL`` and ``BRAY_KEY_FILE`` may list one entry per node (for
     ``RemoteModel``); ``--management`` picks one node, and the key file at the same
     position in ``BRAY_KEY_FILE`` goes with it.
     """
-    urls = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
-    if len(urls) > 1:
-        raise ConfigError(
-            f"BRAY_MANAGEMENT_URL lists {len(urls)} servers ({', '.join(urls)}); bray-archive talks to "
-            f"one at a time: pass --management {urls[0]} (and so on for each)")
-    keys = [k.strip() for k in str(locations.key_file or "").split(",") if k.strip()]
+    urls = [locations.management_url]
+    keys = list(dict.fromkeys(node.key_file for node in locations.nodes))
     if len(keys) <= 1:
         return locations
     env_urls = [u.strip().rstrip("/") for u in env.get("BRAY_MANAGEMENT_URL", "").split(",") if u.strip()]
-    if urls[0] in env_urls and len(env_urls) == len(keys):
-        return replace(locations, key_file=Path(keys[env_urls.index(urls[0])]))
+    if urls[0] in env_urls and len(env_urls) == len(locations.nodes):
+        key_file = locations.nodes[env_urls.index(urls[0])].key_file
+        return replace(locations, nodes=tuple(replace(node, key_file=key_file) for node in locations.nodes))
     raise ConfigError(
         f"BRAY_KEY_FILE lists {len(keys)} key files but it is not clear which belongs to {urls[0]}; "
         "pass --key-file PATH (the key_file.json in that server's working directory)")

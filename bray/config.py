@@ -21,13 +21,13 @@ variable                      meaning                                  default
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "check_url", "find_key_file", "metrics_address", "server_dir"]
+__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -110,26 +110,106 @@ def find_key_file(explicit: str | os.PathLike[str] | None = None,
 
 
 @dataclass(frozen=True)
+class Node:
+    """One TorchServe server: where it answers predictions, where it is managed, its key file, its model store.
+
+    Attributes:
+        inference_url: its inference API (``http://host:8080``).
+        management_url: its management API (several nodes may share one).
+        key_file: its ``key_file.json`` (each TorchServe writes its own keys), ``None``
+            with token authorization off.
+        model_store: its model store directory (``.mar`` files), as this machine sees it.
+    """
+
+    inference_url: str
+    management_url: str
+    key_file: Path | None
+    model_store: Path
+
+
+def _per_node(items: list[Any], n: int, *, what: str, var: str) -> list[Any]:
+    """One item for every node: a single one shared, or exactly one per inference address."""
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise ConfigError(
+            f"{len(items)} {what}s for {n} inference address(es); give one, or one per address "
+            f"in BRAY_INFERENCE_URL's order ({var}=a,b,...)"
+        )
+    return items
+
+
+@dataclass(frozen=True)
 class Locations:
-    """Resolved addresses and paths; build with :meth:`from_env`."""
+    """The checkpoint store and the TorchServe nodes; build with :meth:`from_env`.
+
+    Attributes:
+        store: the checkpoint store root.
+        nodes: every TorchServe node, in ``BRAY_INFERENCE_URL``'s order (at least one).
+    """
 
     store: Path
-    model_store: Path
-    inference_urls: tuple[str, ...]
-    management_url: str
-    key_file: Path | None = field(default=None)
+    nodes: tuple[Node, ...]
+
+    @property
+    def inference_urls(self) -> tuple[str, ...]:
+        """Every node's inference address, in order."""
+        return tuple(node.inference_url for node in self.nodes)
+
+    @property
+    def management_url(self) -> str:
+        """The first node's management address (the CLI talks to one node)."""
+        return self.nodes[0].management_url
+
+    @property
+    def key_file(self) -> Path | None:
+        """The first node's key file."""
+        return self.nodes[0].key_file
+
+    @property
+    def model_store(self) -> Path:
+        """The first node's model store."""
+        return self.nodes[0].model_store
+
+    def managed_nodes(self) -> tuple[Node, ...]:
+        """One node per management address (the first with it): where models are registered."""
+        seen: dict[str, Node] = {}
+        for node in self.nodes:
+            seen.setdefault(node.management_url, node)
+        return tuple(seen.values())
+
+    def to_env(self, *, store: Path | None = None) -> dict[str, str]:
+        """The ``BRAY_*`` variables that rebuild these locations in another process (absolute paths).
+
+        Args:
+            store: the checkpoint store to name instead of :attr:`store` (a session's
+                ``<store>/<project>/<trial>``).
+        """
+        env = {"BRAY_STORE": str(Path(store or self.store).resolve()),
+               "BRAY_INFERENCE_URL": ",".join(self.inference_urls),
+               "BRAY_MANAGEMENT_URL": ",".join(n.management_url for n in self.nodes),
+               "BRAY_MODEL_STORE": ",".join(os.path.abspath(n.model_store) for n in self.nodes)}
+        if all(n.key_file is not None for n in self.nodes):
+            env["BRAY_KEY_FILE"] = ",".join(os.path.abspath(str(n.key_file)) for n in self.nodes)
+        return env
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Locations":
         """Build from keyword overrides, else ``BRAY_*`` variables, else the defaults.
 
+        Several nodes: ``BRAY_INFERENCE_URL`` lists one address per node, comma-separated;
+        ``BRAY_MANAGEMENT_URL``, ``BRAY_KEY_FILE`` and ``BRAY_MODEL_STORE`` give either
+        one value shared by every node or one per node in the same order.
+
         Args:
             env: the environment to read (``os.environ`` when ``None``).
             **overrides: ``store``, ``model_store``, ``inference_url`` (str, comma list or
-                sequence), ``management_url``, ``key_file``; ``None`` values are ignored.
+                sequence), ``management_url``, ``key_file`` (each a comma list or a
+                sequence where several nodes differ); ``None`` values are ignored.
 
         Raises:
-            ConfigError: an unknown override or a malformed address.
+            ConfigError: an unknown override, a malformed address, or lists whose
+                lengths are neither one nor one per inference address.
         """
         env = os.environ if env is None else env
         known = {"store", "model_store", "inference_url", "management_url", "key_file"}
@@ -138,22 +218,32 @@ class Locations:
             raise ConfigError(f"unknown location option(s) {sorted(unknown)}; expected some of {sorted(known)}")
         o = {k: v for k, v in overrides.items() if v is not None}
         store = Path(str(o.get("store") or env.get("BRAY_STORE") or _home() / "store")).expanduser()
-        model_store = Path(
-            str(o.get("model_store") or env.get("BRAY_MODEL_STORE") or _home() / "model_store")
-        ).expanduser()
-        inf = o.get("inference_url") or env.get("BRAY_INFERENCE_URL") or DEFAULT_INFERENCE_URL
-        urls = _split_urls(inf if isinstance(inf, str) else ",".join(str(u) for u in inf),  # type: ignore[attr-defined]
+
+        def listed(value: object) -> str:
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)  # type: ignore[return-value]
+            return ",".join(os.fspath(v) for v in value)  # type: ignore[attr-defined]
+
+        urls = _split_urls(listed(o.get("inference_url") or env.get("BRAY_INFERENCE_URL") or DEFAULT_INFERENCE_URL),
                            what="inference address", var="BRAY_INFERENCE_URL",
                            example="http://127.0.0.1:8080,http://10.0.0.2:8080")
         if not urls:
             raise ConfigError("no inference address given; set BRAY_INFERENCE_URL")
-        mgmt = str(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL)
-        _split_urls(mgmt, what="management address", var="BRAY_MANAGEMENT_URL",
-                    example="http://127.0.0.1:8081")
+        n = len(urls)
+        mgmt = _split_urls(listed(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL),
+                           what="management address", var="BRAY_MANAGEMENT_URL", example="http://127.0.0.1:8081")
+        if not mgmt:
+            raise ConfigError("no management address given; set BRAY_MANAGEMENT_URL")
+        stores = [Path(p.strip()).expanduser() for p in listed(
+            o.get("model_store") or env.get("BRAY_MODEL_STORE") or _home() / "model_store").split(",") if p.strip()]
         key = o.get("key_file")
-        key_file = find_key_file(str(key) if key else None, env)
-        return cls(store=store, model_store=model_store, inference_urls=urls,
-                   management_url=mgmt.rstrip("/"), key_file=key_file)
+        found = find_key_file(listed(key) if key else None, env)
+        keys: list[Path | None] = [Path(k.strip()) for k in str(found).split(",") if k.strip()] if found else [None]
+        mgmt_n = _per_node(list(mgmt), n, what="management URL", var="BRAY_MANAGEMENT_URL")
+        keys_n = _per_node(keys, n, what="key file", var="BRAY_KEY_FILE")
+        stores_n = _per_node(stores, n, what="model store", var="BRAY_MODEL_STORE")
+        return cls(store=store, nodes=tuple(Node(inference_url=u, management_url=m, key_file=k, model_store=ms)
+                                            for u, m, k, ms in zip(urls, mgmt_n, keys_n, stores_n)))
 
 
 def metrics_address(port: int | str | None, env: Mapping[str, str] | None = None) -> tuple[str, int] | None:

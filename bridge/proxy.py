@@ -376,7 +376,8 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
     Raises:
         BrayError: the model could not be set up and ``linger_on_failure`` is ``False``.
     """
-    from bray.bridge.remote_model import LIVE_VERSION, RemoteModel, init
+    from bray.bridge.remote_model import LIVE_VERSION, RemoteModel
+    from bray.bridge.session import use
 
     loc = locations or Locations.from_env()
     version = LIVE_VERSION if step is None else str(step)
@@ -384,8 +385,7 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
     failure: BaseException | None = None
     model = None
     try:
-        init(store=loc.store, model_store=loc.model_store, inference_url=loc.inference_urls,
-             management_url=loc.management_url, key_file=loc.key_file)
+        use(loc)
         # This process inherits BRAY_METRICS_PORT from the caller that started it, whose
         # exporter holds that port: the proxy's own view has a variable of its own.
         model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step,

@@ -13,20 +13,72 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from bray.bridge.session import per_node
 from bray.config import Locations
-from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, VersionExistsError
+from bray.errors import BrayTimeoutError, ModelNotFoundError, VersionExistsError
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
-__all__ = ["LIVE_VERSION", "Registration"]
+__all__ = ["LIVE_VERSION", "Registration", "announcements", "behind"]
 
 log = logging.getLogger(__name__)
 
 #: The TorchServe version that follows the store's latest step (a clone pins its own).
 LIVE_VERSION = "latest"
+
+
+def _local_host(url: str) -> str | None:
+    """This machine's host name when ``url`` is a loopback address (its workers run here), else ``None``."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return socket.gethostname() if loopback else None
+
+
+def announcements(serving: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, int], int]:
+    """The store's serving announcements (:meth:`CheckpointStore.serving`) as ``{(host, pid): step}``."""
+    out = {}
+    for info in serving.values():
+        try:
+            out[(str(info["host"]), int(info["pid"]))] = int(info["step"])
+        except (KeyError, TypeError, ValueError):
+            continue  # an announcement from an older worker, or being replaced
+    return out
+
+
+def behind(nodes: Sequence[tuple[str | None, Sequence[int]]], announced: Mapping[tuple[str, int], int],
+           step: int) -> dict[str, int | None]:
+    """The workers not yet serving ``step``: ``{"<host>-<pid>": announced step or None}``.
+
+    Args:
+        nodes: every node's ``(host or None, READY pids)`` (:meth:`Registration.workers`).
+        announced: ``{(host, pid): step}`` (:func:`announcements`).
+        step: the step waited for.
+
+    A node whose host is unknown is matched to the hosts whose announcements cover
+    every one of its pids; where several hosts do (pids that collide across machines),
+    every one of them must have the step, so a wait never ends early.
+    """
+    late: dict[str, int | None] = {}
+    for host, pids in nodes:
+        if host is not None:
+            hosts = [host]
+        else:
+            hosts = sorted({h for (h, pid) in announced if pid in pids})
+            hosts = [h for h in hosts if all((h, pid) in announced for pid in pids)] or ["?"]
+        for h in hosts:
+            for pid in pids:
+                seen = announced.get((h, pid))
+                if seen is None or seen < step:
+                    late[f"{h}-{pid}"] = seen
+    return late
 
 
 class Registration:
@@ -53,7 +105,7 @@ class Registration:
         self.version = LIVE_VERSION if pinned is None else str(pinned)
         self.wait_s = max(timeout_s * 10, 300)
         self._nodes: list[tuple[Any, Path]] | None = None
-        self._worker_pids: tuple[int, ...] = ()
+        self._workers: tuple[tuple[str | None, tuple[int, ...]], ...] = ()
         self._lock = threading.Lock()
         #: Cleared while registering again: callers wait on it rather than meet 503s.
         self.idle = threading.Event()
@@ -64,41 +116,27 @@ class Registration:
     def nodes(self) -> list[tuple[Any, Path]]:
         """``(management client, model store)`` of every node the model is registered on.
 
-        One per management address: ``BRAY_MANAGEMENT_URL`` (and ``BRAY_KEY_FILE``,
-        ``BRAY_MODEL_STORE``) may list one entry per node, comma-separated in the same
-        order; a single model store is taken as shared by every node.
-
-        Raises:
-            ConfigError: the lists do not match.
+        One per management address (``Locations.managed_nodes``): several inference
+        addresses behind one management address register once.
         """
         if self._nodes is None:
             from bray.torchserve.management import ManagementClient
 
-            mgmt_urls, key_files = per_node(self.locations)
-            stores = [Path(p.strip()) for p in str(self.locations.model_store).split(",") if p.strip()]
-            if len(stores) not in (1, len(mgmt_urls)):
-                raise ConfigError(
-                    f"{len(stores)} model stores for {len(mgmt_urls)} management address(es); give one "
-                    "shared by every node, or one per node in BRAY_MANAGEMENT_URL's order (BRAY_MODEL_STORE=a,b)"
-                )
-            self._nodes = [
-                (ManagementClient(url, key_file=key_files[i % len(key_files)], timeout_s=self.wait_s),
-                 stores[i % len(stores)])
-                for i, url in enumerate(mgmt_urls)
-            ]
+            self._nodes = [(ManagementClient(node.management_url, key_file=node.key_file, timeout_s=self.wait_s),
+                            node.model_store)
+                           for node in self.locations.managed_nodes()]
         return self._nodes
 
     def inference_auth(self) -> Any:
         """The inference API's token auth: one, or one per node (each TorchServe makes its own keys)."""
         from bray.torchserve.auth import TokenAuth
 
-        mgmt_urls, key_files = per_node(self.locations)
-        if len(key_files) == 1 and len(mgmt_urls) == 1:
-            return TokenAuth(key_files[0], management_url=mgmt_urls[0])
+        nodes = self.locations.nodes
+        if len({(node.key_file, node.management_url) for node in nodes}) == 1:
+            return TokenAuth(nodes[0].key_file, management_url=nodes[0].management_url)
         # Each TorchServe generates its own keys at start: one TokenAuth per node, refreshed
-        # through that node's management API (or the one given, when only one is).
-        return {url: TokenAuth(key_files[i % len(key_files)], management_url=mgmt_urls[i % len(mgmt_urls)])
-                for i, url in enumerate(self.locations.inference_urls)}
+        # through that node's management API.
+        return {node.inference_url: TokenAuth(node.key_file, management_url=node.management_url) for node in nodes}
 
     def ensure(self, *, override: bool) -> Any:
         """Make sure every node serves the version, registering it where it is missing.
@@ -166,25 +204,39 @@ class Registration:
                     self.ensure(override=False)  # a no-op when it is registered again already
                 except VersionExistsError:
                     pass  # another process registered it first
-                self._worker_pids = ()
+                self._workers = ()
                 self.count += 1
             finally:
                 self.idle.set()
 
     def worker_pids(self) -> tuple[int, ...]:
-        """READY worker pids of the version on every node, asked now."""
-        pids: list[int] = []
+        """READY worker pids of the version on every node, asked now (see :meth:`workers`)."""
+        return tuple(pid for _, pids in self.workers() for pid in pids)
+
+    def workers(self) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
+        """Every node's READY workers, asked now: ``(host, pids)`` per node.
+
+        TorchServe's management API names a worker by pid only; the host is known where
+        the node is this machine (a loopback address: this host name), else ``None``
+        and told apart by the workers' own announcements (:func:`behind`).
+        """
+        nodes = []
         for client, _ in self.nodes():
             try:
                 (desc,) = client.describe(self.name, self.version)
             except (ModelNotFoundError, ValueError):
                 continue
-            pids += [int(w["pid"]) for w in desc.raw.get("workers", []) if w.get("pid") and w.get("status") == "READY"]
-        self._worker_pids = tuple(pids)
-        return self._worker_pids
+            pids = tuple(int(w["pid"]) for w in desc.raw.get("workers", [])
+                         if w.get("pid") and w.get("status") == "READY")
+            nodes.append((_local_host(client.url), pids))
+        self._workers = tuple(nodes)
+        return self._workers
 
     def wait_served(self, step: int, *, timeout_s: float) -> float:
-        """Block until every READY worker announces ``step`` (or a later one) in the store.
+        """Block until every READY worker of every node announces ``step`` (or a later one).
+
+        Workers are ``(host, pid)``: two nodes whose workers share a pid never stand
+        in for each other.
 
         Returns:
             Seconds waited.
@@ -196,18 +248,18 @@ class Registration:
         deadline = started + timeout_s
         next_refresh = started + 0.5
         while True:
-            pids = self._worker_pids or self.worker_pids()
-            serving = {int(v["pid"]): int(v["step"]) for v in self.store.serving(self.name).values() if "pid" in v}
-            if pids and all(serving.get(pid, -1) >= step for pid in pids):
+            nodes = self._workers or self.workers()
+            announced = announcements(self.store.serving(self.name))
+            late = behind(nodes, announced, step)
+            if nodes and all(pids for _, pids in nodes) and not late:
                 return time.monotonic() - started
             if time.monotonic() > deadline:
-                behind = {pid: serving.get(pid) for pid in pids if serving.get(pid, -1) < step}
                 raise BrayTimeoutError(f"step {step} of {self.name!r} not served by every worker within {timeout_s} s; "
-                                       f"workers behind (pid: step): {behind}")
-            if any(pid not in serving for pid in pids) or time.monotonic() > next_refresh:
+                                       f"workers behind (host-pid: step): {late or 'no READY worker'}")
+            if any(step_ is None for step_ in late.values()) or time.monotonic() > next_refresh:
                 # A restarted worker has a new pid; a SIGKILLed one leaves its announcement
                 # behind, so a behind worker is looked up again now and then too.
-                self.worker_pids()
+                self.workers()
                 next_refresh = time.monotonic() + 0.5
             time.sleep(0.002)
 

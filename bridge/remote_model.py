@@ -76,7 +76,7 @@ from typing import Any, Mapping, Sequence
 
 from bray import tree, wire
 from bray.bridge.registration import LIVE_VERSION, Registration
-from bray.bridge.session import current, init, per_node
+from bray.bridge.session import current, init
 from bray.errors import BrayTimeoutError, ConfigError, NotServedError, ProxyUnavailableError, StepNotFoundError
 from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
@@ -351,8 +351,6 @@ class RemoteModel:
         self.store = CheckpointStore(session.store_root, keep_last=settings.keep_last,
                                      checkpoint_interval=settings.checkpoint_interval or 0,
                                      checkpoint_interval_s=settings.checkpoint_interval_s or 0.0)
-        if not self.local_mode:
-            per_node(self.locations)  # one key file / management URL, or one per node: checked before any work
         self._registration = Registration(self.name, self.store, self.locations, options=self.options,
                                           pinned=pinned, timeout_s=self.timeout_s)
         self._version = self._registration.version
@@ -419,11 +417,7 @@ class RemoteModel:
 
         loc = self.locations
         root = self.store.root.resolve()
-        env = {**os.environ, "BRAY_STORE": str(root), "BRAY_INFERENCE_URL": ",".join(loc.inference_urls),
-               "BRAY_MANAGEMENT_URL": loc.management_url,
-               "BRAY_MODEL_STORE": ",".join(os.path.abspath(p) for p in str(loc.model_store).split(","))}
-        if loc.key_file is not None:
-            env["BRAY_KEY_FILE"] = ",".join(os.path.abspath(p) for p in str(loc.key_file).split(","))
+        env = {**os.environ, **loc.to_env(store=root)}
         idle = os.environ.get("BRAY_PROXY_IDLE_S") or str(DEFAULT_IDLE_EXIT_S)
         argv = [sys.executable, "-m", "bray.bridge.proxy", "--name", self.name, "--timeout-s", str(self.timeout_s),
                 "--idle-exit-s", idle] + (["--step", str(self._pinned)] if self._pinned is not None else [])

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bray.config import Locations
-from bray.errors import ConfigError
 
-__all__ = ["Session", "current", "init", "per_node"]
+__all__ = ["Session", "current", "init", "use"]
 
 
 @dataclass(frozen=True)
@@ -48,18 +47,28 @@ def init(project: str | None = None, trial: str | None = None, *, store: str | o
         The resolved locations.
 
     Raises:
-        ConfigError: a malformed address.
+        ConfigError: a malformed address, or per-node lists of different lengths.
     """
-    global _session
     locations = Locations.from_env(store=store, model_store=model_store, inference_url=inference_url,
                                    management_url=management_url, key_file=key_file)
     root = locations.store
     for part in (project, trial):
         if part:
             root = root / str(part)
-    with _session_lock:
-        _session = Session(locations=locations, store_root=root)
+    use(locations, store_root=root)
     return locations
+
+
+def use(locations: Locations, *, store_root: Path | None = None) -> None:
+    """Make ``locations`` this process's session as they are (the node proxy takes its caller's).
+
+    Args:
+        locations: the store and the nodes.
+        store_root: the store folder models live in (default ``locations.store``).
+    """
+    global _session
+    with _session_lock:
+        _session = Session(locations=locations, store_root=store_root or locations.store)
 
 
 def current() -> Session:
@@ -70,28 +79,3 @@ def current() -> Session:
         locations = Locations.from_env()
         return Session(locations=locations, store_root=locations.store)
     return session
-
-
-def per_node(locations: Locations) -> tuple[list[str], list[Path | None]]:
-    """Management URLs and key files, each one or one per inference address.
-
-    ``BRAY_KEY_FILE`` (and ``BRAY_MANAGEMENT_URL``) may list one entry per inference
-    address, comma-separated in ``BRAY_INFERENCE_URL``'s order; the model is registered
-    through every management address given.
-
-    Raises:
-        ConfigError: a count that is neither one nor one per inference address.
-    """
-    n = len(locations.inference_urls)
-    mgmt = [u.strip().rstrip("/") for u in locations.management_url.split(",") if u.strip()]
-    keys: list[Path | None] = (
-        [Path(k.strip()) for k in str(locations.key_file).split(",") if k.strip()]
-        if locations.key_file is not None else [None]
-    )
-    for what, items, var in (("management URL", mgmt, "BRAY_MANAGEMENT_URL"), ("key file", keys, "BRAY_KEY_FILE")):
-        if len(items) not in (1, n):
-            raise ConfigError(
-                f"{len(items)} {what}s for {n} inference address(es); give one, or one per address "
-                f"in BRAY_INFERENCE_URL's order ({var}=a,b,...)"
-            )
-    return mgmt, keys

@@ -244,10 +244,10 @@ def test_tuple_inputs_and_server_checks_in_local_mode():
 
 
 def test_one_key_file_per_inference_address(tmp_path):
-    bray.init(store=tmp_path / "s", inference_url="http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
-              key_file=f"{tmp_path}/a.json,{tmp_path}/b.json")
+    """Refused where the nodes are read (bray.init), before any model is made."""
     with pytest.raises(ConfigError, match=r"2 key files for 3 inference address\(es\).*BRAY_KEY_FILE"):
-        bray.RemoteModel("policy", model=StepProbe(), forward_args=(X,))
+        bray.init(store=tmp_path / "s", inference_url="http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+                  key_file=f"{tmp_path}/a.json,{tmp_path}/b.json")
 
 
 def test_concurrent_clones_of_one_step_give_one_model():
