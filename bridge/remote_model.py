@@ -372,8 +372,10 @@ class RemoteModel:
         export_dir = self.store.export_dir(self.name)
         has_export = (export_dir / SPEC_FILE).is_file()
         if self._model is not None and (override or not has_export):
+            # A module torch.export refuses is served eagerly from its class; local mode
+            # runs the given module itself, so there even a class no server could import is fine.
             export_model(self._model, self._forward_args, self._forward_kwargs, dest=export_dir,
-                         onnx=self.engine_name != "torch")
+                         onnx=self.engine_name != "torch", fallback="local" if self.local_mode else "eager")
         elif not has_export:
             raise StepNotFoundError(
                 f"no model named {self.name!r} in the store {self.store.root}; create it once with "
