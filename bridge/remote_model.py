@@ -77,8 +77,8 @@ from typing import Any, Mapping, Sequence
 from bray import tree, wire
 from bray.bridge.registration import LIVE_VERSION, Registration
 from bray.bridge.session import current, init, per_node
-from bray.errors import BrayTimeoutError, ConfigError, ModelNotFoundError, StepNotFoundError
-from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
+from bray.errors import BrayTimeoutError, ConfigError, ManagementError, ModelNotFoundError, StepNotFoundError
+from bray.export import EAGER_FILE, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
@@ -386,7 +386,17 @@ class RemoteModel:
 
     def _register(self, *, override: bool) -> None:
         """Make sure every node serves the version; attaching without settings adopts the registered ones."""
-        existing = self._registration.ensure(override=override)
+        try:
+            existing = self._registration.ensure(override=override)
+        except ManagementError:
+            spec = load_spec(self.store.export_dir(self.name))
+            if spec.has_eager:  # TorchServe says only "Failed to start workers"; the likely reason:
+                log.warning("bray: %s: TorchServe could not register it; it is served eagerly, so its workers "
+                            "import its class (%s in %s): is that module importable in the server's environment "
+                            "(installed, or on the PYTHONPATH torchserve was started with)? The server's "
+                            "model_log.log says why its workers stopped", self.name, EAGER_FILE,
+                            self.store.export_dir(self.name))
+            raise
         if existing is not None and any(self._settings.adopt):
             self._adopt_settings(existing)
 
