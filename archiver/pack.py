@@ -7,7 +7,9 @@ trainer's source::
     bray_handler.py           one-class shim subclassing bray.handlers.handler.EngineHandler
     model-config.yaml         TorchServe's batching keys + the ``handler: bray:`` section
     export/spec.json          the exported model definition (bray.export) ...
-    export/model.pt2          ... with only the file the chosen engine runs
+    export/model.pt2          ... with only the file the chosen engine runs (model.onnx,
+                              or eager.json: the class the torch engine rebuilds a
+                              module torch.export refused from, which the workers import)
     weights.safetensors       pinned archives only: the step's weights, so the version
     step.json                 keeps serving after retention drops the step from the store
 
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bray.errors import ConfigError, CorruptCheckpointError, StoreError, StoreWriteError
-from bray.export import EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
+from bray.export import EAGER_FILE, EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
 from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,14 +114,18 @@ def _export_files(export_dir: Path, engine: str) -> list[Path]:
             "which RemoteModel does on its first publish)"
         )
     spec = load_spec(export_dir)
-    needed = TORCH_FILE if engine == "torch" else ONNX_FILE
+    needed = (EAGER_FILE if spec.has_eager else TORCH_FILE) if engine == "torch" else ONNX_FILE
     if not (export_dir / needed).is_file() or (engine != "torch" and not spec.has_onnx):
-        raise StoreError(
-            f"the export at {export_dir} has no {needed}, which engine {engine!r} runs; "
-            + ("export again with onnx=True (needs the 'onnx' extra) or use --engine torch"
-               if engine != "torch" else "export the model again")
-        )
-    skip = ONNX_FILE if engine == "torch" else TORCH_FILE
+        if engine == "torch" and not spec.has_torch and not spec.has_eager:
+            hint = ("torch.export refused the model and its class could not be recorded for a server to "
+                    "rebuild (it was created in local mode); move its class into an importable module and "
+                    "create the model again")
+        elif engine != "torch":
+            hint = "export again with onnx=True (needs the 'onnx' extra) or use --engine torch"
+        else:
+            hint = "export the model again"
+        raise StoreError(f"the export at {export_dir} has no {needed}, which engine {engine!r} runs; {hint}")
+    skip = (ONNX_FILE,) if engine == "torch" else (TORCH_FILE, EAGER_FILE)
     files = []
     for path in sorted(export_dir.rglob("*")):
         rel = path.relative_to(export_dir)

@@ -5,7 +5,20 @@ A trainer exports its module once, from ``forward_args`` (and ``forward_kwargs``
 from the same example inputs (``model.onnx``). ``spec.json`` records the input and
 output structure (a NestedArray template: containers, dtypes, per-sample shapes) so the
 handler can check requests before running anything, and can rebuild nested outputs
-from an engine's flat list.
+from an engine's flat list. The spec comes from running the module once on the example
+inputs, not from the trace, so every module has one.
+
+When ``torch.export`` refuses the module (data-dependent control flow such as
+``if x.sum() > 0``), the torch engine serves it *eagerly*, as TorchServe's own eager
+mode does: ``eager.json`` records the module's class as an importable
+``"module:qualname"`` and its constructor's keyword arguments, and the server rebuilds
+it with :mod:`importlib`, ``cls(**kwargs)`` and the step's safetensors weights. Nothing
+is pickled. The constructor arguments are recorded by one convention: a module whose
+constructor takes arguments sets ``self.bray_init_kwargs = {...}`` (JSON values only);
+without it the class is built with no arguments. Both are checked at export time by
+building the module that way and comparing its state-dict keys and shapes with the
+given one's. The server's workers then need the class's module importable (installed,
+or on the ``PYTHONPATH`` TorchServe is started with).
 
 The export lives beside the checkpoint store (``<store>/<name>/export/``); from then on
 only weights are published. Writing the export is atomic (temp dir + rename).
@@ -14,6 +27,7 @@ only weights are published. Writing the export is atomic (temp dir + rename).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,9 +47,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "EAGER_FILE",
     "EXPORT_DIRNAME",
+    "INIT_KWARGS_ATTR",
     "LeafSpec",
     "ModelSpec",
+    "eager_definition",
     "export_model",
     "load_spec",
     "load_torch_module",
@@ -44,9 +61,16 @@ __all__ = [
 
 TORCH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
+EAGER_FILE = "eager.json"
+#: The attribute a module sets to record its constructor's keyword arguments (JSON values).
+INIT_KWARGS_ATTR = "bray_init_kwargs"
+#: What :func:`export_model` does when ``torch.export`` refuses the module.
+FALLBACKS = ("eager", "local", "none")
 SPEC_FORMAT = 2
 _MAX_BATCH = 1 << 20
 _LOAD_LOCK = threading.Lock()
+
+log = logging.getLogger(__name__)
 
 
 # --- structure ---------------------------------------------------------------------
@@ -153,6 +177,8 @@ class ModelSpec:
         output_leaves: each output array's dtype and per-sample shape.
         param_names: state-dict keys the weights must provide.
         has_torch / has_onnx: which exports exist in the directory.
+        has_eager: ``eager.json`` holds the module's class and constructor arguments
+            (``torch.export`` refused the module; the torch engine rebuilds it).
         onnx_input_names / onnx_output_names: the ONNX graph's data inputs / outputs,
             in leaf order.
     """
@@ -167,6 +193,7 @@ class ModelSpec:
     onnx_input_names: tuple[str, ...] = ()
     onnx_output_names: tuple[str, ...] = ()
     param_shapes: Mapping[str, tuple[int, ...]] | None = None
+    has_eager: bool = False
 
     @property
     def args_tree(self) -> TreeDef:
@@ -219,6 +246,7 @@ class ModelSpec:
             "param_names": list(self.param_names),
             "has_torch": self.has_torch,
             "has_onnx": self.has_onnx,
+            "has_eager": self.has_eager,
             "onnx_input_names": list(self.onnx_input_names),
             "onnx_output_names": list(self.onnx_output_names),
             "param_shapes": {k: list(v) for k, v in (self.param_shapes or {}).items()},
@@ -268,6 +296,7 @@ def load_spec(export_dir: str | os.PathLike[str]) -> ModelSpec:
         param_names=tuple(raw["param_names"]),
         has_torch=bool(raw["has_torch"]),
         has_onnx=bool(raw["has_onnx"]),
+        has_eager=bool(raw.get("has_eager", False)),
         onnx_input_names=tuple(raw.get("onnx_input_names", ())),
         onnx_output_names=tuple(raw.get("onnx_output_names", ())),
         param_shapes={k: tuple(v) for k, v in raw.get("param_shapes", {}).items()} or None,
@@ -291,6 +320,7 @@ def export_model(
     *,
     dest: str | os.PathLike[str],
     onnx: bool = True,
+    fallback: str = "eager",
 ) -> ModelSpec:
     """Export ``model`` for serving into ``dest`` (replacing what was there, atomically).
 
@@ -300,17 +330,30 @@ def export_model(
         forward_kwargs: example keyword inputs.
         dest: the export directory (``<store>/<name>/export``).
         onnx: also write ``model.onnx`` (needs the ``onnx`` extra).
+        fallback: what happens when ``torch.export`` refuses the module (data-dependent
+            control flow): ``"eager"`` records the module's class and constructor
+            arguments in ``eager.json`` for the torch engine to rebuild (see the module
+            docstring), or raises ConfigError when a server could not rebuild it;
+            ``"local"`` the same, but a class a server could not rebuild leaves
+            ``spec.json`` alone, for local mode, which runs the given module itself;
+            ``"none"`` raises EngineError. The failure and the fallback are logged in
+            one line. With ``onnx=True`` a refused module always raises: ONNX needs the graph.
 
     Returns:
         The spec written to ``dest/spec.json``.
 
     Raises:
-        ConfigError: inputs without a batch dimension or of unsupported types.
-        EngineError: torch.export or the ONNX exporter failed (the message says which).
+        ConfigError: inputs without a batch dimension or of unsupported types; an unknown
+            ``fallback``; a module ``torch.export`` refused whose class a server could
+            not rebuild (``fallback="eager"``; the message says what to change).
+        EngineError: torch.export refused the module and ONNX was asked for (or
+            ``fallback="none"``), or the ONNX exporter failed (the message says which).
         EngineUnavailableError: ``onnx=True`` without the ONNX exporter installed.
     """
     import torch
 
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"fallback must be one of {list(FALLBACKS)}, got {fallback!r}")
     kwargs = dict(forward_kwargs or {})
     args = tuple(_to_torch(to_numpy(a)) if not isinstance(a, torch.Tensor) else a for a in forward_args)
     kwargs = {k: (_to_torch(to_numpy(v)) if not isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
@@ -318,6 +361,7 @@ def export_model(
     was_training = model.training
     model.eval()
     try:
+        # The spec comes from running the module once, so every module has one, exported or not.
         inputs, input_leaves = _describe_batched(to_numpy((tuple(args), kwargs)))  # checks batch dims first
         with torch.no_grad():
             example_out = model(*args, **kwargs)
@@ -329,15 +373,18 @@ def export_model(
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
         try:
-            try:
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dyn_for(model, args, kwargs, dyn))
-            except Exception as err:  # torch raises many types here; say what failed
-                raise EngineError(f"torch.export could not export {type(model).__name__} with a dynamic batch dimension: {err}") from err
-            torch.export.save(ep, str(tmp / TORCH_FILE))
+            has_torch = has_eager = False
             onnx_in: tuple[str, ...] = ()
             onnx_out: tuple[str, ...] = ()
-            if onnx:
-                onnx_in, onnx_out = _export_onnx(model, args, kwargs, _dyn_for(model, args, kwargs, dyn), tmp / ONNX_FILE)
+            try:
+                ep = _torch_export(model, args, kwargs, _dyn_for(model, args, kwargs, dyn))
+            except Exception as err:  # torch raises many types here; say what failed, in one line
+                has_eager = _not_exportable(model, err, tmp / EAGER_FILE, onnx=onnx, fallback=fallback)
+            else:
+                torch.export.save(ep, str(tmp / TORCH_FILE))
+                has_torch = True
+                if onnx:
+                    onnx_in, onnx_out = _export_onnx(model, args, kwargs, _dyn_for(model, args, kwargs, dyn), tmp / ONNX_FILE)
             spec = ModelSpec(
                 inputs=inputs,
                 input_leaves=input_leaves,
@@ -345,8 +392,9 @@ def export_model(
                 output_leaves=output_leaves,
                 param_names=tuple(model.state_dict().keys()),
                 param_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                has_torch=True,
-                has_onnx=onnx,
+                has_torch=has_torch,
+                has_onnx=has_torch and onnx,
+                has_eager=has_eager,
                 onnx_input_names=onnx_in,
                 onnx_output_names=onnx_out,
             )
@@ -358,6 +406,165 @@ def export_model(
         return spec
     finally:
         model.train(was_training)
+
+
+def _torch_export(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
+    """``torch.export.export``, without the partial graph torch prints to stderr when it fails.
+
+    torch 2.x prints a failed trace's partial FX graph to ``sys.stderr`` itself
+    (``torch/export/_trace.py``) and logs a multi-line warning from its symbolic-shapes
+    module; :func:`_not_exportable` says what failed in one line instead. Everything
+    else written to stderr meanwhile is passed on.
+    """
+    import contextlib
+    import io
+    import sys
+
+    import torch
+
+    captured = io.StringIO()
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    partial = None
+    try:
+        with contextlib.redirect_stderr(captured):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as err:
+        partial = getattr(err, "partial_fx_graph", None)
+        raise
+    finally:
+        shapes_log.setLevel(level)
+        text = captured.getvalue()
+        if partial is not None:
+            text = text.replace(f"{partial}\n", "")  # printed once per nested wrapper
+        if text:
+            sys.stderr.write(text)
+
+
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message``, cut at ``limit`` characters."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _not_exportable(model: Any, err: Exception, path: Path, *, onnx: bool, fallback: str) -> bool:
+    """torch.export refused ``model``: write its eager definition to ``path``, or raise.
+
+    Returns:
+        True with ``eager.json`` written; False for a spec-only export (``fallback="local"``
+        and a class a server could not rebuild).
+    """
+    what = f"torch.export could not export {type(model).__name__} with a dynamic batch dimension ({_one_line(err)})"
+    log.debug("bray: %s", what, exc_info=err)  # the whole trace, for whoever turns debug logging on
+    if onnx:
+        raise EngineError(
+            f"{what}; the onnx and tensorrt engines run an exported graph, which this module has none of: "
+            "serve it with the torch engine (RemoteModel without use_onnx/use_tensorrt, --engine torch), "
+            "which runs it eagerly"
+        ) from None
+    if fallback == "none":
+        raise EngineError(f"{what}; export with fallback='eager' to serve the module eagerly from its class") from None
+    try:
+        definition = eager_definition(model)
+    except ConfigError as why:
+        if fallback == "eager":
+            raise ConfigError(f"{what}, and a server cannot rebuild it eagerly instead: {why}") from None
+        log.warning("bray: %s; running it in this process only (local mode), since a server could not rebuild it: %s",
+                    what, why)
+        return False
+    path.write_text(json.dumps(definition, indent=1))
+    log.warning("bray: %s; serving it eagerly instead: the torch engine rebuilds %s(**%s) and loads the weights "
+                "(a server's workers must import %s; nothing is pickled)", what, definition["class"],
+                json.dumps(definition["kwargs"]), definition["class"].split(":")[0])
+    return True
+
+
+def _resolve(where: str) -> Any:
+    """The object ``"module:qualname"`` names, imported.
+
+    Raises:
+        ImportError, AttributeError: it cannot be imported.
+        ValueError: ``where`` is not ``module:qualname``.
+    """
+    import importlib
+
+    module, sep, qualname = where.partition(":")
+    if not (sep and module and qualname):
+        raise ValueError(f"expected 'module:qualname', got {where!r}")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def eager_definition(model: "torch.nn.Module") -> dict[str, Any]:
+    """What a server needs to rebuild ``model`` without pickle: its class and constructor arguments.
+
+    The class is recorded as ``"module:qualname"`` and must import back to the same
+    class; the keyword arguments are ``model.bray_init_kwargs`` (JSON values only), or
+    none. Building the class with them must give the state-dict keys and shapes of
+    ``model`` (checked here, on the meta device where the constructor allows it).
+
+    Returns:
+        ``{"class": "module:qualname", "kwargs": {...}}``, what ``eager.json`` holds.
+
+    Raises:
+        ConfigError: the class cannot be imported by another process (defined in
+            ``__main__`` or inside a function), its arguments are not JSON values, or
+            the rebuilt module's weights differ (the message says what to change).
+    """
+    import torch
+
+    cls = type(model)
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    move = ("move the class into a module the server's workers can import (installed in their environment, "
+            "or on the PYTHONPATH torchserve is started with)")
+    if cls.__module__ == "__main__":
+        raise ConfigError(f"{cls.__qualname__} is defined in __main__ (the script being run), "
+                          f"which another process cannot import; {move}")
+    if "<locals>" in cls.__qualname__:
+        raise ConfigError(f"{where} is defined inside a function, which another process cannot import; {move}")
+    try:
+        found = _resolve(where)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{where} does not import back ({_one_line(err)}); {move}") from None
+    if found is not cls:
+        raise ConfigError(f"{where} imports as another object than the model's class (was it redefined or "
+                          f"reloaded?); {move}")
+    kwargs = getattr(model, INIT_KWARGS_ATTR, None)
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"{cls.__qualname__}.{INIT_KWARGS_ATTR} must be a dict of the constructor's keyword "
+                          f"arguments, got {type(kwargs).__name__}")
+    try:
+        json_ok = json.loads(json.dumps(kwargs, allow_nan=False)) == kwargs
+    except (TypeError, ValueError):
+        json_ok = False
+    if not json_ok:
+        raise ConfigError(f"{cls.__qualname__}.{INIT_KWARGS_ATTR} must hold JSON values only (str, int, float, "
+                          f"bool, None, lists, dicts with str keys; lists, not tuples) so that no pickle is "
+                          f"needed, got {kwargs!r:.200}")
+    try:
+        try:
+            with torch.device("meta"):  # checks shapes without allocating a second copy of the weights
+                rebuilt = cls(**kwargs)
+        except Exception:  # some constructors compute on their tensors: build it for real
+            rebuilt = cls(**kwargs)
+    except Exception as err:
+        raise ConfigError(f"{where}(**{kwargs}) fails ({_one_line(err)}), which is how a server builds the model; "
+                          f"set {INIT_KWARGS_ATTR} = {{...}} on the module to its constructor's keyword arguments") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        key = next((k for k in want if want[k] != got.get(k)), None) or next(k for k in got if k not in want)
+        raise ConfigError(
+            f"{where}(**{kwargs}) builds weights that differ from the model's ({key!r}: "
+            f"{list(got[key]) if key in got else 'missing'}, the model has {list(want[key]) if key in want else 'none'}); "
+            f"set {INIT_KWARGS_ATTR} = {{...}} on the module to the keyword arguments it was built with (JSON values)"
+        )
+    return {"class": where, "kwargs": kwargs}
 
 
 def _dyn_for(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dyn: tuple[Any, Any]) -> Any:
@@ -417,15 +624,28 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def load_torch_module(export_dir: str | os.PathLike[str]) -> "torch.nn.Module":
-    """Rebuild the exported module (``model.pt2``); its weights are those of the export.
+    """Rebuild the exported module: ``model.pt2``, or the class ``eager.json`` names.
+
+    The weights are the export's own (``model.pt2``) or the constructor's (eager, in
+    eval mode); callers load a step's weights into it.
 
     Raises:
-        EngineError: no torch export in the directory, or it does not load.
+        EngineError: no torch export in the directory, or it does not load; an eager
+            class that does not import here (the message says what to make importable).
     """
     import torch
 
     path = Path(export_dir) / TORCH_FILE
     if not path.is_file():
+        if (Path(export_dir) / EAGER_FILE).is_file():
+            return _load_eager(Path(export_dir) / EAGER_FILE)
+        if (Path(export_dir) / SPEC_FILE).is_file():
+            raise EngineError(
+                f"the model at {path.parent} has no {TORCH_FILE} and no {EAGER_FILE}: torch.export refused it and "
+                "its class could not be recorded for rebuilding (see the warning logged when it was created), so "
+                "only RemoteModel(..., model=..., local_mode=True) runs it; move its class into an importable "
+                "module and create the model again"
+            )
         raise EngineError(f"no torch export at {path}; re-export the model (RemoteModel with model=...)")
     try:
         with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
@@ -449,3 +669,35 @@ def load_torch_module(export_dir: str | os.PathLike[str]) -> "torch.nn.Module":
         return module
     except Exception as err:
         raise EngineError(f"cannot load the torch export {path}: {err}") from err
+
+
+def _load_eager(path: Path) -> "torch.nn.Module":
+    """``cls(**kwargs)`` from ``eager.json``: an importable ``torch.nn.Module`` class and JSON arguments."""
+    import torch
+
+    try:
+        raw = json.loads(path.read_text())
+        where, kwargs = str(raw["class"]), raw["kwargs"]
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs is a {type(kwargs).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EngineError(f"cannot read the eager model definition {path} ({_one_line(err)}); "
+                          "create the model again (RemoteModel with model=...)") from err
+    module_name = where.partition(":")[0]
+    try:
+        cls = _resolve(where)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise EngineError(
+            f"the model is served eagerly from its class {where}, which does not import here ({_one_line(err)}); "
+            f"make {module_name} importable by this process (install it, or add its folder to PYTHONPATH; for "
+            "TorchServe, in the environment torchserve is started from)"
+        ) from err
+    # Only a module class is called: eager.json must not be a way to call any importable function.
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise EngineError(f"{path} names {where}, which is not a torch.nn.Module class; refusing to build it "
+                          "(create the model again)")
+    try:
+        module: torch.nn.Module = cls(**kwargs)
+    except Exception as err:
+        raise EngineError(f"building {where}(**{kwargs}) from {path} failed: {_one_line(err)}") from err
+    return module.eval()

@@ -77,8 +77,15 @@ from typing import Any, Mapping, Sequence
 from bray import tree, wire
 from bray.bridge.registration import LIVE_VERSION, Registration
 from bray.bridge.session import current, init
-from bray.errors import BrayTimeoutError, ConfigError, NotServedError, ProxyUnavailableError, StepNotFoundError
-from bray.export import SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
+from bray.errors import (
+    BrayTimeoutError,
+    ConfigError,
+    ManagementError,
+    NotServedError,
+    ProxyUnavailableError,
+    StepNotFoundError,
+)
+from bray.export import EAGER_FILE, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
 from bray.handlers.config import ServingOptions
 from bray.store import CheckpointStore
 
@@ -370,8 +377,10 @@ class RemoteModel:
         export_dir = self.store.export_dir(self.name)
         has_export = (export_dir / SPEC_FILE).is_file()
         if self._model is not None and (override or not has_export):
+            # A module torch.export refuses is served eagerly from its class; local mode
+            # runs the given module itself, so there even a class no server could import is fine.
             export_model(self._model, self._forward_args, self._forward_kwargs, dest=export_dir,
-                         onnx=self.engine_name != "torch")
+                         onnx=self.engine_name != "torch", fallback="local" if self.local_mode else "eager")
         elif not has_export:
             raise StepNotFoundError(
                 f"no model named {self.name!r} in the store {self.store.root}; create it once with "
@@ -382,7 +391,17 @@ class RemoteModel:
 
     def _register(self, *, override: bool) -> None:
         """Make sure every node serves the version; attaching without settings adopts the registered ones."""
-        existing = self._registration.ensure(override=override)
+        try:
+            existing = self._registration.ensure(override=override)
+        except ManagementError:
+            spec = load_spec(self.store.export_dir(self.name))
+            if spec.has_eager:  # TorchServe says only "Failed to start workers"; the likely reason:
+                log.warning("bray: %s: TorchServe could not register it; it is served eagerly, so its workers "
+                            "import its class (%s in %s): is that module importable in the server's environment "
+                            "(installed, or on the PYTHONPATH torchserve was started with)? The server's "
+                            "model_log.log says why its workers stopped", self.name, EAGER_FILE,
+                            self.store.export_dir(self.name))
+            raise
         if existing is not None and any(self._settings.adopt):
             self._adopt_settings(existing)
 

@@ -46,3 +46,22 @@ class DictPolicy(nn.Module):
         if mask is not None:
             h = h * mask
         return {"logits": h, "value": (h.sum(-1, keepdim=True),)}
+
+
+class BranchyPolicy(nn.Module):
+    """Data-dependent control flow, which torch.export refuses: the batch's sign picks the answer.
+
+    ``lin(x)`` when ``x.sum() > 0``, else ``-lin(x)``. Its constructor takes arguments and
+    records them in ``bray_init_kwargs`` (JSON values), so a server can rebuild it eagerly.
+    """
+
+    def __init__(self, n: int = 4, actions: int = 2) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n, actions)
+        self.bray_init_kwargs = {"n": n, "actions": actions}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if x.sum() > 0:
+            return y
+        return -y

@@ -1,4 +1,4 @@
-"""The torch engine: the ``torch.export`` program, run eagerly under inference_mode."""
+"""The torch engine: the ``torch.export`` program, or the module rebuilt from its class, under inference_mode."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ __all__ = ["TorchEngine"]
 
 
 class TorchEngine(Engine):
-    """Runs ``model.pt2`` on CPU or the GPU TorchServe assigned; weights swap by reference."""
+    """Runs ``model.pt2`` (or the class ``eager.json`` names) on CPU or the GPU TorchServe assigned.
+
+    Weights swap by reference.
+    """
 
     name = "torch"
 
@@ -32,7 +35,7 @@ class TorchEngine(Engine):
         self._device = torch.device(options.device)
         if module is not None:
             self._module = module.to(self._device).eval()
-        else:  # an exported graph has no train/eval modes
+        else:  # an exported graph has no train/eval modes; an eager one comes in eval mode
             self._module = load_torch_module(export_dir).to(self._device)
 
     @classmethod

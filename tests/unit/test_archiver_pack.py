@@ -320,3 +320,28 @@ def test_main_is_the_console_script() -> None:
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "bray-archive"]
     assert ep.value == "bray.archiver.cli:main"
     assert sys.modules["bray.archiver.cli"].main is main
+
+
+def test_a_module_torch_export_refused_packs_its_eager_definition(tmp_path: Path, model_store: Path) -> None:
+    import torch
+
+    from bray.export import export_model
+    from tests.models import BranchyPolicy
+
+    s = CheckpointStore(tmp_path / "store")
+    export_model(BranchyPolicy(), (torch.zeros(2, 4),), dest=s.export_dir("branchy"), onnx=False)
+    s.publish("branchy", BranchyPolicy().state_dict())
+    packed = pack_archive(s, "branchy", step=0, model_store=model_store)
+    names = set(zipfile.ZipFile(packed.path).namelist())
+    assert {"export/eager.json", "export/spec.json", "weights.safetensors"} <= names
+    assert "export/model.pt2" not in names
+    with pytest.raises(StoreError, match="has no model.onnx.*--engine torch"):
+        pack_archive(s, "branchy", step=0, model_store=model_store, engine="onnx", force=True)
+
+    class Script(BranchyPolicy):  # a class no server can import: local mode only
+        pass
+
+    export_model(Script(), (torch.zeros(2, 4),), dest=s.export_dir("script"), onnx=False, fallback="local")
+    s.publish("script", Script().state_dict())
+    with pytest.raises(StoreError, match="torch.export refused the model.*importable module"):
+        pack_archive(s, "script", step=None, model_store=model_store)

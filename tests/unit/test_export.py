@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from bray.errors import ConfigError, EngineError
 from bray.export import export_model, load_spec, load_torch_module
-from tests.models import DictPolicy, PolicyMLP
+from tests.models import BranchyPolicy, DictPolicy, PolicyMLP
 
 
 def test_spec_records_structure_dtypes_and_dynamic_batch(tmp_path: Path) -> None:
@@ -82,3 +83,91 @@ def test_a_format_1_spec_still_loads(tmp_path: Path) -> None:
     }
     (tmp_path / "export" / "spec.json").write_text(json.dumps(v1))
     assert load_spec(tmp_path / "export") == spec
+
+
+# --- modules torch.export refuses: the eager definition -------------------------------
+
+POS = np.ones((2, 4), np.float32)  # x.sum() > 0: BranchyPolicy answers lin(x)
+NEG = -POS  # x.sum() <= 0: it answers -lin(x)
+
+
+def _answers(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def test_a_module_torch_export_refuses_is_recorded_eagerly_in_one_log_line(tmp_path: Path, caplog, capfd) -> None:
+    net = BranchyPolicy(n=4, actions=3).eval()
+    with caplog.at_level(logging.DEBUG, logger="bray.export"):
+        spec = export_model(net, (torch.zeros(2, 4),), dest=tmp_path / "export", onnx=False)
+    assert spec.has_eager and not spec.has_torch and load_spec(tmp_path / "export") == spec
+    assert [x.shape for x in spec.output_leaves] == [(3,)]
+    assert json.loads((tmp_path / "export" / "eager.json").read_text()) == {
+        "class": "tests.models:BranchyPolicy", "kwargs": {"n": 4, "actions": 3}}
+    assert not (tmp_path / "export" / "model.pt2").exists()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage() and warnings[0].exc_info is None
+    message = warnings[0].getMessage()
+    assert "torch.export could not export BranchyPolicy" in message and "eagerly" in message
+    assert "tests.models:BranchyPolicy" in message and "must import tests.models" in message
+    assert "def forward" not in capfd.readouterr().err  # torch's own print of the partial graph stays out
+    rebuilt = load_torch_module(tmp_path / "export")
+    rebuilt.load_state_dict(net.state_dict())
+    for x in (POS, NEG):  # both branches of the control flow, as the module answers
+        np.testing.assert_allclose(_answers(rebuilt, x), _answers(net, x))
+
+
+def _local_class() -> torch.nn.Module:
+    class Local(BranchyPolicy):
+        pass
+
+    return Local()
+
+
+class _Tuples(BranchyPolicy):
+    def __init__(self, n: int = 4) -> None:
+        super().__init__(n=n)
+        self.bray_init_kwargs = {"n": (n,)}
+
+
+@pytest.mark.parametrize("make, match", [
+    (_local_class, "defined inside a function.*move the class into a module"),
+    (lambda: type("Script", (BranchyPolicy,), {"__module__": "__main__"})(), "defined in __main__.*PYTHONPATH"),
+    (lambda: _Tuples(), "JSON values only"),
+], ids=["function-body", "main", "tuple-kwargs"])
+def test_a_class_a_server_cannot_rebuild_is_refused(tmp_path: Path, make, match) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        export_model(make(), (torch.zeros(2, 4),), dest=tmp_path / "export", onnx=False)
+    assert "torch.export could not export" in str(info.value) and info.value.__cause__ is None
+    assert not (tmp_path / "export").exists()
+
+
+def test_constructor_arguments_that_are_not_recorded_are_refused(tmp_path: Path) -> None:
+    net = BranchyPolicy(n=6)
+    del net.bray_init_kwargs  # BranchyPolicy() would build n=4: the server's weights would not fit
+    with pytest.raises(ConfigError, match=r"'lin.weight': \[2, 4\], the model has \[2, 6\].*bray_init_kwargs"):
+        export_model(net, (torch.zeros(2, 6),), dest=tmp_path / "export", onnx=False)
+
+
+def test_fallback_local_writes_the_spec_alone_and_onnx_says_use_torch(tmp_path: Path) -> None:
+    spec = export_model(_local_class(), (torch.zeros(2, 4),), dest=tmp_path / "export", onnx=False, fallback="local")
+    assert not spec.has_eager and not spec.has_torch and [x.shape for x in spec.input_leaves] == [(4,)]
+    with pytest.raises(EngineError, match=r"only RemoteModel\(.*local_mode=True\) runs it"):
+        load_torch_module(tmp_path / "export")
+    with pytest.raises(EngineError, match="serve it with the torch engine") as info:
+        export_model(BranchyPolicy(), (torch.zeros(2, 4),), dest=tmp_path / "onnx", onnx=True)
+    assert info.value.__cause__ is None and len(str(info.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="fallback must be one of"):
+        export_model(BranchyPolicy(), (torch.zeros(2, 4),), dest=tmp_path / "x", onnx=False, fallback="pickle")
+
+
+def test_an_eager_definition_only_ever_builds_a_module_class(tmp_path: Path) -> None:
+    export_model(BranchyPolicy(), (torch.zeros(2, 4),), dest=tmp_path / "export", onnx=False)
+    eager = tmp_path / "export" / "eager.json"
+    eager.write_text(json.dumps({"class": "os:system", "kwargs": {"command": f"touch {tmp_path / 'pwned'}"}}))
+    with pytest.raises(EngineError, match="not a torch.nn.Module class"):
+        load_torch_module(tmp_path / "export")
+    assert not (tmp_path / "pwned").exists()
+    eager.write_text(json.dumps({"class": "no_such_module_here:Policy", "kwargs": {}}))
+    with pytest.raises(EngineError, match="make no_such_module_here importable"):
+        load_torch_module(tmp_path / "export")

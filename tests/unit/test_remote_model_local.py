@@ -7,14 +7,15 @@ here runs without TorchServe.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import pytest
 import torch
 
 import bray
-from bray.errors import ConfigError, InputError, StepConflictError, StepNotFoundError
-from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights
+from bray.errors import ConfigError, EngineError, InputError, StepConflictError, StepNotFoundError
+from tests.models import BranchyPolicy, DictPolicy, PolicyMLP, StepProbe, probe_weights
 
 OBS = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
 X = np.ones((2, 4), np.float32)
@@ -366,3 +367,55 @@ def test_the_seen_step_only_rises_whatever_threads_race() -> None:
     for t in threads:
         t.join()
     assert mark.value == max(steps)
+
+
+# --- modules torch.export refuses (data-dependent control flow) --------------------------
+
+POS = np.ones((2, 4), np.float32)  # x.sum() > 0: BranchyPolicy answers lin(x)
+NEG = -POS  # else -lin(x)
+
+
+def _module_answers(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def test_local_mode_runs_a_module_torch_export_refuses(caplog):
+    net = BranchyPolicy()
+    with caplog.at_level(logging.WARNING, logger="bray.export"):
+        rm = bray.RemoteModel("branchy", model=net, forward_args=(POS,), local_mode=True)
+    try:
+        assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one line, no trace
+        for x in (POS, NEG):  # both branches give the module's answers
+            np.testing.assert_allclose(rm(x), _module_answers(net, x), rtol=1e-6, atol=1e-6)
+        new = BranchyPolicy()
+        rm.publish_weights(new.state_dict()).wait(timeout_s=10)
+        np.testing.assert_allclose(rm(NEG), _module_answers(new, NEG), rtol=1e-6, atol=1e-6)
+        rm._model = None  # as a process that never saw the module: rebuilt from its class
+        np.testing.assert_allclose(_module_answers(rm.get_model(), POS), _module_answers(new, POS), rtol=1e-6)
+    finally:
+        rm.close()
+    attached = bray.RemoteModel("branchy", local_mode=True)  # no module here: the eager definition
+    try:
+        np.testing.assert_allclose(attached(NEG), _module_answers(new, NEG), rtol=1e-6, atol=1e-6)
+    finally:
+        attached.close()
+
+
+def test_local_mode_runs_a_refused_module_whose_class_no_server_could_import():
+    class InAFunction(BranchyPolicy):
+        pass
+
+    net = InAFunction()
+    rm = bray.RemoteModel("script", model=net, forward_args=(POS,), local_mode=True)
+    try:
+        for x in (POS, NEG):
+            np.testing.assert_allclose(rm(x), _module_answers(net, x), rtol=1e-6, atol=1e-6)
+    finally:
+        rm.close()
+
+
+def test_onnx_with_a_module_torch_export_refuses_says_use_the_torch_engine():
+    with pytest.raises(EngineError, match="serve it with the torch engine") as info:
+        bray.RemoteModel("branchy", model=BranchyPolicy(), forward_args=(POS,), use_onnx="infer", local_mode=True)
+    assert info.value.__cause__ is None and "\n" not in str(info.value)
