@@ -327,10 +327,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit after S seconds without a caller (default: run until stopped)")
     p.set_defaults(run=_proxy)
 
-    from bray.archiver.kserve import POLL_INTERVAL_MS
+    from bray.archiver.kserve import BATCH_SIZE, POLL_INTERVAL_MS
 
-    # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
-    p = sub.add_parser("kserve", parents=[store, _pack_parser(poll_interval_ms=POLL_INTERVAL_MS)],
+    # Pods follow a shared store: poll it (inotify does not see other hosts' writes); and batch.
+    p = sub.add_parser("kserve", parents=[store, _pack_parser(poll_interval_ms=POLL_INTERVAL_MS,
+                                                              batch_size=BATCH_SIZE)],
                        help="write the KServe storage layout and manifests for a published model",
                        description="Write DIR/models (config/config.properties + model-store/NAME-latest.mar, "
                                    "what KServe's TorchServe runtime loads from a storage URI) and "

@@ -175,7 +175,15 @@ def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, ou
                            store_claim=args.store_claim, store_mount=args.store_mount,
                            store_size_gi=args.store_size_gi, storage_class=args.storage_class, cpu=args.cpu,
                            memory=args.memory, gpus=args.gpus)
-    done = export_kserve(opts.store(must_exist=True), args.name, out=args.out, options=kserve, force=args.force,
+    root = opts.locations.store
+    if not root.is_dir():
+        # --store is this machine's path to the trainer's store; --store-mount is the pods'.
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise ConfigError(
+            f"the checkpoint store {root} {what} on this machine; pass --store (or set BRAY_STORE to) the "
+            f"folder the trainer publishes into, as this machine sees it; --store-mount ({kserve.store_mount}) "
+            "is where the pods mount it, which may be another path")
+    done = export_kserve(opts.store(), args.name, out=args.out, options=kserve, force=args.force,
                          serving=pack.serving, progress=pack.progress)
     data = {"out": str(done.out), "models": str(done.models), "config": str(done.config),
             "archive": str(done.archive), "manifests": [str(m) for m in done.manifests],
