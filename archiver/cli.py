@@ -28,6 +28,7 @@ from bray.archiver.commands import (
     _prune,
     _proxy,
     _publish,
+    _remove,
     _rollback,
     _scale,
     _set_default,
@@ -278,12 +279,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[model_store, *managed], help="unregister and delete old versions",
                        description="Unregister the oldest numeric versions and delete their archives, "
-                                   "keeping the newest K; never the default, never 'latest'.",
+                                   "keeping the newest K; never the default, never 'latest' (bray-archive remove "
+                                   "takes a whole model, clones included).",
                        **example("bray-archive prune policy --keep 3"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("--keep", type=_int_at_least(0), required=True, metavar="K",
                    help="numeric versions to keep besides the default")
     p.set_defaults(run=_prune)
+
+    p = sub.add_parser("remove", parents=[model_store, *managed], help="unregister models and delete their archives",
+                       description="Unregister every version of each NAME (a clone, or any model no longer "
+                                   "wanted; the default version last) and delete their archives from the model "
+                                   "store. Every NAME must be registered, or nothing is removed. The checkpoint "
+                                   "store is left alone.",
+                       **example("bray-archive remove policy-clone-step-20",
+                                 "bray-archive remove policy-clone-step-10 policy-clone-step-20 --json"))
+    p.add_argument("names", metavar="NAME", nargs="+", help="registered model name(s)")
+    p.set_defaults(run=_remove)
 
     p = sub.add_parser("scale", parents=managed, help="set the worker count of a version",
                        description="Run W workers for a version of NAME (the default version unless "

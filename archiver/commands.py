@@ -86,9 +86,9 @@ def _versions(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO
     data = [asdict(v) for v in model.versions]
 
     def human(o: TextIO) -> None:
-        rows = [("VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE")]
+        rows = [("VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE", "STORE")]
         rows += [(v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
-                  f"{v.ready_workers}/{v.workers}", v.archive) for v in model.versions]
+                  f"{v.ready_workers}/{v.workers}", v.archive, v.store or "?") for v in model.versions]
         _table(rows, o)
 
     _emit(opts, data, human, out)
@@ -135,6 +135,21 @@ def _prune(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -
     return 0
 
 
+def _remove(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+    from bray.archiver.publish import remove
+
+    with opts.client() as client:
+        removed = remove(args.names, client=client, model_store=opts.locations.model_store)
+
+    def human(o: TextIO) -> None:
+        for name, versions in removed.items():
+            print(f"{name}: unregistered version(s) {', '.join(versions)} and deleted their archives from "
+                  f"{opts.locations.model_store}", file=o)
+
+    _emit(opts, [{"name": n, "removed": v} for n, v in removed.items()], human, out)
+    return 0
+
+
 def _scale(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import scale
 
@@ -158,10 +173,10 @@ def _status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) 
         if not models:
             print(f"no models registered on {opts.locations.management_url}", file=o)
             return
-        rows = [("MODEL", "VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE")]
+        rows = [("MODEL", "VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE", "STORE")]
         for m in models:
             rows += [(m.name, v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
-                      f"{v.ready_workers}/{v.workers}", v.archive) for v in m.versions]
+                      f"{v.ready_workers}/{v.workers}", v.archive, v.store or "?") for v in m.versions]
         _table(rows, o)
 
     _emit(opts, data, human, out)
