@@ -3,8 +3,8 @@
 - :func:`pack_archive` packs a step (or a live, latest-following model) into a ``.mar``
   in the server's model store;
 - :func:`publish_version` packs, registers and waits for the workers; :func:`list_versions`,
-  :func:`set_default`, :func:`rollback`, :func:`prune`, :func:`scale` and :func:`status`
-  manage what is registered; :func:`watch_and_publish` publishes every N-th step as the
+  :func:`set_default`, :func:`rollback`, :func:`prune`, :func:`remove`, :func:`scale` and
+  :func:`status` manage what is registered; :func:`watch_and_publish` publishes every N-th step as the
   trainer publishes it;
 - :func:`export_kserve` writes a published model as KServe deploys it (storage layout
   and manifests, :mod:`bray.archiver.kserve`);
@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "prune": "bray.archiver.publish",
     "publish_version": "bray.archiver.publish",
     "read_archive_config": "bray.archiver.pack",
+    "remove": "bray.archiver.publish",
     "rollback": "bray.archiver.publish",
     "scale": "bray.archiver.publish",
     "set_default": "bray.archiver.publish",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
         list_versions,
         prune,
         publish_version,
+        remove,
         rollback,
         scale,
         set_default,

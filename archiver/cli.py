@@ -28,6 +28,7 @@ from bray.archiver.commands import (
     _prune,
     _proxy,
     _publish,
+    _remove,
     _rollback,
     _scale,
     _set_default,
@@ -141,7 +142,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         return server, None
     pack = PackOptions(
         serving=ServingOptions.from_args(args), force=getattr(args, "force", False),
-        progress=not args.no_progress and not args.json and sys.stderr.isatty(),
+        progress=not args.no_progress and not getattr(args, "json", False) and sys.stderr.isatty(),
     )
     return server, pack
 
@@ -185,7 +186,7 @@ def example(*lines: str) -> dict[str, Any]:
 
 
 def _pack_parser(**defaults: Any) -> argparse.ArgumentParser:
-    """The archive flags: one per serving option (declared with the option), then how to publish.
+    """The archive flags: one per serving option (declared with the option), and the progress bar.
 
     ``defaults`` are another command's defaults (``kserve``: ``poll_interval_ms=50``): its
     own flags, since ``parents=`` shares flag objects, and a default changed on one would
@@ -194,14 +195,13 @@ def _pack_parser(**defaults: Any) -> argparse.ArgumentParser:
     pack = argparse.ArgumentParser(add_help=False)
     g = pack.add_argument_group("archive")
     ServingOptions.add_arguments(g, **defaults)
-    g.add_argument("--set-default", action="store_true", help="make the new version the default")
-    g.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
-                   help="how long to wait for the workers to be ready (default 300)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return pack
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Flag groups shared through parents=: each command takes only the groups it reads
+    # (tests/unit/test_cli_help.py checks every listed flag is read by its command).
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("server")
     group.add_argument("--management", metavar="URL",
@@ -209,17 +209,23 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--key-file", metavar="PATH",
                        help="TorchServe's key_file.json (default $BRAY_KEY_FILE, ./key_file.json, "
                             "~/.bray/server/key_file.json)")
-    group.add_argument("--timeout-s", type=_positive_float, default=300.0, metavar="S",
+    calls = argparse.ArgumentParser(add_help=False)
+    calls.add_argument("--timeout-s", type=_positive_float, default=300.0, metavar="S",
                        help="per management call, worker start included (default 300)")
-    group.add_argument("--json", action="store_true", help="print JSON for scripts")
-
+    json_out = argparse.ArgumentParser(add_help=False)
+    json_out.add_argument("--json", action="store_true", help="print JSON for scripts")
+    register = argparse.ArgumentParser(add_help=False)
+    r = register.add_argument_group("registration")
+    r.add_argument("--set-default", action="store_true", help="make the new version the default")
+    r.add_argument("--wait-timeout-s", type=_positive_float, default=300.0, metavar="S",
+                   help="how long to wait for the workers to be ready (default 300)")
+    managed = [server, calls, json_out]  # commands that call the management API and print a result
     model_store = argparse.ArgumentParser(add_help=False)
     model_store.add_argument("--model-store", metavar="DIR",
                              help="TorchServe's model store (default $BRAY_MODEL_STORE or ~/.bray/model_store)")
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", metavar="DIR",
                        help="checkpoint store (default $BRAY_STORE or ~/.bray/store)")
-
     pack = _pack_parser()
 
     parser = _Parser(
@@ -238,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bray-archive {__version__}")
     sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("publish", parents=[store, model_store, pack, server],
+    p = sub.add_parser("publish", parents=[store, model_store, pack, register, *managed],
                        help="pack a step into a .mar and register it as version <step>",
                        description="Pack a step of the store into <model-store>/<name>-<version>.mar, "
                                    "register it as version <step> of <name>, and wait for its workers.",
@@ -256,35 +262,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an unregistered archive file of that version")
     p.set_defaults(run=_publish)
 
-    p = sub.add_parser("versions", parents=[model_store, store, server], help="list the versions of a model",
+    p = sub.add_parser("versions", parents=[model_store, store, *managed], help="list the versions of a model",
                        description="List the registered versions of a model, the default marked *.",
                        **example("bray-archive versions policy", "bray-archive versions policy --json"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.set_defaults(run=_versions)
 
-    p = sub.add_parser("set-default", parents=[server], help="make a version the default",
+    p = sub.add_parser("set-default", parents=managed, help="make a version the default",
                        description="Make VERSION the one /predictions/NAME serves.",
                        **example("bray-archive set-default policy 20", "bray-archive set-default policy latest"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("version", metavar="VERSION", help="the version: a published step, or 'latest'")
     p.set_defaults(run=_set_default)
 
-    p = sub.add_parser("rollback", parents=[server], help="make the previous version the default",
+    p = sub.add_parser("rollback", parents=managed, help="make the previous version the default",
                        description="Make the highest numeric version below the current default the default.",
                        **example("bray-archive rollback policy"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.set_defaults(run=_rollback)
 
-    p = sub.add_parser("prune", parents=[model_store, server], help="unregister and delete old versions",
+    p = sub.add_parser("prune", parents=[model_store, *managed], help="unregister and delete old versions",
                        description="Unregister the oldest numeric versions and delete their archives, "
-                                   "keeping the newest K; never the default, never 'latest'.",
+                                   "keeping the newest K; never the default, never 'latest' (bray-archive remove "
+                                   "takes a whole model, clones included).",
                        **example("bray-archive prune policy --keep 3"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("--keep", type=_int_at_least(0), required=True, metavar="K",
                    help="numeric versions to keep besides the default")
     p.set_defaults(run=_prune)
 
-    p = sub.add_parser("scale", parents=[server], help="set the worker count of a version",
+    p = sub.add_parser("remove", parents=[model_store, *managed], help="unregister models and delete their archives",
+                       description="Unregister every version of each NAME (a clone, or any model no longer "
+                                   "wanted; the default version last) and delete their archives from the model "
+                                   "store. Every NAME must be registered, or nothing is removed. The checkpoint "
+                                   "store is left alone.",
+                       **example("bray-archive remove policy-clone-step-20",
+                                 "bray-archive remove policy-clone-step-10 policy-clone-step-20 --json"))
+    p.add_argument("names", metavar="NAME", nargs="+", help="registered model name(s)")
+    p.set_defaults(run=_remove)
+
+    p = sub.add_parser("scale", parents=managed, help="set the worker count of a version",
                        description="Run W workers for a version of NAME (the default version unless "
                                    "--model-version), and wait until they are ready.",
                        **example("bray-archive scale policy --workers 4",
@@ -295,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", dest="model_version", metavar="V", help="version (default: the default one)")
     p.set_defaults(run=_scale)
 
-    p = sub.add_parser("status", parents=[store, model_store, server],
+    p = sub.add_parser("status", parents=[store, model_store, *managed],
                        help="models, versions, workers and the steps they serve",
                        description="Show every registered model (or NAME...), its versions, workers, "
                                    "default, and the step each version serves.",
@@ -303,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("names", metavar="NAME", nargs="*", help="only these models (default: every one)")
     p.set_defaults(run=_status)
 
-    p = sub.add_parser("watch", parents=[store, model_store, pack, server],
+    p = sub.add_parser("watch", parents=[store, model_store, pack, register, *managed],
                        help="publish every N-th step as the trainer publishes it",
                        description="Archive and register every step divisible by N as it appears in the "
                                    "store, until interrupted (Ctrl-C).",
@@ -331,10 +348,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit after S seconds without a caller (default: run until stopped)")
     p.set_defaults(run=_proxy)
 
-    from bray.archiver.kserve import POLL_INTERVAL_MS
+    from bray.archiver.kserve import BATCH_SIZE, POLL_INTERVAL_MS
 
-    # Pods follow a shared store: poll it (inotify does not see other hosts' writes).
-    p = sub.add_parser("kserve", parents=[store, _pack_parser(poll_interval_ms=POLL_INTERVAL_MS)],
+    # Pods follow a shared store: poll it (inotify does not see other hosts' writes); and batch.
+    p = sub.add_parser("kserve", parents=[store, _pack_parser(poll_interval_ms=POLL_INTERVAL_MS,
+                                                              batch_size=BATCH_SIZE), json_out],
                        help="write the KServe storage layout and manifests for a published model",
                        description="Write DIR/models (config/config.properties + model-store/NAME-latest.mar, "
                                    "what KServe's TorchServe runtime loads from a storage URI) and "
@@ -358,7 +376,6 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--cpu", default="2", help="CPU per pod, requests = limits (default 2)")
     k.add_argument("--memory", default="4Gi", help="memory per pod (default 4Gi)")
     k.add_argument("--gpus", type=_int_at_least(0), default=0, metavar="N", help="nvidia.com/gpu per pod (default 0)")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_kserve)
 
     p = sub.add_parser("dashboard", parents=[store, model_store, server],

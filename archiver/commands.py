@@ -86,9 +86,9 @@ def _versions(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO
     data = [asdict(v) for v in model.versions]
 
     def human(o: TextIO) -> None:
-        rows = [("VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE")]
+        rows = [("VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE", "STORE")]
         rows += [(v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
-                  f"{v.ready_workers}/{v.workers}", v.archive) for v in model.versions]
+                  f"{v.ready_workers}/{v.workers}", v.archive, v.store or "?") for v in model.versions]
         _table(rows, o)
 
     _emit(opts, data, human, out)
@@ -135,6 +135,21 @@ def _prune(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -
     return 0
 
 
+def _remove(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+    from bray.archiver.publish import remove
+
+    with opts.client() as client:
+        removed = remove(args.names, client=client, model_store=opts.locations.model_store)
+
+    def human(o: TextIO) -> None:
+        for name, versions in removed.items():
+            print(f"{name}: unregistered version(s) {', '.join(versions)} and deleted their archives from "
+                  f"{opts.locations.model_store}", file=o)
+
+    _emit(opts, [{"name": n, "removed": v} for n, v in removed.items()], human, out)
+    return 0
+
+
 def _scale(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import scale
 
@@ -158,10 +173,10 @@ def _status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) 
         if not models:
             print(f"no models registered on {opts.locations.management_url}", file=o)
             return
-        rows = [("MODEL", "VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE")]
+        rows = [("MODEL", "VERSION", "DEFAULT", "STEP", "WORKERS", "ARCHIVE", "STORE")]
         for m in models:
             rows += [(m.name, v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
-                      f"{v.ready_workers}/{v.workers}", v.archive) for v in m.versions]
+                      f"{v.ready_workers}/{v.workers}", v.archive, v.store or "?") for v in m.versions]
         _table(rows, o)
 
     _emit(opts, data, human, out)
@@ -175,7 +190,15 @@ def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, ou
                            store_claim=args.store_claim, store_mount=args.store_mount,
                            store_size_gi=args.store_size_gi, storage_class=args.storage_class, cpu=args.cpu,
                            memory=args.memory, gpus=args.gpus)
-    done = export_kserve(opts.store(must_exist=True), args.name, out=args.out, options=kserve, force=args.force,
+    root = opts.locations.store
+    if not root.is_dir():
+        # --store is this machine's path to the trainer's store; --store-mount is the pods'.
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise ConfigError(
+            f"the checkpoint store {root} {what} on this machine; pass --store (or set BRAY_STORE to) the "
+            f"folder the trainer publishes into, as this machine sees it; --store-mount ({kserve.store_mount}) "
+            "is where the pods mount it, which may be another path")
+    done = export_kserve(opts.store(), args.name, out=args.out, options=kserve, force=args.force,
                          serving=pack.serving, progress=pack.progress)
     data = {"out": str(done.out), "models": str(done.models), "config": str(done.config),
             "archive": str(done.archive), "manifests": [str(m) for m in done.manifests],

@@ -53,6 +53,13 @@ MANAGEMENT_PORT = 8081
 METRICS_PORT = 8082
 # Pods follow a shared store: its workers poll LATEST (inotify does not see other hosts' writes).
 POLL_INTERVAL_MS = 50
+# Pods batch by default, with the batch size the README's RemoteModel(..., max_batch_size=32)
+# and the main job register; the delay stays ServingOptions' 0 (a lone request is not held).
+BATCH_SIZE = 32
+# The runtime image runs as model-server, not as whoever uploads the layout: everything
+# written is readable by others, and nothing more permissive than that.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 # pytorch/torchserve images run from here; TorchServe writes key_file.json into it.
 WORKDIR = "/home/model-server"
 _DNS_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -147,9 +154,8 @@ def _config_text(name: str, archive: str, *, workers: int, batch_size: int, max_
     snapshot = {"name": "startup.cfg", "modelCount": 1, "models": {name: {"latest": {
         "defaultVersion": True, "marName": archive, "minWorkers": workers, "maxWorkers": max(workers, 1),
         "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms, "responseTimeout": 120}}}}
-    lines = [
-        config_path().read_text().rstrip("\n"), "",
-        "# --- KServe (written by bray-archive kserve; the last value of a key wins) -------------",
+    kserve = [
+        "# --- KServe (written by bray-archive kserve; these keys are set here, not above) ------",
         "# Inference on every interface of the pod (KServe's TorchServe runtime: 8085); the",
         "# management API (model registration) stays on loopback; metrics for Prometheus.",
         f"inference_address=http://0.0.0.0:{INFERENCE_PORT}",
@@ -160,7 +166,20 @@ def _config_text(name: str, archive: str, *, workers: int, batch_size: int, max_
         "# like a snapshot of its own).",
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}",
     ]
-    return "\n".join(lines) + "\n"
+    ours = {line.partition("=")[0] for line in kserve if not line.startswith("#")}
+    # One value per key: the bundled lines of the keys set here are left out (a reader of
+    # the file, or a tool that is not Java's Properties, sees the value that applies).
+    bundled = [line for line in config_path().read_text().rstrip("\n").splitlines()
+               if line.lstrip().startswith("#") or line.partition("=")[0].strip() not in ours]
+    return "\n".join([*bundled, "", *kserve]) + "\n"
+
+
+def _make_readable(root: Path) -> None:
+    """Files 0644 and folders 0755 under ``root`` (itself included), whatever the umask."""
+    os.chmod(root, DIR_MODE)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
 def _probe(kind: str, *, initial_delay_s: int, period_s: int, failures: int) -> dict[str, Any]:
@@ -251,7 +270,9 @@ def export_kserve(
 
     Everything is written into a temporary folder beside ``out`` and renamed into place:
     a failure leaves nothing half-written, and ``force`` replaces an old ``out`` only once
-    the new one is complete.
+    the new one is complete. Missing parents of ``out`` are made (and removed again on a
+    failure). Files are written 0644 and folders 0755, whatever the umask: the pods run
+    as another user than the one who uploads them.
 
     Args:
         store: the checkpoint store the model is published in.
@@ -260,7 +281,8 @@ def export_kserve(
         options: how it is deployed (:class:`KServeOptions`).
         force: replace a non-empty ``out``.
         serving: the serving options (:class:`~bray.handlers.config.ServingOptions`);
-            without it ``poll_interval_ms`` is :data:`POLL_INTERVAL_MS` here.
+            without it ``poll_interval_ms`` is :data:`POLL_INTERVAL_MS` and ``batch_size``
+            :data:`BATCH_SIZE` here.
         **pack_options: archive options as for :func:`~bray.archiver.pack.pack_archive`
             (``engine``, ``batch_size``, ``workers``, ... ``progress``; they win over
             ``serving``); ``store_path`` is the mount.
@@ -295,12 +317,17 @@ def export_kserve(
             raise ConfigError(f"export_kserve sets {key} itself; do not pass it")
     if serving is None:
         pack_options.setdefault("poll_interval_ms", POLL_INTERVAL_MS)
+        pack_options.setdefault("batch_size", BATCH_SIZE)
     docs = manifests(name, storage_uri=storage_uri, opts=opts)  # validates before anything is written
+    made = [p for p in reversed(out.parents) if not p.exists()]  # outermost first
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
+        _remove_made(made)
         raise StoreWriteError(f"cannot write into {out.parent}: {err.strerror or err}; choose an --out "
                               "in a folder you can write to") from err
+    done = False
     try:
         models = tmp / MODELS_DIR
         packed = pack_archive(store, name, step=None, model_store=models / "model-store",
@@ -314,14 +341,27 @@ def export_kserve(
             name, packed.file_name, workers=int(packed_yaml["minWorkers"]),
             batch_size=int(packed_yaml["batchSize"]), max_batch_delay_ms=int(packed_yaml["maxBatchDelay"])))
         written = _write_manifests(tmp / MANIFESTS_DIR, docs)
+        _make_readable(tmp)
         _swap_into_place(tmp, out)
+        done = True
     except OSError as err:
         raise StoreWriteError(f"writing {out} failed: {err.strerror or err}; nothing was left there") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_made(made)
     return KServeExport(out=out, models=out / MODELS_DIR, config=out / MODELS_DIR / "config" / "config.properties",
                         archive=out / MODELS_DIR / "model-store" / packed.file_name,
                         manifests=tuple(out / MANIFESTS_DIR / p.name for p in written), storage_uri=storage_uri)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the folders made for ``out`` (innermost first), if nothing else went into them."""
+    for path in reversed(made):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def _write_manifests(folder: Path, docs: dict[str, dict[str, Any]]) -> list[Path]:

@@ -56,6 +56,7 @@ CONFIG_FILE = "model-config.yaml"
 STEP_FILE = "step.json"
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
 _CHUNK = 8 << 20
+ARCHIVE_MODE = 0o644
 
 _SHIM = '''"""TorchServe handler of a bray-serve archive (written by bray-archive).
 
@@ -273,6 +274,9 @@ def pack_archive(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fobj:
+            # mkstemp makes 0600; the server may run as another user (KServe's image runs as
+            # model-server): readable by others, whatever the umask, and no more than that.
+            os.fchmod(fobj.fileno(), ARCHIVE_MODE)
             with zipfile.ZipFile(fobj, "w", zipfile.ZIP_STORED) as zf:
                 zf.writestr(HANDLER_FILE, _SHIM)
                 zf.writestr(CONFIG_FILE, _yaml_text(serving))

@@ -41,6 +41,7 @@ __all__ = [
     "list_versions",
     "prune",
     "publish_version",
+    "remove",
     "rollback",
     "scale",
     "served_store",
@@ -294,12 +295,63 @@ def prune(name: str, *, keep: int, client: ManagementClient,
     removed = []
     for v in doomed:
         client.unregister(name, v.version)
-        mar = Path(model_store) / (v.url or archive_path("", name, v.version).name)
-        # Only files inside the model store (v.url is a file name there); never follow
-        # a URL somewhere else.
-        if mar.resolve().parent == Path(model_store).resolve():
-            mar.unlink(missing_ok=True)
+        _delete_archive(v, model_store)
         removed.append(v.version)
+    return removed
+
+
+def _delete_archive(v: ModelVersion, model_store: str | os.PathLike[str]) -> Path | None:
+    """Delete an unregistered version's ``.mar``; returns it, or ``None`` when none was deleted."""
+    mar = Path(model_store) / (v.url or archive_path("", v.name, v.version).name)
+    # Only files inside the model store (v.url is a file name there); never follow a URL
+    # somewhere else.
+    if mar.resolve().parent != Path(model_store).resolve() or not mar.is_file():
+        return None
+    mar.unlink(missing_ok=True)
+    return mar
+
+
+def remove(names: list[str], *, client: ManagementClient,
+           model_store: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Unregister every version of each model in ``names`` and delete their archives.
+
+    For clones (``<model>-clone-step-N``) and other models no longer wanted: ``prune``
+    keeps the default and ``latest``. Every name is checked before anything is removed.
+    The checkpoint store is left alone (its steps stay clonable).
+
+    Args:
+        names: registered model names.
+        model_store: where the archives are; each version's ``.mar`` there is deleted.
+
+    Returns:
+        ``{name: versions removed}``, each model's default version last.
+
+    Raises:
+        ConfigError: ``names`` is empty.
+        ModelNotFoundError: a name is not registered (nothing was removed; the message
+            lists the registered models).
+    """
+    if not names:
+        raise ConfigError("remove needs at least one model name; bray-archive status lists them")
+    registered = set(client.list_models())
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise ModelNotFoundError(
+            f"no model {', '.join(map(repr, unknown))} is registered on {client.url}, so nothing was removed "
+            f"(registered: {', '.join(sorted(registered)) or 'none'}); check the name with bray-archive status",
+            status=None, name=unknown[0])
+    removed: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        # TorchServe refuses to unregister the default version while others remain: it goes last.
+        versions = sorted(client.versions(name), key=lambda v: (v.is_default, _version_key(v.version)))
+        removed[name] = []
+        for v in versions:
+            try:
+                client.unregister(name, v.version)
+            except ModelNotFoundError:  # unregistered meanwhile (another remove, prune): gone is fine
+                pass
+            _delete_archive(v, model_store)
+            removed[name].append(v.version)
     return removed
 
 
@@ -336,9 +388,13 @@ class VersionStatus:
         is_default: ``/predictions/<name>`` serves this one.
         workers, ready_workers: worker counts.
         live: the version follows the store's latest step.
-        step: the step it serves (pinned step; for live ones the store's latest), or
-            ``None`` when unknown.
+        step: the step it serves (pinned step; for live ones the latest step of the store
+            its workers follow), or ``None`` when unknown.
         archive: the ``.mar`` it was registered from.
+        store: the checkpoint store its workers read (from the archive's
+            ``model-config.yaml``; the ``store`` given to :func:`status` when the archive
+            is not in the model store), where a live version's step was read; ``None``
+            when unknown.
     """
 
     version: str
@@ -348,6 +404,7 @@ class VersionStatus:
     live: bool
     step: int | None
     archive: str
+    store: str | None = None
 
 
 @dataclass(frozen=True)
@@ -363,11 +420,15 @@ def status(*, client: ManagementClient, model_store: str | os.PathLike[str] | No
            store: CheckpointStore | None = None, names: list[str] | None = None) -> list[ModelStatus]:
     """Models, versions, workers, default, and the step each version serves.
 
+    A live version's step is read from the store its archive names (what its workers
+    follow), not from ``store``: several runs, clones and stores share one server.
+
     Args:
         client: the server's management client.
-        model_store: where the archives are (read to tell pinned from live versions;
-            without it a numeric version is taken as pinned to that step).
-        store: the checkpoint store (gives the step live versions serve).
+        model_store: where the archives are (read to tell pinned from live versions and
+            which store each follows; without it a numeric version is taken as pinned to
+            that step).
+        store: the checkpoint store for versions whose archive cannot be read here.
         names: only these models (default every registered model).
 
     Raises:
@@ -378,34 +439,40 @@ def status(*, client: ManagementClient, model_store: str | os.PathLike[str] | No
         rows = []
         default = ""
         for v in list_versions(name, client=client):
-            live, step = _served_step(v, model_store, store)
+            live, step, root = _served_step(v, model_store, store)
             if v.is_default:
                 default = v.version
             rows.append(VersionStatus(version=v.version, is_default=v.is_default, workers=v.workers,
-                                      ready_workers=v.ready_workers, live=live, step=step, archive=v.url))
+                                      ready_workers=v.ready_workers, live=live, step=step, archive=v.url,
+                                      store=root))
         result.append(ModelStatus(name=name, default_version=default, versions=tuple(rows)))
     return result
 
 
 def _served_step(v: ModelVersion, model_store: str | os.PathLike[str] | None,
-                 store: CheckpointStore | None) -> tuple[bool, int | None]:
+                 store: CheckpointStore | None) -> tuple[bool, int | None, str | None]:
+    """``(live, step, store root)`` of a version: what its archive says, else its version string."""
+    from bray.store import CheckpointStore
+
     live, step = v.version == LIVE_VERSION, _numeric(v.version)
+    root = None if store is None else str(store.root)
+    name = v.name
     if model_store is not None and v.url:
         mar = Path(model_store) / v.url
         if mar.is_file():
             try:
                 cfg = read_archive_config(mar)
-                live, step = not cfg.pinned, (cfg.step if cfg.pinned else None)
             except ConfigError:  # not a bray archive: its version string says nothing about steps
-                return False, None
+                return False, None, None
+            live, step, root, name = not cfg.pinned, (cfg.step if cfg.pinned else None), cfg.store, cfg.name
     if live:
         step = None
-        if store is not None:
+        if root is not None:
             try:
-                step = store.latest(v.name)
-            except ConfigError:
+                step = CheckpointStore(root).latest(name)
+            except (ConfigError, OSError):
                 pass
-    return live, step
+    return live, step, root
 
 
 class PublishWatch:

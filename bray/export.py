@@ -372,6 +372,7 @@ def export_model(
         final = Path(dest)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: servers running as another user read the store
         try:
             has_torch = has_eager = False
             onnx_in: tuple[str, ...] = ()

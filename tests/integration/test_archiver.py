@@ -68,7 +68,7 @@ def cli(server: TorchServeProcess, store: CheckpointStore) -> Any:
         command, rest = argv[0], list(argv[1:])
         if command in ("publish", "status", "versions", "watch"):
             common += ["--store", str(store.root)]
-        if command in ("publish", "status", "versions", "watch", "prune"):
+        if command in ("publish", "status", "versions", "watch", "prune", "remove"):
             common += ["--model-store", str(server.model_store)]
         code = main([command, *rest, *common], out=out)
         return code, out.getvalue()
@@ -266,3 +266,66 @@ def _unregister_at_end(server: TorchServeProcess) -> Any:
     for mar in server.model_store.glob(f"{NAME}-*.mar"):
         mar.unlink()
     shutil.rmtree(server.model_store / ".unused", ignore_errors=True)
+
+
+# -- status reads the store each live version follows; remove takes whole models -------------
+
+CLONE = f"{NAME}-clone-step-20"
+
+
+@pytest.fixture(scope="module")
+def clone(cli: Any, store: CheckpointStore, server: TorchServeProcess) -> Any:
+    """A clone of step 20 as RemoteModel.clone makes one: versions ``latest`` (default) and ``20``."""
+    store.record_clone_origin(CLONE, source=NAME, step=20)
+    store.seed_clone(CLONE)
+    for argv in (("--live",), ("--step", "20")):
+        code, out = cli("publish", "--name", CLONE, *argv, "--json", "--no-progress")
+        assert code == 0, out
+    yield CLONE
+    with ManagementClient(server.management_url, key_file=server.key_file) as c:
+        for version in ("20", "latest"):
+            try:
+                c.unregister(CLONE, version)
+            except Exception:  # noqa: BLE001 - best-effort cleanup
+                pass
+    for mar in server.model_store.glob(f"{CLONE}-*.mar"):
+        mar.unlink()
+
+
+def test_status_reads_the_store_each_live_version_follows(clone: str, server: TorchServeProcess,
+                                                          store: CheckpointStore, tmp_path: Path) -> None:
+    # Another run's store, the one --store names here, holds a model of the same name at step 0.
+    other = CheckpointStore(tmp_path / "other-run")
+    other.publish(CLONE, _weights(0), step=0)
+    common = ["--store", str(other.root), "--model-store", str(server.model_store),
+              "--management", server.management_url, "--key-file", str(server.key_file)]
+    out = io.StringIO()
+    assert main(["status", CLONE, "--json", *common], out=out) == 0
+    rows = {v["version"]: v for v in json.loads(out.getvalue())[0]["versions"]}
+    followed = str(store.root.resolve())
+    assert (rows["latest"]["step"], rows["latest"]["live"], rows["latest"]["store"]) == (20, True, followed)
+    assert (rows["20"]["step"], rows["20"]["live"], rows["20"]["store"]) == (20, False, followed)
+    out = io.StringIO()
+    assert main(["status", CLONE, *common], out=out) == 0
+    latest = [line.split() for line in out.getvalue().splitlines() if line.split()[1:2] == ["latest"]]
+    assert latest[0][3:5] == ["20", "(live)"] and latest[0][-1] == followed, out.getvalue()
+
+
+def test_remove_refuses_an_unknown_name_and_removes_nothing(clone: str, cli: Any, client: ManagementClient,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = cli("remove", clone, "no-such-model")
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "no model 'no-such-model' is registered" in err and "nothing was removed" in err and clone in err
+    assert sorted(v.version for v in client.versions(clone)) == ["20", "latest"]
+
+
+def test_remove_unregisters_every_version_of_a_clone_and_deletes_its_archives(
+        clone: str, cli: Any, client: ManagementClient, server: TorchServeProcess) -> None:
+    assert sorted(server.model_store.glob(f"{clone}-*.mar")) != []
+    code, out = cli("remove", clone, "--json")
+    assert code == 0, out
+    assert json.loads(out) == [{"name": clone, "removed": ["20", "latest"]}]  # the default last
+    assert clone not in client.list_models()
+    assert sorted(server.model_store.glob(f"{clone}-*.mar")) == []
+    assert NAME in client.list_models()  # the model it was cloned from is left alone

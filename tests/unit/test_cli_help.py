@@ -110,3 +110,52 @@ def test_cli_start_imports_neither_numpy_nor_requests() -> None:
             "assert 'numpy' not in sys.modules and 'requests' not in sys.modules, sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# How a command reads a flag it does not name as ``args.<dest>``: through the options that
+# from_args builds (ServerOptions, PackOptions) or the locations they hold.
+_READ_THROUGH = {
+    "json": ("opts.json", "_emit(opts"),
+    "timeout_s": ("opts.client()",),
+    "store": ("opts.store(", "locations.store", "opts.locations"),
+    "model_store": ("locations.model_store", "opts.locations"),
+    "management": ("opts.client()", "locations.management_url", "opts.locations"),
+    "key_file": ("opts.client()", "locations.key_file", "opts.locations"),
+    "no_progress": ("pack.progress", "pack.as_kwargs()"),
+    "force": ("pack.as_kwargs()",),  # PackOptions.force
+    "workdir": ("_workdir(args)",),
+    **{f"{api}_port": ('getattr(args, f"{name}_port")',) for api in ("inference", "management", "metrics")},
+}
+
+
+def _serving_dests() -> set[str]:
+    from dataclasses import fields
+
+    from bray.handlers.config import ServingOptions
+
+    return {f.name for f in fields(ServingOptions)} | {"max_request_mb"}
+
+
+@pytest.mark.parametrize("command", sorted(c for c in PAGES if "run" in PAGES[c]._defaults), ids=str)
+def test_every_listed_flag_is_read_by_its_command(command: str) -> None:
+    import inspect
+
+    source = inspect.getsource(PAGES[command]._defaults["run"])
+    unread = []
+    for action in PAGES[command]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        dest = action.dest
+        ways = (f"args.{dest}", f"args, \"{dest}\"", *_READ_THROUGH.get(dest, ()))
+        if dest in _serving_dests():
+            ways += ("pack.serving", "pack.as_kwargs()")
+        if not any(way in source for way in ways):
+            unread.append(action.option_strings[0] if action.option_strings else dest)
+    assert unread == [], f"bray-archive {command} --help lists {unread}, which the command never reads"
+
+
+@pytest.mark.parametrize("command", ["dashboard", "kserve", "proxy"], ids=str)
+def test_pages_list_no_flag_that_does_nothing_there(command: str) -> None:
+    text = help_text(command)
+    for flag in ("--timeout-s", "--set-default", "--wait-timeout-s") + (("--json",) if command != "kserve" else ()):
+        assert flag not in text, f"{command}: {flag}"

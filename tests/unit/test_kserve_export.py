@@ -15,8 +15,12 @@ Schemas, two independent checks:
 
 from __future__ import annotations
 
+import collections
 import importlib
+import os
 import re
+import shlex
+import stat
 import sys
 import types
 import zipfile
@@ -255,3 +259,126 @@ def test_bad_deployment_options_are_refused_before_anything_is_written(store: Ch
     assert export(store, out, "--store-mount", "/mnt/models") == 1
     assert "store_mount must be an absolute path other than /mnt/models" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- what a user meets: the README's command, file modes, one value per key, batching ----------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_kserve_command() -> list[str]:
+    """The ``bray-archive kserve ...`` command of the README's KServe section, as a shell would split it."""
+    section = README.read_text().split("## Kubernetes with KServe", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    text = block.replace("\\\n", " ")  # the shell's line continuations
+    (line,) = [ln for ln in text.splitlines() if ln.strip().startswith("bray-archive kserve ")]
+    return shlex.split(line, comments=True)
+
+
+def test_the_readmes_kserve_command_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = readme_kserve_command()
+    assert argv[:3] == ["bray-archive", "kserve", "policy"], argv
+    # What the README's quick start leaves behind: "policy" published in the trainer's store
+    # ($BRAY_STORE), and a working directory without the --out folder's parent.
+    store = CheckpointStore(tmp_path / "trainer-store")
+    export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("policy"), onnx=False)
+    store.publish("policy", probe_weights(3), step=3)
+    monkeypatch.setenv("BRAY_STORE", str(store.root))
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:]) == 0
+    out = tmp_path / argv[argv.index("--out") + 1]
+    from bray.archiver.pack import read_archive_config
+
+    cfg = read_archive_config(out / "models/model-store/policy-latest.mar")
+    mount = load_docs(out)["2-inferenceservice.yaml"]["spec"]["predictor"]["model"]["volumeMounts"][0]["mountPath"]
+    assert cfg.store == mount == "/mnt/bray-store"  # the pods read the store where they mount it
+    assert (out / "models/config/config.properties").is_file()
+
+
+def test_the_pods_mount_path_as_local_store_says_which_is_which(store: CheckpointStore, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    mount = str(tmp_path / "not-here")
+    assert export(store, tmp_path / "out", "--store", mount, "--store-mount", mount) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the checkpoint store {mount} does not exist" in err
+    assert "--store-mount" in err and "where the pods mount" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_with_missing_parents_is_made(store: CheckpointStore, tmp_path: Path) -> None:
+    out = tmp_path / "deploy" / "team" / "policy"
+    assert export(store, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kubernetes", "models"]
+    assert sorted(p.name for p in (tmp_path / "deploy" / "team").iterdir()) == ["policy"]  # no temporary left
+
+
+def test_made_parents_are_removed_again_when_the_export_fails(store: CheckpointStore, tmp_path: Path) -> None:
+    assert main(["kserve", "nobody", "--out", str(tmp_path / "deploy" / "x"), "--store", str(store.root)]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def _modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
+
+
+def test_archives_and_exported_files_are_readable_by_the_pods_user(tmp_path: Path) -> None:
+    # The runtime image runs as model-server, not as the uploader: a private umask must not
+    # make the archive, the export or the store's model definition unreadable to it.
+    saved = os.umask(0o077)
+    try:
+        store = CheckpointStore(tmp_path / "store")
+        export_model(StepProbe(), (torch.zeros(2, 4),), dest=store.export_dir("probe_v1"), onnx=False)
+        store.publish("probe_v1", probe_weights(1), step=1)
+        assert export(store, tmp_path / "out") == 0
+        from bray.archiver.pack import pack_archive
+
+        packed = pack_archive(store, "probe_v1", step=1, model_store=tmp_path / "model_store")
+    finally:
+        os.umask(saved)
+    modes = _modes(tmp_path / "out")
+    assert {k: v for k, v in modes.items() if (tmp_path / "out" / k).is_dir()} == {
+        k: "0o755" for k in (".", "kubernetes", "models", "models/config", "models/model-store")}
+    assert {k: v for k, v in modes.items() if (tmp_path / "out" / k).is_file()} == {
+        k: "0o644" for k in ("kubernetes/0-store-pvc.yaml", "kubernetes/1-servingruntime.yaml",
+                             "kubernetes/2-inferenceservice.yaml", "models/config/config.properties",
+                             "models/model-store/probe_v1-latest.mar")}
+    assert oct(stat.S_IMODE(packed.path.stat().st_mode)) == "0o644"
+    export_dir = store.export_dir("probe_v1")
+    assert oct(stat.S_IMODE(export_dir.stat().st_mode)) == "0o755"
+
+
+def test_nothing_is_made_more_permissive_than_0644_and_0755(store: CheckpointStore, tmp_path: Path) -> None:
+    saved = os.umask(0)
+    try:
+        assert export(store, tmp_path / "out") == 0
+    finally:
+        os.umask(saved)
+    modes = set(_modes(tmp_path / "out").values())
+    assert modes == {"0o644", "0o755"}, modes
+
+
+def test_the_config_sets_each_key_once(store: CheckpointStore, tmp_path: Path) -> None:
+    assert export(store, tmp_path / "out") == 0
+    keys = [line.partition("=")[0].strip()
+            for line in (tmp_path / "out/models/config/config.properties").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert [k for k, n in collections.Counter(keys).items() if n > 1] == []
+    assert {"inference_address", "management_address", "metrics_address", "model_snapshot"} <= set(keys)
+
+
+def test_pods_batch_by_default_as_the_readmes_remote_model_does(store: CheckpointStore, tmp_path: Path) -> None:
+    from bray.archiver.kserve import BATCH_SIZE, export_kserve
+    from bray.archiver.pack import read_archive_config
+
+    assert BATCH_SIZE == 32  # the README's RemoteModel(..., max_batch_size=32) and the main job's
+    assert export(store, tmp_path / "cli") == 0
+    done = export_kserve(store, "probe_v1", out=tmp_path / "api")
+    for out in (tmp_path / "cli", tmp_path / "api"):
+        props = dict(line.split("=", 1) for line in (out / "models/config/config.properties").read_text().splitlines()
+                     if line and not line.startswith("#"))
+        entry = yaml.safe_load(props["model_snapshot"])["models"]["probe_v1"]["latest"]
+        assert (entry["batchSize"], entry["maxBatchDelay"]) == (32, 0)
+        cfg = read_archive_config(out / "models/model-store/probe_v1-latest.mar")
+        assert cfg.options.batch_size == 32 and cfg.options.max_batch_delay_ms == 0
+    assert done.archive.is_file()
+    assert export(store, tmp_path / "one", "--batch-size", "1") == 0  # still a choice
