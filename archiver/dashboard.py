@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -129,19 +128,6 @@ def _server_view(opts: DashboardOptions, names: list[str]) -> tuple[dict[str, An
         return {}, str(err).split("\n")[0][:300]
 
 
-def _process_exists(pid: int) -> bool:
-    """True when ``pid`` is a process on this host (one of another user's counts too)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[str, str]] | None,
                   now: float) -> tuple[list[dict[str, Any]], int]:
     """The announcements whose worker still exists, as table rows, and how many were stale.
@@ -152,6 +138,8 @@ def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[st
             when the management API did not answer: then a worker of this host counts
             while its process exists, and one of another host (unknowable here) counts.
     """
+    from bray.store._durable import pid_alive
+
     here = socket.gethostname()
     rows, stale = [], 0
     for worker, info in sorted(announced.items()):
@@ -159,7 +147,7 @@ def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[st
         if pids is not None:
             alive = pid in pids
         else:
-            alive = info.get("host", here) != here or _process_exists(pid)
+            alive = info.get("host", here) != here or (pid > 0 and pid_alive(pid))
         if not alive:  # a killed or replaced worker left its announcement behind
             stale += 1
             continue
