@@ -5,11 +5,15 @@ One aiohttp application, no JavaScript build step: the server renders the whole 
 ``refresh_s`` and swap the content, and a ``<noscript>`` meta refresh does the same
 without JavaScript. It shows, per model in the checkpoint store:
 
-- the latest and kept steps (from the store);
+- the latest and kept steps (from the store): how many, and every one of them written
+  compactly (``0-90 every 10, 96-100``); past :data:`MAX_STEP_RUNS` runs of steps the
+  page shows the oldest and newest and says how many it left out;
 - the registered versions, their default and workers (from the management API, when it
   answers; the page says so when it does not);
-- the step each worker serves (the workers' own announcements in the store, joined with
-  the management API's worker list);
+- the step each live worker serves: the workers' own announcements in the store, joined
+  with the management API's worker list. An announcement whose worker no longer exists
+  (not among TorchServe's workers of the model, or, with no answer from the management
+  API, a process gone from this host) is left out, and the page says how many were;
 - the league table (:func:`bray.league.read_league`: games, win rate, recent win rate per
   opponent) and a plot of win rate by opponent step.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +45,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from bray.torchserve.management import ManagementClient
 
-__all__ = ["DashboardOptions", "collect_state", "make_app", "render_page", "run_dashboard"]
+__all__ = ["DashboardOptions", "collect_state", "make_app", "render_page", "run_dashboard", "step_runs"]
 
 DEFAULT_PORT = 8090
+
+#: Runs of steps (``0-90 every 10`` is one) shown in full; more are cut in the middle, saying so.
+MAX_STEP_RUNS = 24
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,36 @@ def _server_view(opts: DashboardOptions, names: list[str]) -> tuple[dict[str, An
         return {}, str(err).split("\n")[0][:300]
 
 
+def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[str, str]] | None,
+                  now: float) -> tuple[list[dict[str, Any]], int]:
+    """The announcements whose worker still exists, as table rows, and how many were stale.
+
+    Args:
+        announced: the store's announcements of one model (:meth:`CheckpointStore.serving`).
+        pids: TorchServe's workers of the model, ``{pid: (version, status)}``; ``None``
+            when the management API did not answer: then a worker of this host counts
+            while its process exists, and one of another host (unknowable here) counts.
+    """
+    from bray.store._durable import pid_alive
+
+    here = socket.gethostname()
+    rows, stale = [], 0
+    for worker, info in sorted(announced.items()):
+        pid = int(info.get("pid", -1))
+        if pids is not None:
+            alive = pid in pids
+        else:
+            alive = info.get("host", here) != here or (pid > 0 and pid_alive(pid))
+        if not alive:  # a killed or replaced worker left its announcement behind
+            stale += 1
+            continue
+        version, state = (pids or {}).get(pid, ("", ""))
+        rows.append({"worker": worker, "pid": pid, "host": info.get("host", ""), "step": info.get("step"),
+                     "age_s": round(max(0.0, now - float(info.get("time", now))), 1),
+                     "version": version, "status": state})
+    return rows, stale
+
+
 def collect_state(opts: DashboardOptions) -> dict[str, Any]:
     """Everything the page shows, as plain data (what ``/api/state`` answers).
 
@@ -135,20 +173,13 @@ def collect_state(opts: DashboardOptions) -> dict[str, Any]:
     models = []
     for name in names:
         served = server.get(name, {})
-        pids = served.get("pids", {})
-        workers = []
-        for worker, info in sorted(store.serving(name).items()):
-            pid = int(info.get("pid", -1))
-            version, state = pids.get(pid, ("", ""))
-            if server and pid not in pids:
-                state = "gone"  # an announcement a killed worker left behind
-            workers.append({"worker": worker, "pid": pid, "host": info.get("host", ""), "step": info.get("step"),
-                            "age_s": round(max(0.0, now - float(info.get("time", now))), 1),
-                            "version": version, "status": state})
+        # The management API answered: a model it does not list has no live worker.
+        workers, stale = _live_workers(store.serving(name), served.get("pids", {}) if server_error is None else None,
+                                       now)
         models.append({
             "name": name, "latest": store.latest(name), "steps": store.steps(name),
             "default_version": served.get("default"), "versions": served.get("versions", []),
-            "workers": workers, "league": _league(opts.store, name),
+            "workers": workers, "stale_announcements": stale, "league": _league(opts.store, name),
         })
     return {"store": str(opts.store), "time": now, "management_error": server_error,
             "server": bool(server) or server_error is None, "models": models}
@@ -221,11 +252,48 @@ def _plot(league: list[dict[str, Any]], *, width: int = 440, height: int = 200) 
     return "".join(parts)
 
 
+def step_runs(steps: list[int]) -> list[str]:
+    """Sorted steps as runs of one stride: ``[0, 10, 20, 30, 36, 37, 38]`` -> ``["0-30 every 10", "36-38"]``.
+
+    A run is three or more steps a constant stride apart; steps in no run stand alone.
+    """
+    runs: list[str] = []
+    i = 0
+    while i < len(steps):
+        j = i  # the run is steps[i..j]
+        stride = steps[i + 1] - steps[i] if i + 1 < len(steps) else 0
+        while j + 1 < len(steps) and steps[j + 1] - steps[j] == stride:
+            j += 1
+        if j - i >= 2:
+            runs.append(f"{steps[i]}-{steps[j]}" + (f" every {stride}" if stride != 1 else ""))
+            i = j + 1
+        else:
+            runs.append(str(steps[i]))
+            i += 1
+    return runs
+
+
+def _kept_steps(steps: list[int]) -> str:
+    """How many steps are kept, and which: every one, or the ends and how many were left out."""
+    if not steps:
+        return "no kept step"
+    runs = step_runs(steps)
+    if len(runs) > MAX_STEP_RUNS:
+        head, tail = runs[:MAX_STEP_RUNS // 4], runs[-(MAX_STEP_RUNS - MAX_STEP_RUNS // 4):]
+        left_out = len(runs) - len(head) - len(tail)
+        shown = (f'{_E(", ".join(head))}, <span class="cut">… {left_out} runs of steps not shown '
+                 f'(/api/state lists them all) …</span>, {_E(", ".join(tail))}')
+    else:
+        shown = _E(", ".join(runs))
+    noun = "step" if len(steps) == 1 else "steps"
+    return f'<span class="kept-count">{len(steps)}</span> kept {noun}: <span class="kept-steps">{shown}</span>'
+
+
 def _model_section(m: dict[str, Any], has_server: bool) -> str:
     name = m["name"]
     out = [f'<section class="model" data-model="{_E(name)}"><h2>{_E(name)}</h2>',
            f'<p>latest step <span class="step latest-step">{_E(str(m["latest"]))}</span>'
-           f'<span class="muted"> · kept steps {_E(", ".join(map(str, m["steps"][-12:])) or "none")}</span></p>']
+           f'<span class="muted"> · {_kept_steps(m["steps"])}</span></p>']
     if m["versions"]:
         rows = [[_E(v["version"]) + (" <b>(default)</b>" if v["is_default"] else ""),
                  _E("live" if v["live"] else "pinned"), _E(str(v["step"])),
@@ -239,7 +307,12 @@ def _model_section(m: dict[str, Any], has_server: bool) -> str:
         out.append("<h3>Step served by each worker</h3>"
                    + _table(["worker", "step", "version", "status", "announced"], rows, attrs='class="workers"'))
     else:
-        out.append('<p class="muted">no worker announces a step of this model (pinned versions do not)</p>')
+        out.append('<p class="muted">no live worker announces a step of this model (pinned versions do not)</p>')
+    stale = m.get("stale_announcements", 0)
+    if stale:
+        what = ("announcement: a worker that no longer exists" if stale == 1
+                else "announcements: workers that no longer exist")
+        out.append(f'<p class="muted stale">ignored <span class="stale-count">{stale}</span> stale {what}</p>')
     if m["league"]:
         rows = [[_E(s["opponent"]), str(s["step"]), str(s["games"]), f'{s["mean"]:.3f}', f'{s["recent"]:.3f}']
                 for s in m["league"]]

@@ -371,6 +371,7 @@ class RemoteModel:
         self._proxy_ok = True
         self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
         self._proxy_calls = 0
+        self._call_stats: Any = None  # answered calls by route, kept once metrics are on (bray.bridge.metrics)
 
     def _ensure_export(self, given_name: str, *, override: bool) -> None:
         """Export the model into the store (given one), or check the store has a usable export."""
@@ -412,7 +413,7 @@ class RemoteModel:
         if address is not None:
             from bray.bridge.metrics import track
 
-            track(self, address)
+            self._call_stats = track(self, address)
 
 
     def _engine_options(self) -> Any:
@@ -531,34 +532,40 @@ class RemoteModel:
 
     async def _forward_remote(self, payload: Any, n: int) -> tuple[Any, int]:
         """One remote forward: through the node proxy when there is one, else (or while it is away) direct."""
+        started = time.perf_counter()
         if self._proxy is not None:
             try:
                 outputs, step = await self._proxy.acall(payload, n, self._seen.value)
-                return self._answered(outputs, step, n, "proxy")
+                return self._answered(outputs, step, n, "proxy", started)
             except ProxyUnavailableError as err:
                 self._proxy_unavailable(err)
         outputs, step = await self._forward_on_loop(payload, n)
-        return self._answered(outputs, step, n, "http")
+        return self._answered(outputs, step, n, "http", started)
 
     def _forward_remote_sync(self, payload: Any, n: int) -> tuple[Any, int]:
         """:meth:`_forward_remote` from a plain thread: the proxy is called on this thread's own socket."""
         from bray.bridge._loop import run_sync
+
+        started = time.perf_counter()
         if self._proxy is not None:
             try:
                 outputs, step = self._proxy.call(payload, n, self._seen.value)
-                return self._answered(outputs, step, n, "proxy")
+                return self._answered(outputs, step, n, "proxy", started)
             except ProxyUnavailableError as err:
                 self._proxy_unavailable(err)
         outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
-        return self._answered(outputs, step, n, "http")
+        return self._answered(outputs, step, n, "http", started)
 
-    def _answered(self, outputs: Any, step: int, n: int, route: str) -> tuple[Any, int]:
-        """Every answered remote forward passes here (``route``: ``"proxy"`` or ``"http"``).
+    def _answered(self, outputs: Any, step: int, n: int, route: str, started: float) -> tuple[Any, int]:
+        """Every answered forward passes here (``route``: ``"proxy"``, ``"http"`` or ``"local"``).
 
         It keeps the newest step this process was answered with (sent as the minimum step
-        of its next requests), and is the one place to count calls by route.
+        of its next requests), and is the one place to count calls by route: ``n``
+        samples, answered ``time.perf_counter() - started`` seconds after the call began.
         """
         self._seen.advance(step)
+        if self._call_stats is not None:
+            self._call_stats.record(route, samples=n, seconds=time.perf_counter() - started)
         if route == "proxy":
             self._proxy_calls += 1
             if not self._proxy_ok:
@@ -615,8 +622,9 @@ class RemoteModel:
         """
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
+            started = time.perf_counter()
             outputs, step = self._local.forward(payload)
-            self._seen.advance(step)
+            self._answered(outputs, step, n, "local", started)
         else:
             outputs, step = await self._forward_remote(payload, n)
         if not batch:
@@ -627,8 +635,9 @@ class RemoteModel:
         """Synchronous :meth:`forward`, ``batch=True`` by default as in Bray (safe from any thread)."""
         payload, n = self._payload(args, kwargs, batch)
         if self._local is not None:
+            started = time.perf_counter()
             outputs, step = self._local.forward(payload)
-            self._seen.advance(step)
+            self._answered(outputs, step, n, "local", started)
         else:
             outputs, step = self._forward_remote_sync(payload, n)
         if not batch:

@@ -30,7 +30,8 @@ def _tmp_name(kind: str) -> str:
     return f"{kind}-{host}-{os.getpid()}-{secrets.token_hex(6)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` is a process on this host (one of another user's counts too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +60,7 @@ def _sweep_entry(entry: os.DirEntry[str], host: str, now: float) -> None:
     try:
         _kind, rest = entry.name.split("-", 1)
         owner_host, pid_text, _token = rest.rsplit("-", 2)
-        dead = owner_host == host and not _pid_alive(int(pid_text))
+        dead = owner_host == host and not pid_alive(int(pid_text))
     except ValueError:
         dead = False
     if not dead:

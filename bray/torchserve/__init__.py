@@ -1,6 +1,7 @@
 """bray.torchserve: the one way bray-serve speaks to TorchServe.
 
-- :mod:`~bray.torchserve.auth`: :class:`TokenAuth`, the key file and key refresh;
+- :mod:`~bray.torchserve.auth`: :class:`TokenAuth`, the key file and key refresh, and
+  :class:`InferenceKeyPlugin`, the inference key for ``tritonclient``;
 - :mod:`~bray.torchserve.answers`: the one mapping from TorchServe's answers and from
   failed connections to the errors of :mod:`bray.errors`;
 - :mod:`~bray.torchserve.management`: :class:`ManagementClient` (requests, an injectable
@@ -22,6 +23,7 @@ from bray import _lazy_exports
 # public name -> module that defines it; resolved on first use (no requests or aiohttp at import).
 _EXPORTS: dict[str, str] = {
     "InferenceClient": "bray.torchserve.inference",
+    "InferenceKeyPlugin": "bray.torchserve.auth",
     "ManagementClient": "bray.torchserve.management",
     "ModelVersion": "bray.torchserve.management",
     "Reply": "bray.torchserve.inference",
@@ -37,7 +39,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.torchserve.auth import TokenAuth
+    from bray.torchserve.auth import InferenceKeyPlugin, TokenAuth
     from bray.torchserve.inference import InferenceClient, Reply
     from bray.torchserve.launcher import (
         ServerState,

@@ -23,15 +23,15 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import requests
 
-from bray.config import find_key_file
+from bray.config import find_key_file, server_dir
 from bray.errors import AuthError, ConfigError
 from bray.torchserve.answers import connection_error, error_message
 
-__all__ = ["KeyKind", "TokenAuth", "bearer_key"]
+__all__ = ["InferenceKeyPlugin", "KeyKind", "TokenAuth", "bearer_key"]
 
 KeyKind = Literal["inference", "management"]
 _KINDS = ("inference", "management")
@@ -190,3 +190,48 @@ class TokenAuth:
             self._session.close()
             self._session = None
 
+
+
+class InferenceKeyPlugin:
+    """A ``tritonclient`` plugin that sends TorchServe's inference key with every call.
+
+    TorchServe refuses a call without the key before the handler runs, answering its own
+    JSON (``{"code": 400, "type": "InvalidKeyException", "message": ...}``), not the
+    ``{"error": ...}`` that ``tritonclient`` reads: its exception then says only ``an
+    exception occurred in the client while decoding the response: 'error'``, with
+    TorchServe's body after it. Register this plugin and every call carries the key::
+
+        client = tritonclient.http.InferenceServerClient("127.0.0.1:8080")
+        client.register_plugin(InferenceKeyPlugin())   # or key_file="~/.bray/server/key_file.json"
+
+    The key file is re-read whenever it changes (the server rewrites it at each start and
+    at each key refresh), so the plugin outlives restarts. It does not regenerate an
+    expired key itself: keys last 60 minutes by default, and a ``RemoteModel`` or
+    ``bray-archive`` command on the same server refreshes them.
+
+    Args:
+        key_file: TorchServe's ``key_file.json``; ``None`` looks where
+            :func:`bray.config.find_key_file` looks (``BRAY_KEY_FILE``,
+            ``./key_file.json``, ``~/.bray/server/key_file.json``), at each call until found.
+
+    Raises (at the call):
+        AuthError: no key file is found, or it cannot be read (the message says where
+            it looked and what to pass); the request is not sent.
+    """
+
+    def __init__(self, *, key_file: str | Path | None = None) -> None:
+        self._auth = TokenAuth(Path(key_file).expanduser() if key_file is not None else None,
+                               management_url="")  # never refreshes, so no management API
+
+    def __call__(self, request: Any) -> None:
+        """Add ``Authorization: Bearer <inference key>`` to ``request.headers`` (tritonclient's hook)."""
+        headers = self._auth.headers("inference")
+        if not headers:
+            raise AuthError(
+                "no TorchServe key file found, so the call would carry no inference key and "
+                f"TorchServe would refuse it (looked at BRAY_KEY_FILE, {Path.cwd() / 'key_file.json'} "
+                f"and {server_dir() / 'key_file.json'}); pass InferenceKeyPlugin(key_file=...) the "
+                "key_file.json in the server's working directory, or set BRAY_KEY_FILE",
+                status=None, key_file=None,
+            )
+        request.headers = {**(request.headers or {}), **headers}

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -183,6 +184,36 @@ def test_page_shows_steps_advancing_by_itself_and_no_keys(dashboard: str, chromi
     assert got["png"].startswith(b"\x89PNG\r\n\x1a\n")
     dest = Path(os.environ.get("BRAY_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
     dest.write_bytes(got["png"])
+
+
+def test_a_dead_workers_announcement_is_left_out_and_counted(dashboard: str, run: Path) -> None:
+    """A worker killed without withdrawing leaves its announcement in the store: the page
+    lists only the workers TorchServe still has, and says how many it left out."""
+    from bray.store import CheckpointStore
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # a pid with no process behind it
+    host = socket.gethostname()
+    worker = f"{host}-{proc.pid}"
+    store = CheckpointStore(run)
+    store.announce_serving(NAME, worker, 0, pid=proc.pid, host=host)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            state = requests.get(f"{dashboard}api/state", timeout=10).json()
+            model = next(m for m in state["models"] if m["name"] == NAME)
+            if model["stale_announcements"] >= 1 and model["workers"]:
+                break
+            assert time.monotonic() < deadline, model
+            time.sleep(0.3)
+        page = requests.get(dashboard, timeout=10).text
+    finally:
+        store.withdraw_serving(NAME, worker)
+    assert state["management_error"] is None, state["management_error"]
+    assert worker not in {w["worker"] for w in model["workers"]}
+    # Every row left is a worker TorchServe lists for the model (before: the dead one, as "gone").
+    assert all(w["status"] for w in model["workers"]), model["workers"]
+    assert worker not in page and '<span class="stale-count">' in page and "no longer exist" in page
 
 
 def test_dashboard_is_read_only(dashboard: str) -> None:

@@ -94,3 +94,51 @@ def test_the_oip_answer_follows_published_weights_and_bad_requests_say_why(
             client.infer(NAME, [inp])  # no key: token authorization is on
     finally:
         client.close()
+
+
+def test_without_the_key_tritonclient_shows_torchserves_refusal_and_the_plugin_sends_the_key(
+    served: tuple[bray.RemoteModel, torch.nn.Module], torchserve: TorchServeProcess, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a tritonclient user without the inference key gets, and the way out.
+
+    TorchServe's frontend refuses the call before our handler runs, with its own JSON
+    (``{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed..."}``);
+    tritonclient reads only ``{"error": ...}``, so its message starts ``an exception occurred
+    in the client while decoding the response: 'error'`` and has TorchServe's body after it.
+    Both are theirs, not ours to change: asserted as they are. The way out is
+    :class:`~bray.torchserve.InferenceKeyPlugin` (or ``headers=`` with the key, the README's
+    example); with no key file to read, the plugin says so before anything is sent.
+    """
+    from bray.errors import AuthError
+    from bray.torchserve import InferenceKeyPlugin
+
+    _, net = served
+    url = torchserve.inference_url.removeprefix("http://")
+    inp = httpclient.InferInput("INPUT__0", list(OBS.shape), "FP32")
+    inp.set_data_from_numpy(OBS)
+    client = httpclient.InferenceServerClient(url=url)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(NAME, [inp])
+        said = str(refused.value)
+        assert "while decoding the response: 'error'" in said, said  # tritonclient's words
+        assert "InvalidKeyException" in said and "Token Authorization failed" in said, said  # TorchServe's body
+        assert refused.value.status() == "400"
+
+        client.register_plugin(InferenceKeyPlugin(key_file=torchserve.key_file))
+        result = client.infer(NAME, [inp])
+        np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), reference(net, OBS), rtol=1e-5, atol=1e-5)
+    finally:
+        client.close()
+
+    monkeypatch.delenv("BRAY_KEY_FILE", raising=False)
+    monkeypatch.setenv("BRAY_SERVER_DIR", str(tmp_path / "no-server"))
+    monkeypatch.chdir(tmp_path)
+    client = httpclient.InferenceServerClient(url=url)
+    try:
+        client.register_plugin(InferenceKeyPlugin())
+        with pytest.raises(AuthError, match=r"no TorchServe key file found.*InferenceKeyPlugin\(key_file=\.\.\.\)"):
+            client.infer(NAME, [inp])
+    finally:
+        client.close()

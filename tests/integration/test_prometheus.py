@@ -217,6 +217,51 @@ def test_callers_policy_lag_is_scraped_from_the_client(served: tuple[bray.Remote
     assert (prometheus.value(f"bray_client_requests_total{sel}") or 0) > 0
 
 
+def _client_series(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The client exporter's samples, ``{(name, sorted labels): value}``, read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_client_counts_calls_and_samples_apart_and_times_each_call(served: tuple[bray.RemoteModel, int],
+                                                                  traffic: None) -> None:
+    """The caller's exporter, read directly after real calls: calls, samples and latency by route.
+
+    The ``traffic`` threads keep calling with 2 samples each, so the check is on what the
+    scrapes before and after this test's own calls (3 samples each) must satisfy.
+    """
+    rm, port = served
+    http = (("model", NAME), ("route", "http"), ("version", "latest"))
+    http_inf = tuple(sorted((*http, ("le", "+Inf"))))
+
+    def read() -> tuple[float, float, float, float]:
+        got = _client_series(port)
+        return (got.get(("bray_client_forward_calls_total", http), 0.0),
+                got.get(("bray_client_forward_samples_total", http), 0.0),
+                got.get(("bray_client_forward_seconds_count", http), 0.0),
+                got.get(("bray_client_forward_seconds_bucket", http_inf), 0.0))
+
+    calls0, samples0, _, _ = read()
+    mine = 5
+    for _ in range(mine):
+        rm(np.ones((3, 64), np.float32))
+    calls1, samples1, timed, inf = read()
+    others = calls1 - calls0 - mine
+    assert others >= 0, (calls0, calls1)
+    assert samples1 - samples0 == 3 * mine + 2 * others, "samples are not the sum of the calls' batch sizes"
+    assert timed == inf == calls1, "every answered call is timed once"
+    got = _client_series(port)
+    buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in got.items()
+                     if name == "bray_client_forward_seconds_bucket" and dict(labels)["route"] == "http")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), f"buckets not cumulative: {buckets}"
+    assert got[("bray_client_forward_seconds_sum", http)] > 0
+    # The old name stays for one release, counting calls as before.
+    assert got[("bray_client_forwards_total", (("model", NAME), ("version", "latest")))] >= calls1
+
+
 def test_league_is_scraped_from_the_dashboard(prometheus: Prometheus) -> None:
     sel = f'{{model="{NAME}",opponent="{NAME}-clone-step-0",opponent_step="0",job="bray-dashboard"}}'
     prometheus.wait_for("the league's win rate", lambda: prometheus.value(f"bray_league_games{sel}") == 3)

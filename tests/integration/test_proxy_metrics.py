@@ -55,4 +55,9 @@ def test_caller_and_proxy_each_export_their_own_view(env: dict[str, str]) -> Non
     labels = f'{{model="{NAME}",version="latest"}}'
     assert f"bray_client_answered_step{labels} {float(got['step'])}" in got["caller"], got["caller"]
     assert f"bray_client_forwards_total{labels} 1.0" in got["caller"], got["caller"]
+    # The one call of one sample, answered through the proxy, is counted and timed under route proxy.
+    proxied = f'model="{NAME}",route="proxy",version="latest"'
+    assert f"bray_client_forward_calls_total{{{proxied}}} 1.0" in got["caller"], got["caller"]
+    assert f"bray_client_forward_samples_total{{{proxied}}} 1.0" in got["caller"], got["caller"]
+    assert f"bray_client_forward_seconds_count{{{proxied}}} 1.0" in got["caller"], got["caller"]
     assert f"bray_client_requests_total{labels} 1.0" in got["proxy_metrics"], got["proxy_metrics"]

@@ -73,6 +73,13 @@ def test_exporter_reports_policy_lag_and_refuses_a_second_port(tmp_path) -> None
     assert 'bray_client_policy_lag_steps{model="lagging",version=""} 2.0' in text, text
     assert 'bray_client_answered_step{model="lagging",version=""} 0.0' in text, text
     assert 'bray_client_published_step{model="lagging",version=""} 2.0' in text, text
+    # One call of a batch of 2: counted as one call of two samples, and timed (route local).
+    local = 'model="lagging",route="local",version=""'
+    assert f"bray_client_forward_calls_total{{{local}}} 1.0" in text, text
+    assert f"bray_client_forward_samples_total{{{local}}} 2.0" in text, text
+    assert f'bray_client_forward_seconds_bucket{{le="+Inf",{local}}} 1.0' in text, text
+    assert f"bray_client_forward_seconds_count{{{local}}} 1.0" in text, text
+    assert "# HELP bray_client_forward_calls_total Answered forward calls of this process, one per call" in text
     assert "REFUSED: this process already serves client metrics on 127.0.0.1:" in text
     assert "every RemoteModel of a process shares that exporter" in text
 

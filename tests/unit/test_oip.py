@@ -172,3 +172,25 @@ def test_several_inputs_and_outputs_are_named_by_leaf(tmp_path: Path) -> None:
         np.testing.assert_allclose(result.as_numpy("OUTPUT__1"), ref["value"][0].numpy(), rtol=1e-5, atol=1e-6)
     finally:
         handler.close()
+
+
+def test_the_key_plugin_adds_the_inference_key_and_follows_a_rewritten_key_file(tmp_path: Path) -> None:
+    from tritonclient._request import Request
+
+    from bray.torchserve import InferenceKeyPlugin
+
+    key_file = tmp_path / "key_file.json"
+
+    def write(inference: str) -> None:
+        key_file.write_text(json.dumps({"management": {"key": "m"}, "inference": {"key": inference},
+                                        "API": {"key": "a"}}))
+
+    write("first")
+    plugin = InferenceKeyPlugin(key_file=key_file)
+    request = Request({"Content-Type": "application/json"})
+    plugin(request)
+    assert request.headers == {"Content-Type": "application/json", "Authorization": "Bearer first"}
+    write("second-key")  # a restart or a refresh rewrote the file
+    request = Request(None)
+    plugin(request)
+    assert request.headers == {"Authorization": "Bearer second-key"}
