@@ -27,7 +27,7 @@ from bray.errors import (
     ModelOwnedError,
     VersionExistsError,
 )
-from bray.handlers.config import ServingOptions
+from bray.handlers.config import ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore, StoreWatch
@@ -44,7 +44,6 @@ __all__ = [
     "remove",
     "rollback",
     "scale",
-    "served_store",
     "set_default",
     "status",
     "watch_and_publish",
@@ -63,22 +62,19 @@ def _version_key(version: str) -> tuple[int, int, str]:
     return (0, n, "") if n is not None else (1, 0, version)
 
 
-def served_store(version: ModelVersion, model_store: str | os.PathLike[str]) -> str | None:
-    """The checkpoint store a registered version serves, from its archive's ``model-config.yaml``.
+def _archive_config(version: ModelVersion, model_store: str | os.PathLike[str] | None) -> ServingConfig | None:
+    """What a registered version's archive says (``model-config.yaml``): its store, step, name.
 
     Returns:
-        The store's absolute path, or ``None`` when the archive is not in ``model_store``
-        or is not a bray archive (nothing can be said about it).
+        ``None`` when the archive is not in ``model_store`` (another node's, or deleted).
+
+    Raises:
+        ConfigError: the archive is not a bray archive.
     """
-    if not version.url:
+    if model_store is None or not version.url:
         return None
     mar = Path(model_store) / version.url
-    if not mar.is_file():
-        return None
-    try:
-        return read_archive_config(mar).store
-    except ConfigError:
-        return None
+    return read_archive_config(mar) if mar.is_file() else None
 
 
 def check_owner(name: str, *, client: ManagementClient, model_store: str | os.PathLike[str],
@@ -106,7 +102,11 @@ def check_owner(name: str, *, client: ManagementClient, model_store: str | os.Pa
         return
     mine = os.path.realpath(store_path)
     for v in versions:
-        owner = served_store(v, model_store)
+        try:
+            config = _archive_config(v, model_store)
+        except ConfigError:
+            continue  # not a bray archive: it serves no checkpoint store
+        owner = None if config is None else config.store
         if owner is not None and os.path.realpath(owner) != mine:
             raise ModelOwnedError(
                 f"{name!r} on {client.url} (version {v.version}) serves the checkpoint store {owner}, "
@@ -457,14 +457,12 @@ def _served_step(v: ModelVersion, model_store: str | os.PathLike[str] | None,
     live, step = v.version == LIVE_VERSION, _numeric(v.version)
     root = None if store is None else str(store.root)
     name = v.name
-    if model_store is not None and v.url:
-        mar = Path(model_store) / v.url
-        if mar.is_file():
-            try:
-                cfg = read_archive_config(mar)
-            except ConfigError:  # not a bray archive: its version string says nothing about steps
-                return False, None, None
-            live, step, root, name = not cfg.pinned, (cfg.step if cfg.pinned else None), cfg.store, cfg.name
+    try:
+        cfg = _archive_config(v, model_store)
+    except ConfigError:  # not a bray archive: its version string says nothing about steps
+        return False, None, None
+    if cfg is not None:
+        live, step, root, name = not cfg.pinned, (cfg.step if cfg.pinned else None), cfg.store, cfg.name
     if live:
         step = None
         if root is not None:

@@ -8,8 +8,10 @@ off the caller's path and swapped between forwards), the same input checks.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
+from bray.bridge.transport import Transport, TransportStats, Watermark
 from bray.export import load_spec
 from bray.handlers.engines import EngineOptions, get_engine
 from bray.handlers.follower import StepFollower
@@ -19,8 +21,8 @@ from bray.store import CheckpointStore
 __all__ = ["LocalRunner"]
 
 
-class LocalRunner:
-    """An engine plus a store follower, callable from any thread (one forward at a time).
+class LocalRunner(Transport):
+    """An engine plus a store follower, callable from any thread (one forward at a time): the local transport.
 
     Args:
         store: the checkpoint store.
@@ -31,10 +33,14 @@ class LocalRunner:
         module: for the torch engine, the trainer's own module to run eagerly (faster
             than the exported graph's calling convention); weights still come from the store.
         fixed_batch_size: pad every forward to this many samples (0: off).
+        watermark: the model's newest answered step (default: one of its own).
     """
 
     def __init__(self, store: CheckpointStore, name: str, *, engine: str, options: EngineOptions,
-                 step: int = -1, module: Any = None, fixed_batch_size: int = 0) -> None:
+                 step: int = -1, module: Any = None, fixed_batch_size: int = 0,
+                 watermark: Watermark | None = None) -> None:
+        super().__init__(watermark or Watermark())
+        self.calls = 0
         export_dir = store.export_dir(name)
         self.spec = load_spec(export_dir)
         cls = get_engine(engine)
@@ -63,6 +69,20 @@ class LocalRunner:
             step = self.pipeline.swap()
             (outputs,) = self.pipeline.forward([parsed])
         return self.pipeline.outputs(outputs), step
+
+    def call(self, payload: Any, n: int) -> tuple[Any, int]:
+        started = time.perf_counter()
+        outputs, step = self.forward(payload)
+        self.calls += 1
+        self.answered(step, n, started, "local")
+        return outputs, step
+
+    async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
+        # The engine runs on the caller's thread, as Bray's local worker does: no hop.
+        return self.call(payload, n)
+
+    def stats(self) -> TransportStats:
+        return TransportStats(calls=self.calls, requests=0)
 
     def close(self) -> None:
         self.follower.close()

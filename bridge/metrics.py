@@ -171,9 +171,9 @@ class _Collector:
         with _lock:
             models = list(_models.items())
         for model, stats in models:
-            values = [model.name, "" if model.local_mode else model._version]  # local mode serves no version
+            values = [model.name, "" if model.local_mode else model.version]  # local mode serves no version
             latest = model.step
-            seen = model._seen.value
+            seen = model.answered_step
             published.add_metric(values, latest)
             sent_calls, sent = model.batching_stats()
             forwards.add_metric(values, sent_calls)

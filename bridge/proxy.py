@@ -1,10 +1,11 @@
 """The node proxy: one process per model on a node, coalescing every local process's forwards.
 
 Actor processes hand their inputs to it through shared memory (the slot protocol of
-:mod:`bray.bridge._slot`); it feeds every submission to one ``RemoteModel`` of its own,
-so all of them go through the same client-side batcher, transport (load balancing over
-the nodes, retries, token refresh, re-registration after a server restart) and
-monotonic-step hint as a direct caller's, and answers each caller with its own rows and
+:mod:`bray.bridge._slot`); it feeds every submission to one direct transport of its own
+(:class:`~bray.bridge.direct.DirectTransport`, set up as a ``RemoteModel`` attaching to
+the registered version would), so all of them go through the same client-side batcher,
+HTTP client (load balancing over the nodes, retries, token refresh, re-registration
+after a server restart) and monotonic-step hint as a direct caller's, and answers each caller with its own rows and
 the step that produced them. A coalesced request that the server refuses as bad input
 is split by the batcher, so one actor's bad input fails only that actor's call.
 
@@ -27,7 +28,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bray.bridge._slot import (
     HEADER,
@@ -44,6 +45,9 @@ from bray.bridge._slot import (
 )
 from bray.config import PROXY_METRICS_ENV_VAR, Locations
 from bray.errors import BrayError, ProxyUnavailableError, WireError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.bridge.direct import DirectTransport
 
 __all__ = ["DEFAULT_IDLE_EXIT_S", "NodeProxy", "serve"]
 
@@ -100,19 +104,20 @@ class _Conn:
 
 
 class NodeProxy:
-    """Serves the slot protocol on ``listener`` with ``model``'s batcher and transport.
+    """Serves the slot protocol on ``listener`` through ``transport``'s batcher.
 
     Args:
-        model: the proxy's own (direct) ``RemoteModel``; ``None`` with ``failure`` when it
-            could not be built: callers are then told why, for a short while.
+        transport: the proxy's own direct transport to TorchServe; ``None`` with
+            ``failure`` when the model could not be set up: callers are then told why,
+            for a short while.
         listener: the bound, listening, non-blocking socket.
         idle_exit_s: exit after this long without a caller (``None``: never).
         failure: why the model could not be built.
     """
 
-    def __init__(self, model: Any, listener: socket.socket, *, idle_exit_s: float | None,
+    def __init__(self, transport: DirectTransport | None, listener: socket.socket, *, idle_exit_s: float | None,
                  failure: BaseException | None = None) -> None:
-        self.model = model
+        self.transport = transport
         self.listener = listener
         self.idle_exit_s = idle_exit_s
         self.failure = failure
@@ -140,11 +145,12 @@ class NodeProxy:
     def stats(self) -> dict[str, Any]:
         import resource
 
-        calls, requests = self.model.batching_stats() if self.model is not None else (0, 0)
-        transport = getattr(self.model, "_client", None)
+        transport = self.transport
+        requests = transport.stats().requests if transport is not None else 0
+        client = transport.client if transport is not None else None
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
                 "calls": self.calls, "samples": self.samples, "requests": requests, "call_s": round(self.call_s, 6),
-                "requests_by_url": dict(transport.stats.by_url) if transport is not None else {},
+                "requests_by_url": dict(client.stats.by_url) if client is not None else {},
                 "cpu_s": round(time.process_time(), 3),
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -153,8 +159,8 @@ class NodeProxy:
         loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         loop.add_reader(self.listener.fileno(), self._accept)
-        if self.model is not None:
-            self._batcher = batcher = self.model._batcher_here()
+        if self.transport is not None:
+            self._batcher = batcher = self.transport.batcher()
             batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
         idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
         try:
@@ -174,9 +180,8 @@ class NodeProxy:
                 await asyncio.sleep(0.01)
             for conn in list(self._conns):
                 self._drop(conn)
-            client = getattr(self.model, "_client", None)
-            if client is not None:
-                await client.close()
+            if self.transport is not None:
+                await self.transport.aclose()
 
     def _more_coming(self) -> bool:
         """Whether a caller answered a moment ago has not called again yet."""
@@ -266,7 +271,7 @@ class NodeProxy:
             conn.slot = Slot(fd, size)
             self._send(conn, HEADER.pack(ST_SLOT, 0, -1, 0, size))
         elif op == OP_CALL:
-            if conn.slot is None or conn.busy or self.model is None:
+            if conn.slot is None or conn.busy or self.transport is None:
                 raise ProxyUnavailableError("a call before the hello, or while one is in flight")
             conn.slot.follow(size)
             try:
@@ -286,8 +291,9 @@ class NodeProxy:
     def _call(self, conn: _Conn, payload: Any, n: int, min_step: int) -> None:
         """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
+        assert self.transport is not None  # _request refuses calls without one
         try:
-            self.model._seen.advance(min_step)  # a step the caller was answered with elsewhere
+            self.transport.watermark.advance(min_step)  # a step the caller was answered with elsewhere
             future = self._batcher.enqueue(payload, n)
         except Exception as err:
             assert self._loop is not None
@@ -376,6 +382,7 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
     Raises:
         BrayError: the model could not be set up and ``linger_on_failure`` is ``False``.
     """
+    from bray.bridge.direct import DirectTransport
     from bray.bridge.remote_model import LIVE_VERSION, RemoteModel
     from bray.bridge.session import use
 
@@ -383,13 +390,15 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
     version = LIVE_VERSION if step is None else str(step)
     address = proxy_address(name, version, loc.inference_urls, loc.store)
     failure: BaseException | None = None
-    model = None
+    transport: DirectTransport | None = None
     try:
         use(loc)
         # This process inherits BRAY_METRICS_PORT from the caller that started it, whose
         # exporter holds that port: the proxy's own view has a variable of its own.
         model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step,
                             metrics_port=os.environ.get(PROXY_METRICS_ENV_VAR) or 0)
+        assert isinstance(model.transport, DirectTransport)  # node_proxy=False: the proxy calls TorchServe
+        transport = model.transport
     except (BrayError, OSError) as err:
         if not linger_on_failure:
             raise
@@ -400,7 +409,7 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
         if ready is not None:
             ready(f"a node proxy for {name!r} (version {version}) already runs on this node")
         return 0
-    proxy = NodeProxy(model, listener, idle_exit_s=idle_exit_s, failure=failure)
+    proxy = NodeProxy(transport, listener, idle_exit_s=idle_exit_s, failure=failure)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

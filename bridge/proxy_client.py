@@ -1,6 +1,8 @@
 """A process's side of the node proxy: its connections, starting the proxy, noticing it gone.
 
-``RemoteModel(..., node_proxy=True)`` holds one :class:`ProxyClient`. Each call takes an
+``RemoteModel(..., node_proxy=True)`` holds a :class:`NodeProxyTransport`: a
+:class:`ProxyClient` to the proxy, and a direct transport for the calls made while the
+proxy cannot be reached. Each call takes an
 idle connection (a socket and its shared-memory slot, see :mod:`bray.bridge._slot`) or
 makes one, so concurrent calls of a process (threads or coroutines) each have their own;
 a synchronous call blocks its own thread on its own socket, with no hop to an event
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import struct
 import subprocess
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from bray.bridge._slot import (
     HEADER,
@@ -35,9 +38,16 @@ from bray.bridge._slot import (
     raise_error,
     read_outputs,
 )
+from bray.bridge.transport import Transport, TransportStats
 from bray.errors import BrayTimeoutError, ProxyUnavailableError
 
-__all__ = ["ProxyClient"]
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.bridge.direct import DirectTransport
+    from bray.config import Locations
+
+__all__ = ["NodeProxyTransport", "ProxyClient"]
+
+log = logging.getLogger(__name__)
 
 # Between two attempts to reach a proxy that is not there (yet): calls go direct meanwhile.
 _RETRY_S = 0.25
@@ -319,6 +329,108 @@ class ProxyClient:
             if self._starter is not None:
                 self._starter[0].close()
                 self._starter = None
+
+
+class NodeProxyTransport(Transport):
+    """Forwards through the node proxy, and directly while it cannot be reached.
+
+    Args:
+        direct: the transport calls take while the proxy is away (its watermark is
+            this transport's).
+        proxy: the connections to the proxy.
+
+    Attributes:
+        fallbacks: calls sent to TorchServe directly because the proxy was unavailable.
+    """
+
+    def __init__(self, direct: DirectTransport, proxy: ProxyClient) -> None:
+        super().__init__(direct.watermark)
+        self.direct = direct
+        self.proxy = proxy
+        self.fallbacks = 0
+        self._proxy_calls = 0
+        self._ok = True
+
+    @classmethod
+    def start(cls, direct: DirectTransport, *, name: str, version: str, pinned: int | None, locations: Locations,
+              store_root: os.PathLike[str] | str, timeout_s: float) -> "NodeProxyTransport":
+        """Attach to the model's node proxy, starting it when none runs (bounded by ``timeout_s``).
+
+        A proxy that cannot be reached is not an error: calls go direct (a warning says why)
+        until it answers.
+        """
+        import sys
+
+        from bray.bridge._slot import proxy_address
+        from bray.bridge.proxy import DEFAULT_IDLE_EXIT_S
+
+        root = os.path.abspath(os.fspath(store_root))
+        env = {**os.environ, **locations.to_env(store=root)}  # type: ignore[arg-type]
+        idle = os.environ.get("BRAY_PROXY_IDLE_S") or str(DEFAULT_IDLE_EXIT_S)
+        argv = [sys.executable, "-m", "bray.bridge.proxy", "--name", name, "--timeout-s", str(timeout_s),
+                "--idle-exit-s", idle] + (["--step", str(pinned)] if pinned is not None else [])
+        client = ProxyClient(proxy_address(name, version, locations.inference_urls, root), argv=argv, env=env,
+                             timeout_s=timeout_s)
+        transport = cls(direct, client)
+        if not client.start(wait_s=timeout_s):
+            transport._ok = False
+            log.warning("bray: %s: no node proxy (%s); calling TorchServe directly until one answers",
+                        name, client.last_error)
+        return transport
+
+    async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
+        started = time.perf_counter()
+        try:
+            outputs, step = await self.proxy.acall(payload, n, self.watermark.value)
+        except ProxyUnavailableError as err:
+            self._unavailable(err)
+            outputs, step = await self.direct.submit(payload, n)
+            self.answered(step, n, started, "http")
+            return outputs, step
+        self._by_proxy(step, n, started)
+        return outputs, step
+
+    def call(self, payload: Any, n: int) -> tuple[Any, int]:
+        """On this thread's own socket to the proxy; direct calls hop to the bridge loop."""
+        started = time.perf_counter()
+        try:
+            outputs, step = self.proxy.call(payload, n, self.watermark.value)
+        except ProxyUnavailableError as err:
+            self._unavailable(err)
+            outputs, step = self.direct.call(payload, n)
+            self.answered(step, n, started, "http")
+            return outputs, step
+        self._by_proxy(step, n, started)
+        return outputs, step
+
+    def _by_proxy(self, step: int, n: int, started: float) -> None:
+        self.answered(step, n, started, "proxy")
+        self._proxy_calls += 1
+        if not self._ok:
+            self._ok = True
+            log.warning("bray: %s: the node proxy answers again", self.direct.registration.name)
+
+    def _unavailable(self, err: Exception) -> None:
+        self.fallbacks += 1
+        if self._ok:
+            self._ok = False
+            log.warning("bray: %s: the node proxy is not available (%s); calling TorchServe directly until it "
+                        "answers again", self.direct.registration.name, err)
+
+    def proxy_stats(self) -> dict[str, Any] | None:
+        """The proxy's counters over every process it serves (``None`` while unreachable)."""
+        try:
+            return self.proxy.stats()
+        except ProxyUnavailableError:
+            return None
+
+    def stats(self) -> TransportStats:
+        direct = self.direct.stats()
+        return TransportStats(calls=direct.calls + self._proxy_calls, requests=direct.requests)
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.direct.close()
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

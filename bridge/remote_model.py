@@ -67,22 +67,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import threading
 import time
-import weakref
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from bray import tree, wire
+from bray import tree
 from bray.bridge.registration import LIVE_VERSION, Registration
 from bray.bridge.session import current, init
+from bray.bridge.transport import Transport, Watermark
 from bray.errors import (
     BrayTimeoutError,
     ConfigError,
     ManagementError,
-    NotServedError,
-    ProxyUnavailableError,
     StepNotFoundError,
 )
 from bray.export import EAGER_FILE, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
@@ -97,11 +93,11 @@ log = logging.getLogger(__name__)
 class PublishHandle(int):
     """The published step (an ``int``), with :meth:`wait` for it to be served."""
 
-    _model: "RemoteModel"
+    _wait: Callable[..., float]
 
-    def __new__(cls, step: int, model: "RemoteModel") -> "PublishHandle":
+    def __new__(cls, step: int, wait: Callable[..., float]) -> "PublishHandle":
         obj = super().__new__(cls, step)
-        obj._model = model
+        obj._wait = wait
         return obj
 
     @property
@@ -117,7 +113,7 @@ class PublishHandle(int):
         Raises:
             BrayTimeoutError: not every worker had the step within ``timeout_s``.
         """
-        return self._model._wait_served(int(self), timeout_s=timeout_s)
+        return self._wait(int(self), timeout_s=timeout_s)
 
 
 def _add_batch(obj: Any) -> Any:
@@ -126,26 +122,6 @@ def _add_batch(obj: Any) -> Any:
 
 def _drop_batch(obj: Any) -> Any:
     return tree.map_leaves(lambda a: a[0], obj)
-
-
-class _Watermark:
-    """The newest step this process has been answered with: raised from any thread, never lowered.
-
-    Every caller sends it as the minimum step of its next request, so a caller's steps
-    never go backwards when its requests alternate between workers.
-    """
-
-    __slots__ = ("value", "_lock")
-
-    def __init__(self) -> None:
-        self.value = -1
-        self._lock = threading.Lock()
-
-    def advance(self, step: int) -> None:
-        if step > self.value:  # an int read is atomic: most answers take no lock
-            with self._lock:
-                if step > self.value:
-                    self.value = step
 
 
 def _serving_options(*, max_batch_size: int, num_workers: int | None, cpus_per_worker: float | None,
@@ -326,11 +302,10 @@ class RemoteModel:
         if model is not None and (override_model or self.store.latest(self.name) is None):
             self.store.publish(self.name, model.state_dict())
         if self.local_mode:
-            self._start_local()
+            self.transport: Transport = self._local_transport()
         else:
             self._register(override=model is not None and override_model)
-            if settings.node_proxy:
-                self._start_proxy()
+            self.transport = self._remote_transport(node_proxy=settings.node_proxy)
         self._track_metrics()
 
     @property
@@ -360,18 +335,7 @@ class RemoteModel:
                                      checkpoint_interval_s=settings.checkpoint_interval_s or 0.0)
         self._registration = Registration(self.name, self.store, self.locations, options=self.options,
                                           pinned=pinned, timeout_s=self.timeout_s)
-        self._version = self._registration.version
-        self._lock = threading.Lock()
-        self._local: Any = None
-        self._client: Any = None
-        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._batcher_stats: list[Any] = []
-        self._seen = _Watermark()
-        self._proxy: Any = None
-        self._proxy_ok = True
-        self.proxy_fallbacks = 0  # calls sent to TorchServe directly because the proxy was unavailable
-        self._proxy_calls = 0
-        self._call_stats: Any = None  # answered calls by route, kept once metrics are on (bray.bridge.metrics)
+        self._seen = Watermark()
 
     def _ensure_export(self, given_name: str, *, override: bool) -> None:
         """Export the model into the store (given one), or check the store has a usable export."""
@@ -413,40 +377,38 @@ class RemoteModel:
         if address is not None:
             from bray.bridge.metrics import track
 
-            self._call_stats = track(self, address)
+            stats = track(self, address)
+            self.transport.on_answer = lambda route, n, seconds: stats.record(route, samples=n, seconds=seconds)
 
 
     def _engine_options(self) -> Any:
         return self.options.engine_options(device="cuda:0" if self._device == "cuda" else "cpu")
 
-    def _start_local(self) -> None:
+    def _local_transport(self) -> Transport:
+        """Local mode: the engine in this process (the trainer's own module for the torch engine)."""
         from bray.bridge.local import LocalRunner
 
-        self._local = LocalRunner(self.store, self.name, engine=self.engine_name, options=self._engine_options(),
-                                  step=self._pinned if self._pinned is not None else -1,
-                                  module=copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None,
-                                  fixed_batch_size=self.options.fixed_batch_size)
+        module = copy.deepcopy(self._model) if self._model is not None and self.engine_name == "torch" else None
+        return LocalRunner(self.store, self.name, engine=self.engine_name, options=self._engine_options(),
+                           step=self._pinned if self._pinned is not None else -1, module=module,
+                           fixed_batch_size=self.options.fixed_batch_size, watermark=self._seen)
 
-    def _start_proxy(self) -> None:
-        """Attach to this model's node proxy, starting it when none runs (bounded by ``timeout_s``)."""
-        import sys
+    def _remote_transport(self, *, node_proxy: bool) -> Transport:
+        """HTTP to TorchServe, through the node proxy when asked (made after registering: adopted settings count)."""
+        from bray.bridge.direct import DirectTransport
 
-        from bray.bridge._slot import proxy_address
-        from bray.bridge.proxy import DEFAULT_IDLE_EXIT_S
-        from bray.bridge.proxy_client import ProxyClient
+        urls = self.locations.inference_urls
+        samples = abs(self.max_batch_size) * self.options.batch_size if self.max_batch_size and self.client_batching else 0
+        direct = DirectTransport(self._registration, inference_urls=urls, max_batch_samples=samples,
+                                 max_inflight=max(2, self.num_workers * len(urls)), timeout_s=self.timeout_s,
+                                 watermark=self._seen)
+        if not node_proxy:
+            return direct
+        from bray.bridge.proxy_client import NodeProxyTransport
 
-        loc = self.locations
-        root = self.store.root.resolve()
-        env = {**os.environ, **loc.to_env(store=root)}
-        idle = os.environ.get("BRAY_PROXY_IDLE_S") or str(DEFAULT_IDLE_EXIT_S)
-        argv = [sys.executable, "-m", "bray.bridge.proxy", "--name", self.name, "--timeout-s", str(self.timeout_s),
-                "--idle-exit-s", idle] + (["--step", str(self._pinned)] if self._pinned is not None else [])
-        self._proxy = ProxyClient(proxy_address(self.name, self._version, loc.inference_urls, root),
-                                  argv=argv, env=env, timeout_s=self.timeout_s)
-        if not self._proxy.start(wait_s=self.timeout_s):
-            self._proxy_ok = False
-            log.warning("bray: %s: no node proxy (%s); calling TorchServe directly until one answers",
-                        self.name, self._proxy.last_error)
+        return NodeProxyTransport.start(direct, name=self.name, version=self.version, pinned=self._pinned,
+                                        locations=self.locations, store_root=self.store.root,
+                                        timeout_s=self.timeout_s)
 
     def _management(self) -> Any:
         """The first node's management client (tests and tools reach the server through it)."""
@@ -472,34 +434,15 @@ class RemoteModel:
 
     # --- forward ----------------------------------------------------------------------
 
-    def _batcher_here(self) -> Any:
-        """The client-side batcher of the running event loop (made on first use).
+    @property
+    def version(self) -> str:
+        """The TorchServe version called: ``latest`` (follows the store), or a clone's pinned step."""
+        return self._registration.version
 
-        Callers on one loop share a batcher and an HTTP session on that loop, so an
-        ``await forward(...)`` never hops threads; sync ``__call__`` uses the bridge loop's.
-        """
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is not None:
-            return batcher
-        with self._lock:
-            from bray.bridge._loop import loop_session
-            from bray.bridge.batching import ForwardBatcher
-            from bray.torchserve.inference import InferenceClient
-
-            if self._client is None:
-                self._client = InferenceClient(self.locations.inference_urls, auth=self._registration.inference_auth(),
-                                               timeout_s=self.timeout_s, session_factory=loop_session)
-            batcher = self._batchers.get(loop)
-            if batcher is None:
-                samples = abs(self.max_batch_size) * self.options.batch_size if self.max_batch_size and self.client_batching else 0
-                batcher = ForwardBatcher(self._send, max_batch_samples=samples,
-                                         max_inflight=max(2, self.num_workers * len(self.locations.inference_urls)))
-                self._batchers[loop] = batcher
-                self._batcher_stats.append(batcher)
-        return batcher
+    @property
+    def answered_step(self) -> int:
+        """The newest step that answered this process (``-1`` before any answer)."""
+        return self._seen.value
 
     def batching_stats(self) -> tuple[int, int]:
         """``(forward calls, HTTP requests this process sent)`` so far, over every event loop used.
@@ -507,78 +450,15 @@ class RemoteModel:
         Calls answered through the node proxy count as calls; the proxy's own requests
         are in :meth:`proxy_stats`.
         """
-        return (sum(b.calls for b in self._batcher_stats) + self._proxy_calls,
-                sum(b.requests_sent for b in self._batcher_stats))
+        stats = self.transport.stats()
+        return stats.calls, stats.requests
 
-    async def _send(self, payload: Any) -> tuple[Any, int]:
-        import asyncio
+    @property
+    def proxy_fallbacks(self) -> int:
+        """Calls sent to TorchServe directly because the node proxy was unavailable."""
+        from bray.bridge.proxy_client import NodeProxyTransport
 
-        body = wire.encode(payload)
-        registration = self._registration
-        if not registration.idle.is_set():  # its workers are not up yet: 503s otherwise
-            await asyncio.get_running_loop().run_in_executor(None, registration.idle.wait, self.timeout_s * 10)
-        seen = registration.count
-        try:
-            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
-        except NotServedError:
-            # A restarted TorchServe has forgotten its models: register ours again, then retry once.
-            await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
-            reply = await self._client.predict(self.name, body, version=self._version, min_step=self._seen.value)
-        self._seen.advance(reply.step)  # monotonic reads across workers, for every caller here
-        return wire.decode(bytearray(reply.body)), reply.step
-
-    async def _forward_on_loop(self, payload: Any, n: int) -> tuple[Any, int]:
-        return await self._batcher_here().submit(payload, n)
-
-    async def _forward_remote(self, payload: Any, n: int) -> tuple[Any, int]:
-        """One remote forward: through the node proxy when there is one, else (or while it is away) direct."""
-        started = time.perf_counter()
-        if self._proxy is not None:
-            try:
-                outputs, step = await self._proxy.acall(payload, n, self._seen.value)
-                return self._answered(outputs, step, n, "proxy", started)
-            except ProxyUnavailableError as err:
-                self._proxy_unavailable(err)
-        outputs, step = await self._forward_on_loop(payload, n)
-        return self._answered(outputs, step, n, "http", started)
-
-    def _forward_remote_sync(self, payload: Any, n: int) -> tuple[Any, int]:
-        """:meth:`_forward_remote` from a plain thread: the proxy is called on this thread's own socket."""
-        from bray.bridge._loop import run_sync
-
-        started = time.perf_counter()
-        if self._proxy is not None:
-            try:
-                outputs, step = self._proxy.call(payload, n, self._seen.value)
-                return self._answered(outputs, step, n, "proxy", started)
-            except ProxyUnavailableError as err:
-                self._proxy_unavailable(err)
-        outputs, step = run_sync(self._forward_on_loop(payload, n), timeout_s=self.timeout_s * 2)
-        return self._answered(outputs, step, n, "http", started)
-
-    def _answered(self, outputs: Any, step: int, n: int, route: str, started: float) -> tuple[Any, int]:
-        """Every answered forward passes here (``route``: ``"proxy"``, ``"http"`` or ``"local"``).
-
-        It keeps the newest step this process was answered with (sent as the minimum step
-        of its next requests), and is the one place to count calls by route: ``n``
-        samples, answered ``time.perf_counter() - started`` seconds after the call began.
-        """
-        self._seen.advance(step)
-        if self._call_stats is not None:
-            self._call_stats.record(route, samples=n, seconds=time.perf_counter() - started)
-        if route == "proxy":
-            self._proxy_calls += 1
-            if not self._proxy_ok:
-                self._proxy_ok = True
-                log.warning("bray: %s: the node proxy answers again", self.name)
-        return outputs, step
-
-    def _proxy_unavailable(self, err: Exception) -> None:
-        self.proxy_fallbacks += 1
-        if self._proxy_ok:
-            self._proxy_ok = False
-            log.warning("bray: %s: the node proxy is not available (%s); calling TorchServe directly until it "
-                        "answers again", self.name, err)
+        return self.transport.fallbacks if isinstance(self.transport, NodeProxyTransport) else 0
 
     def proxy_stats(self) -> dict[str, Any] | None:
         """The node proxy's counters over every process it serves, ``None`` without a proxy.
@@ -588,12 +468,9 @@ class RemoteModel:
             ``requests_by_url``), ``clients`` connected now and ``clients_seen``, its
             ``pid``, ``cpu_s`` and ``max_rss_mb``; ``None`` also while it is unreachable.
         """
-        if self._proxy is None:
-            return None
-        try:
-            return self._proxy.stats()
-        except ProxyUnavailableError:
-            return None
+        from bray.bridge.proxy_client import NodeProxyTransport
+
+        return self.transport.proxy_stats() if isinstance(self.transport, NodeProxyTransport) else None
 
     def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
         payload: dict[str, Any] = {"args": [to_numpy(a) for a in args]}
@@ -621,12 +498,7 @@ class RemoteModel:
             ServerUnreachableError / ServerError: the call could not be served.
         """
         payload, n = self._payload(args, kwargs, batch)
-        if self._local is not None:
-            started = time.perf_counter()
-            outputs, step = self._local.forward(payload)
-            self._answered(outputs, step, n, "local", started)
-        else:
-            outputs, step = await self._forward_remote(payload, n)
+        outputs, step = await self.transport.submit(payload, n)
         if not batch:
             outputs = _drop_batch(outputs)
         return (outputs, step) if return_step else outputs
@@ -634,12 +506,7 @@ class RemoteModel:
     def __call__(self, *args: Any, batch: bool = True, return_step: bool = False, **kwargs: Any) -> Any:
         """Synchronous :meth:`forward`, ``batch=True`` by default as in Bray (safe from any thread)."""
         payload, n = self._payload(args, kwargs, batch)
-        if self._local is not None:
-            started = time.perf_counter()
-            outputs, step = self._local.forward(payload)
-            self._answered(outputs, step, n, "local", started)
-        else:
-            outputs, step = self._forward_remote_sync(payload, n)
+        outputs, step = self.transport.call(payload, n)
         if not batch:
             outputs = _drop_batch(outputs)
         return (outputs, step) if return_step else outputs
@@ -664,7 +531,7 @@ class RemoteModel:
         """
         if self._pinned is not None:
             raise ConfigError(f"{self.name!r} serves pinned step {self._pinned}; publish to the model it was cloned from")
-        return PublishHandle(self.store.publish(self.name, weights, None if step == -1 else step), self)
+        return PublishHandle(self.store.publish(self.name, weights, None if step == -1 else step), self._wait_served)
 
     @property
     def step(self) -> int:
@@ -675,10 +542,12 @@ class RemoteModel:
         return -1 if latest is None else latest
 
     def _wait_served(self, step: int, *, timeout_s: float) -> float:
-        if self._local is None:
+        from bray.bridge.local import LocalRunner
+
+        if not isinstance(self.transport, LocalRunner):
             return self._registration.wait_served(step, timeout_s=timeout_s)
         started = time.monotonic()
-        if not self._local.follower.wait_staged(step, timeout_s=timeout_s):
+        if not self.transport.follower.wait_staged(step, timeout_s=timeout_s):
             raise BrayTimeoutError(f"local engine of {self.name!r} did not load step {step} within {timeout_s} s")
         return time.monotonic() - started
 
@@ -743,17 +612,7 @@ class RemoteModel:
 
     def close(self) -> None:
         """Stop local followers and close connections (the server keeps the model)."""
-        if self._local is not None:
-            self._local.close()
-        if self._proxy is not None:
-            self._proxy.close()
-        if self._client is not None:
-            from bray.bridge._loop import run_sync
-
-            try:
-                run_sync(self._client.close(), timeout_s=5)
-            except Exception:  # closing is best effort
-                pass
+        self.transport.close()
         self._registration.close()
 
     def __repr__(self) -> str:

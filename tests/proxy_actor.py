@@ -37,7 +37,7 @@ def main() -> int:
     rm = bray.RemoteModel(args.name, node_proxy=True)
     x = np.full((1, 4), np.nan if args.nan else args.value, np.float32)
     if args.die_mid_call:
-        conn = rm._proxy._take(True)
+        conn = rm.transport.proxy._take(True)
         nbytes = conn.slot.write({"args": [x]})
         conn.sock.sendall(HEADER.pack(OP_CALL, 1, -1, nbytes, conn.slot.size))
         print(json.dumps({"sent": True}), flush=True)

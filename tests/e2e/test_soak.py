@@ -73,7 +73,7 @@ def test_soak_64_callers_with_a_publish_every_100_ms(torchserve_factory: Callabl
         serving = {v["pid"]: v["step"] for v in rm.store.serving(rm.name).values()}
         pids_end = sorted(worker_pids(client, rm.name, "latest"))
         rss_end = _rss_mib(pids_end)
-        stats = rm._client.stats
+        stats = rm.transport.client.stats
         print(f"\n[issue-7] soak | {report.line()} | {report.answers / elapsed:.0f} forwards/s over "
               f"{stats.requests} HTTP requests (client-side batching), retried {stats.retries} | "
               f"{len(pub.published)} steps published (every {PUBLISH_INTERVAL_S * 1e3:.0f} ms), "

@@ -244,7 +244,7 @@ def test_a_bad_input_coalesced_with_good_ones_fails_only_its_caller(served: dict
         assert not isinstance(answer, BaseException), answer
         assert np.allclose(answer, 3 * (x.sum() + 1))
     assert isinstance(answers[-1], InputError) and "NaN or infinity" in str(answers[-1]), answers[-1]
-    assert sum(b.splits for b in rm._batcher_stats) >= 1, "the NaN call was never coalesced with a good one"
+    assert sum(b.splits for b in rm.transport.batchers) >= 1, "the NaN call was never coalesced with a good one"
     _assert_healthy_and_no_restart(served)
 
 

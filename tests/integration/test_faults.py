@@ -119,7 +119,7 @@ def test_worker_sigkill_under_64_callers_is_retried_and_the_worker_comes_back_on
     before = worker_pids(client, rm.name, "latest")
     assert len(before) == 2, before
     victim = sorted(before)[0]
-    retries_before = rm._client.stats.retries
+    retries_before = rm.transport.client.stats.retries
     timing: dict[str, float] = {}
 
     async def kill_one_worker() -> None:
@@ -130,7 +130,7 @@ def test_worker_sigkill_under_64_callers_is_retried_and_the_worker_comes_back_on
         timing["worker_back_s"] = time.monotonic() - killed
 
     report = run_callers(rm, callers=64, seconds=6.0, during=kill_one_worker)
-    retried = rm._client.stats.retries - retries_before
+    retried = rm.transport.client.stats.retries - retries_before
     _note(f"worker SIGKILL | os.kill(worker pid, SIGKILL) 1.5 s into 64 callers | {report.line()} | "
           f"forwards retried {retried} | replacement worker READY after {timing['worker_back_s']:.2f} s")
 
@@ -166,13 +166,13 @@ def test_torchserve_restart_while_publishing_reregisters_from_the_store_and_lose
         timing["second"] = await asyncio.to_thread(torchserve_factory, workdir=first.workdir, **ports)
         timing["down_s"] = time.monotonic() - t0
 
-    retries_before = rm._client.stats.retries
+    retries_before = rm.transport.client.stats.retries
     with Publisher(rm, interval_s=0.1) as pub:
         report = run_callers(rm, callers=32, seconds=22.0, during=restart)
     second: TorchServeProcess = timing["second"]
     _note(f"TorchServe restart | stop() the whole server 2 s in, start_torchserve on the same ports and workdir "
           f"1 s later, publishing every 100 ms throughout | {report.line()} | forwards retried "
-          f"{rm._client.stats.retries - retries_before} | server down {timing['down_s']:.1f} s "
+          f"{rm.transport.client.stats.retries - retries_before} | server down {timing['down_s']:.1f} s "
           f"(model re-registered by the bridge on the first 404) | {len(pub.published)} steps published")
 
     assert pub.errors == [] and len(pub.published) > 100
@@ -386,7 +386,7 @@ def test_bridge_and_cli_keep_working_across_token_expiry(
     rm = probe(srv, "expiry-probe", workers=1)  # registration outlives the first management key
     first_key = json.loads(srv.key_file.read_text())["inference"]["key"]
     report = run_callers(rm, callers=16, seconds=8.0)
-    refreshes = rm._client.stats.auth_refreshes
+    refreshes = rm.transport.client.stats.auth_refreshes
     assert report.failures == [] and report.inconsistent == [], report.failures[:5]
     assert refreshes >= 1 and json.loads(srv.key_file.read_text())["inference"]["key"] != first_key
 

@@ -102,7 +102,7 @@ def test_actor_processes_share_one_proxy_and_each_gets_its_own_answers(env: dict
     rm = bray.RemoteModel(NAME, node_proxy=True)  # starts the proxy (or attaches)
     try:
         before = rm.proxy_stats()
-        assert before is not None, rm._proxy.last_error
+        assert before is not None, rm.transport.proxy.last_error
         out, step = rm(X, batch=True, return_step=True)
         np.testing.assert_allclose(out, np.full((1, 2), step * (X.sum() + 1)))
         procs = [start_actor(env, "--value", str(k + 1), "--calls", "60") for k in range(4)]

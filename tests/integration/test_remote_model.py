@@ -417,7 +417,7 @@ def test_two_servers_share_the_load_and_survive_one_stopping(
 
     for out in asyncio.run(burst(40)):
         np.testing.assert_allclose(out, expected(4))
-    by_url = dict(rm._client.stats.by_url)
+    by_url = dict(rm.transport.client.stats.by_url)
     assert set(by_url) == {torchserve.inference_url, second.inference_url}, by_url
     assert min(by_url.values()) >= 10, by_url
 
@@ -440,8 +440,8 @@ def test_two_servers_share_the_load_and_survive_one_stopping(
             np.testing.assert_allclose(out, expected(5))
             answered += 1
     stopper.join()
-    assert rm._client.stats.connection_errors >= 1  # the stopped node was tried, and its calls went elsewhere
-    before = rm._client.stats.by_url.get(second.inference_url, 0)
+    assert rm.transport.client.stats.connection_errors >= 1  # the stopped node was tried, and its calls went elsewhere
+    before = rm.transport.client.stats.by_url.get(second.inference_url, 0)
     for out in asyncio.run(burst(40)):
         np.testing.assert_allclose(out, expected(5))
-    assert rm._client.stats.by_url.get(second.inference_url, 0) <= before + 2  # set aside, not retried forever
+    assert rm.transport.client.stats.by_url.get(second.inference_url, 0) <= before + 2  # set aside, not retried forever

@@ -218,7 +218,7 @@ def test_onnx_matches_torch(use_onnx):
         tol = 0.1 if use_onnx == "quantize" else 1e-4
         np.testing.assert_allclose(rm(OBS), ref, rtol=tol, atol=tol)
         if use_onnx == "train":  # Bray's "train": the weights are graph inputs, so a new step needs no new session
-            assert rm._local.engine._mode == "inputs"
+            assert rm.transport.engine._mode == "inputs"
     finally:
         rm.close()
 
@@ -348,9 +348,9 @@ def test_the_seen_step_only_rises_whatever_threads_race() -> None:
     import random
     import threading
 
-    from bray.bridge.remote_model import _Watermark
+    from bray.bridge.transport import Watermark
 
-    mark = _Watermark()
+    mark = Watermark()
     steps = list(range(20_000))
     random.Random(7).shuffle(steps)
     chunks = [steps[i::8] for i in range(8)]

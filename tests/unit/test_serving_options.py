@@ -107,12 +107,13 @@ def test_every_option_has_a_flag_whose_default_is_the_options_default(command: s
 
 
 def test_a_command_with_its_own_default_does_not_change_the_others() -> None:
-    """kserve polls the store by default; publish and watch keep inotify (parents= shares flag objects)."""
-    from bray.archiver.kserve import POLL_INTERVAL_MS
+    """kserve polls the store and batches by default; publish and watch keep inotify (parents= shares flag objects)."""
+    from bray.archiver.kserve import BATCH_SIZE, POLL_INTERVAL_MS
 
     parser = _parser()
     _, kserve = from_args(parser.parse_args(["kserve", NAME, "--out", "deploy"]))
-    assert kserve is not None and kserve.serving == ServingOptions(poll_interval_ms=POLL_INTERVAL_MS)
+    assert kserve is not None
+    assert kserve.serving == ServingOptions(poll_interval_ms=POLL_INTERVAL_MS, batch_size=BATCH_SIZE)
     for command in sorted(COMMANDS):
         _, pack = from_args(parser.parse_args(COMMANDS[command]))
         assert pack is not None and pack.serving.poll_interval_ms == 0, command

@@ -1,0 +1,133 @@
+"""The direct transport: this process's forwards over HTTP to TorchServe.
+
+Concurrent calls on one event loop share a client-side batcher
+(:class:`~bray.bridge.batching.ForwardBatcher`) and the HTTP client on that loop
+(:class:`~bray.torchserve.inference.InferenceClient`: least-outstanding balancing over
+the nodes, retries, token refresh), so an ``await forward(...)`` never hops threads; a
+synchronous call runs on the bridge loop (:mod:`bray.bridge._loop`). A request answered
+404 (a restarted TorchServe forgot its models) registers the version again through the
+model's :class:`~bray.bridge.registration.Registration`, once for every caller that saw
+it, and is sent again. The node proxy serves its callers with one of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Sequence
+
+from bray import wire
+from bray.bridge.transport import Transport, TransportStats, Watermark
+from bray.errors import NotServedError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bray.bridge.batching import ForwardBatcher
+    from bray.bridge.registration import Registration
+    from bray.torchserve.inference import InferenceClient
+
+__all__ = ["DirectTransport"]
+
+
+class DirectTransport(Transport):
+    """HTTP to the TorchServe nodes of ``registration``, coalesced per event loop.
+
+    Args:
+        registration: the version called (its name, version, nodes' keys, re-registering).
+        inference_urls: the nodes' inference addresses.
+        max_batch_samples: samples one coalesced request may hold (``0``: every call is
+            its own request).
+        max_inflight: requests in flight at once per loop.
+        timeout_s: limit for one request (and for a sync call, twice it).
+        watermark: the model's newest answered step (sent as the minimum step).
+    """
+
+    def __init__(self, registration: Registration, *, inference_urls: Sequence[str], max_batch_samples: int,
+                 max_inflight: int, timeout_s: float, watermark: Watermark) -> None:
+        super().__init__(watermark)
+        self.registration = registration
+        self.inference_urls = tuple(inference_urls)
+        self.max_batch_samples = max_batch_samples
+        self.max_inflight = max_inflight
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._client: InferenceClient | None = None
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ForwardBatcher] = \
+            weakref.WeakKeyDictionary()
+        #: Every batcher made so far (one per event loop used), for their counters.
+        self.batchers: list[ForwardBatcher] = []
+
+    @property
+    def client(self) -> InferenceClient | None:
+        """The HTTP client (``None`` before the first call): its ``stats`` count requests by node."""
+        return self._client
+
+    def batcher(self) -> ForwardBatcher:
+        """The client-side batcher of the running event loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is not None:
+            return batcher
+        with self._lock:
+            from bray.bridge._loop import loop_session
+            from bray.bridge.batching import ForwardBatcher
+            from bray.torchserve.inference import InferenceClient
+
+            if self._client is None:
+                self._client = InferenceClient(self.inference_urls, auth=self.registration.inference_auth(),
+                                               timeout_s=self.timeout_s, session_factory=loop_session)
+            batcher = self._batchers.get(loop)
+            if batcher is None:
+                batcher = ForwardBatcher(self._send, max_batch_samples=self.max_batch_samples,
+                                         max_inflight=self.max_inflight)
+                self._batchers[loop] = batcher
+                self.batchers.append(batcher)
+        return batcher
+
+    async def submit(self, payload: Any, n: int) -> tuple[Any, int]:
+        started = time.perf_counter()
+        outputs, step = await self.batcher().submit(payload, n)
+        self.answered(step, n, started, "http")
+        return outputs, step
+
+    def call(self, payload: Any, n: int) -> tuple[Any, int]:
+        from bray.bridge._loop import run_sync
+
+        return run_sync(self.submit(payload, n), timeout_s=self.timeout_s * 2)
+
+    async def _send(self, payload: Any) -> tuple[Any, int]:
+        """One coalesced request (the batcher's sender)."""
+        assert self._client is not None
+        body = wire.encode(payload)
+        registration = self.registration
+        if not registration.idle.is_set():  # its workers are not up yet: 503s otherwise
+            await asyncio.get_running_loop().run_in_executor(None, registration.idle.wait, self.timeout_s * 10)
+        seen = registration.count
+        name, version = registration.name, registration.version
+        try:
+            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value)
+        except NotServedError:
+            # A restarted TorchServe has forgotten its models: register ours again, then retry once.
+            await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
+            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value)
+        self.watermark.advance(reply.step)  # monotonic reads across workers, for every caller here
+        return wire.decode(bytearray(reply.body)), reply.step
+
+    def stats(self) -> TransportStats:
+        return TransportStats(calls=sum(b.calls for b in self.batchers),
+                              requests=sum(b.requests_sent for b in self.batchers))
+
+    async def aclose(self) -> None:
+        """:meth:`close` on the loop the client was used on (the node proxy's)."""
+        if self._client is not None:
+            await self._client.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            from bray.bridge._loop import run_sync
+
+            try:
+                run_sync(self._client.close(), timeout_s=5)
+            except Exception:  # closing is best effort
+                pass
