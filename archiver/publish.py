@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from bray.archiver.pack import LIVE_VERSION, PackedArchive, archive_path, pack_archive, read_archive_config
+from bray.archiver.pack import (
+    LIVE_VERSION,
+    PackedArchive,
+    _pin_step,
+    archive_path,
+    pack_archive,
+    read_archive_config,
+)
 from bray.errors import (
     BrayError,
     ConfigError,
@@ -80,7 +87,8 @@ def publish_version(
         store: the checkpoint store.
         name: the model name (in the store and on the server).
         step: ``N`` pins the kept step at or below N (``-1``: the latest) as version
-            ``"N"``; ``None`` publishes a live version ``"latest"`` that follows the store.
+            ``"<that step>"``; ``None`` publishes a live version ``"latest"`` that follows the
+            store. The archive holds exactly that step (weights, meta, checksum).
         client: the server's management client. Its ``timeout_s`` bounds the synchronous
             registration call (worker start included).
         model_store: the server's model store directory.
@@ -98,15 +106,19 @@ def publish_version(
 
     Raises:
         VersionExistsError: that version is already registered (nothing was packed).
-        StepNotFoundError: no such step in the store.
-        ConfigError: invalid options, or a stale archive file without ``force=True``.
+        StepNotFoundError: no such step in the store, or retention removed the pinned step
+            before it was packed (nothing was packed or registered).
+        ConfigError: invalid options, a numeric ``version`` that is not the step pinned, or a
+            stale archive file without ``force=True``.
         ServerError: registration, start-up or set-default failed; the archive is removed
             and a half-registered version unregistered.
         BrayTimeoutError: the workers were not ready in time (cleaned up likewise).
     """
     opts = ServingOptions.build(options, **option_values)
     if step is not None:
-        step = store.resolve(name, step)
+        # Pinned once here, checked against a numeric version; the pack opens exactly this
+        # step (or fails saying retention took it), never a snap to another under its name.
+        step = _pin_step(store, name, step, version)
     version = version or (LIVE_VERSION if step is None else str(step))
     try:
         client.describe(name, version)

@@ -442,14 +442,32 @@ class CheckpointStore:
             )
         return kept[-1]
 
-    def meta(self, name: str, step: int = -1) -> StepMeta:
+    def meta(self, name: str, step: int = -1, *, exact: bool = False) -> StepMeta:
         """The metadata of a step (snapping down like :meth:`resolve`).
+
+        Args:
+            name: the model name.
+            step: ``-1`` for the latest, else a step number.
+            exact: that very step or an error, never another one (for callers that
+                have resolved the step already and name something after it).
 
         Raises:
             ConfigError: invalid name or step.
-            StepNotFoundError: no such step.
+            StepNotFoundError: no such step (with ``exact``: that step is not kept).
             CorruptCheckpointError: ``meta.json`` is unreadable.
         """
+        if exact:
+            _check_name(name)
+            _check_step(step)
+            try:
+                raw = (self._step_dir(name, step) / META_FILE).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                raise StepNotFoundError(
+                    f"step {step} of {name!r} is not kept in {self.root} (retention keeps the newest "
+                    f"{self.keep_last} steps and every checkpoint step); the kept steps are {self.steps(name)}",
+                    name=name, step=step,
+                ) from None
+            return _parse_meta(raw, name, step)
         for _ in range(_LOAD_ATTEMPTS):
             resolved = self.resolve(name, step)
             try:

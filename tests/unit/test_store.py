@@ -218,6 +218,16 @@ def test_resolve_and_load_snap_down(tmp_path):
         store.resolve("policy", -2)
 
 
+def test_exact_meta_is_that_step_or_an_error_never_a_snap(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=10)
+    for step in (10, 20):
+        store.publish("policy", {"w": np.zeros(1)}, step=step)
+    assert store.meta("policy", 15).step == 10
+    assert store.meta("policy", 20, exact=True).step == 20
+    with pytest.raises(StepNotFoundError, match=r"step 15 of 'policy' is not kept .* the kept steps are \[10, 20\]"):
+        store.meta("policy", 15, exact=True)
+
+
 def test_latest_falls_back_when_pointer_is_missing_or_dangling(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=10)
     for step in range(3):
