@@ -39,7 +39,7 @@ import zipfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError, StoreError, StoreWriteError
 from bray.export import EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
@@ -322,7 +322,7 @@ def pack_archive(
 
 
 def _write_archive(final: Path, name: str, version: str, serving: ServingConfig, meta: StepMeta | None,
-                   entries: list[tuple[BinaryIO, str]], manifest: str, *, force: bool, progress: bool) -> None:
+                   entries: Sequence[tuple[BinaryIO, str]], manifest: str, *, force: bool, progress: bool) -> None:
     """Stream the archive into a temporary file in the model store, then commit it as ``final``."""
     model_store = final.parent
     try:
