@@ -280,12 +280,7 @@ def test_a_fast_trainer_with_short_retention_gets_every_due_version_pinned_to_it
         fast.publish(name, _weights(46), step=46)
         assert fast.steps(name) == [45, 46]  # held only until archived: the store does not grow
     finally:
-        try:
-            client.unregister(name)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
-        for mar in server.model_store.glob(f"{name}-*.mar"):
-            mar.unlink()
+        _remove_model(server, name)
 
 
 def test_model_api_disabled_is_explained_and_leaves_no_archive(
@@ -304,11 +299,16 @@ def test_model_api_disabled_is_explained_and_leaves_no_archive(
 def _unregister_at_end(server: TorchServeProcess) -> Any:
     """Leave the shared session server as we found it."""
     yield
+    _remove_model(server, NAME)
+    shutil.rmtree(server.model_store / ".unused", ignore_errors=True)
+
+
+def _remove_model(server: TorchServeProcess, name: str) -> None:
+    """Unregister every version of ``name`` and delete its archives (best effort)."""
     with ManagementClient(server.management_url, key_file=server.key_file) as c:
         try:
-            c.unregister(NAME)
+            c.unregister(name)
         except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
-    for mar in server.model_store.glob(f"{NAME}-*.mar"):
+    for mar in server.model_store.glob(f"{name}-*.mar"):
         mar.unlink()
-    shutil.rmtree(server.model_store / ".unused", ignore_errors=True)
