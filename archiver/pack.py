@@ -36,17 +36,19 @@ import os
 import re
 import hashlib
 import tempfile
+import time
 import zipfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
-from bray.errors import ConfigError, CorruptCheckpointError, StoreError, StoreWriteError
+from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError, StoreError, StoreWriteError
 from bray.export import EAGER_FILE, EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
 from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.store import CheckpointStore
+    from bray.store import CheckpointStore, StepMeta
 
 __all__ = ["LIVE_VERSION", "PackedArchive", "archive_path", "pack_archive", "read_archive_config"]
 
@@ -106,6 +108,46 @@ def _check_version(version: str | None) -> None:
         )
 
 
+def _version_step(version: str | None) -> int | None:
+    """The step a version string names (``"30"`` -> 30), or ``None`` when it names none."""
+    return int(version) if version is not None and version.isascii() and version.isdigit() else None
+
+
+def _gone(store: CheckpointStore, name: str, step: int, why: str) -> StepNotFoundError:
+    return StepNotFoundError(
+        f"step {step} of {name!r} is not kept in {store.root}: {why} (retention keeps the newest "
+        f"keep_last={store.keep_last} steps and every checkpoint step); version "
+        f"{step} was not packed. Pack a kept step (kept now: {store.steps(name)}), or keep more steps "
+        "(keep_last, checkpoint_interval); `bray-archive watch` holds the steps it is due to archive",
+        name=name, step=step,
+    )
+
+
+def _pin_step(store: CheckpointStore, name: str, step: int, version: str | None) -> int:
+    """The kept step an archive of ``step`` pins, refusing a numeric version that names another.
+
+    A version named N serves step N: when ``version`` is ``"N"`` and ``step`` is N but N is
+    gone (retention pruned it since it was chosen), this is that step's loss, not a reason
+    to pin the kept step below under N's name.
+
+    Raises:
+        StepNotFoundError: no kept step at or below ``step``, or step N named ``"N"`` is gone.
+        ConfigError: a numeric ``version`` that is not the step pinned.
+    """
+    pinned = store.resolve(name, step)
+    wanted = _version_step(version)
+    if wanted is None or wanted == pinned:
+        return pinned
+    if wanted == step:
+        raise _gone(store, name, step, "it was never published, or retention removed it before it could be packed")
+    raise ConfigError(
+        f"version {version!r} is a step number, but the archive would pin step {pinned} (asked for "
+        f"step {step}); a numeric version must be the step it serves: leave version unset (it becomes "
+        f"{str(pinned)!r}), or name it with letters",
+        name=name, step=step, version=version,
+    )
+
+
 def _export_files(export_dir: Path, engine: str) -> list[Path]:
     """The export files the engine needs (the other engine's model file stays out)."""
     if not (export_dir / SPEC_FILE).is_file():
@@ -157,13 +199,17 @@ def _manifest(name: str, version: str) -> str:
     return ModelExportUtils.generate_manifest_json(config)
 
 
-def _stream_into(zf: zipfile.ZipFile, src: Path, arcname: str, bar: Any, digest: Any = None) -> None:
-    info = zipfile.ZipInfo.from_file(src, arcname)
+def _stream_into(zf: zipfile.ZipFile, fin: BinaryIO, arcname: str, bar: Any, digest: Any = None) -> None:
+    """Copy an open file into the zip (open: a step retention removes meanwhile is still read whole)."""
+    st = os.fstat(fin.fileno())
+    info = zipfile.ZipInfo(arcname, time.localtime(st.st_mtime)[:6])
+    info.external_attr = (st.st_mode & 0xFFFF) << 16
     info.compress_type = zipfile.ZIP_STORED
     # file_size known up front: zipfile picks zip64 itself for > 2 GiB, and rewrites
     # the local header in place (no data descriptor, which Java's ZipInputStream refuses
     # on stored entries).
-    with open(src, "rb") as fin, zf.open(info, "w") as fout:
+    info.file_size = st.st_size
+    with zf.open(info, "w") as fout:
         while chunk := fin.read(_CHUNK):
             fout.write(chunk)
             if digest is not None:
@@ -225,7 +271,8 @@ def pack_archive(
         store_path: where the workers find the store, when that is not where this
             process does (a volume mounted at another path in a pod); default
             ``store``'s own absolute path.
-        version: overrides the version string.
+        version: overrides the version string. A numeric one must be the step pinned (a
+            version named N serves step N); a live archive's cannot be numeric.
         force: overwrite an existing archive of that version.
         progress: show a progress bar (stderr) when packing takes more than a moment.
         **option_values: any :class:`~bray.handlers.config.ServingOptions` field by name
@@ -235,34 +282,56 @@ def pack_archive(
         The archive written.
 
     Raises:
-        ConfigError: an invalid option, or the archive exists and ``force`` is not set.
-        StepNotFoundError: nothing published, or no kept step at or below ``step``.
+        ConfigError: an invalid option, a numeric ``version`` that is not the step pinned,
+            or the archive exists and ``force`` is not set.
+        StepNotFoundError: nothing published, no kept step at or below ``step``, step N
+            asked as version ``"N"`` is not kept, or retention removed the step while it was
+            being packed (nothing is left behind).
         StoreError: the model has no export (or none for this engine).
         StoreWriteError: the model store refused the write (nothing is left behind).
     """
     opts = ServingOptions.build(options, **option_values)
     _check_version(version)
-    serving_step = -1
-    meta = None
-    if step is not None:
-        serving_step = store.resolve(name, step)
-        meta = store.meta(name, serving_step)
-    version = version or (LIVE_VERSION if step is None else str(serving_step))
-    serving = ServingConfig(name=name, store=store_path or str(Path(store.root).resolve()), step=serving_step,
-                            options=opts)
-    export_dir = store.export_dir(name)
-    export_files = _export_files(export_dir, opts.engine)
-    manifest = _manifest(name, version)
-    model_store = Path(model_store)
-    final = archive_path(model_store, name, version)
-    if final.exists() and not force:
-        raise ConfigError(f"{final} already exists; pass --force to overwrite (force=True)",
-                          path=str(final))
+    with ExitStack() as files:
+        serving_step, meta, weights = -1, None, None
+        if step is None:
+            if _version_step(version) is not None:
+                raise ConfigError(f"a live archive follows the latest step, so its version cannot be a step "
+                                  f"number (got {version!r}); leave version unset ({LIVE_VERSION!r}) or name "
+                                  "it with letters", name=name, version=version)
+        else:
+            serving_step = _pin_step(store, name, step, version)
+            # From here on exactly this step: its weights opened first (retention cannot take
+            # them from under the copy then), its own meta.json, never a snap to another step.
+            try:
+                weights = files.enter_context(open(store.weights_path(name, serving_step), "rb"))
+                meta = store.meta(name, serving_step, exact=True)
+            except (FileNotFoundError, StepNotFoundError) as err:
+                raise _gone(store, name, serving_step, "retention removed it while it was being packed") from err
+        version = version or (LIVE_VERSION if step is None else str(serving_step))
+        serving = ServingConfig(name=name, store=store_path or str(Path(store.root).resolve()), step=serving_step,
+                                options=opts)
+        export_dir = store.export_dir(name)
+        export_files = _export_files(export_dir, opts.engine)
+        manifest = _manifest(name, version)
+        model_store = Path(model_store)
+        final = archive_path(model_store, name, version)
+        if final.exists() and not force:
+            raise ConfigError(f"{final} already exists; pass --force to overwrite (force=True)",
+                              path=str(final))
+        entries = [(files.enter_context(open(p, "rb")), f"{EXPORT_DIRNAME}/{p.relative_to(export_dir).as_posix()}")
+                   for p in export_files]
+        if weights is not None:
+            # Read straight from the store: no staging copy of possibly large weights.
+            entries.append((weights, ARCHIVE_WEIGHTS_FILE))
+        _write_archive(final, name, version, serving, meta, entries, manifest, force=force, progress=progress)
+    return PackedArchive(path=final, name=name, version=version, step=None if meta is None else serving_step)
 
-    entries = [(p, f"{EXPORT_DIRNAME}/{p.relative_to(export_dir).as_posix()}") for p in export_files]
-    if meta is not None:
-        # Read straight from the store: no staging copy of possibly large weights.
-        entries.append((store.weights_path(name, serving_step), ARCHIVE_WEIGHTS_FILE))
+
+def _write_archive(final: Path, name: str, version: str, serving: ServingConfig, meta: StepMeta | None,
+                   entries: Sequence[tuple[BinaryIO, str]], manifest: str, *, force: bool, progress: bool) -> None:
+    """Stream the archive into a temporary file in the model store, then commit it as ``final``."""
+    model_store = final.parent
     try:
         model_store.mkdir(parents=True, exist_ok=True)
         # Unique per pack, hidden (TorchServe skips dot-files), same file system as the
@@ -284,7 +353,7 @@ def pack_archive(
                     meta_json = asdict(meta)
                     meta_json["keys"] = list(meta.keys)
                     zf.writestr(STEP_FILE, json.dumps(meta_json, indent=1))
-                total = sum(src.stat().st_size for src, _ in entries)
+                total = sum(os.fstat(src.fileno()).st_size for src, _ in entries)
                 with _progress(total, f"packing {final.name}", progress) as bar:
                     for src, arcname in entries:
                         digest = hashlib.sha256() if arcname == ARCHIVE_WEIGHTS_FILE else None
@@ -292,25 +361,19 @@ def pack_archive(
                         if digest is not None and meta is not None and digest.hexdigest() != meta.sha256:
                             # An archive pins its step for ever: never pin a damaged copy.
                             raise CorruptCheckpointError(
-                                f"step {serving_step} of {name!r} fails its checksum ({src}: sha256 "
+                                f"step {meta.step} of {name!r} fails its checksum ({src.name}: sha256 "
                                 f"{digest.hexdigest()[:12]}..., meta.json says {meta.sha256[:12]}...); "
-                                "pack another step", name=name, step=serving_step,
+                                "pack another step", name=name, step=meta.step,
                             )
                 zf.writestr("MAR-INF/MANIFEST.json", manifest)
             fobj.flush()
             os.fsync(fobj.fileno())
         _commit(tmp, final, force=force)
-    except FileNotFoundError as err:
-        # Retention removed the step between resolve() and the copy.
-        raise StoreError(f"step {serving_step} of {name!r} disappeared from the store while being "
-                         f"packed ({err.filename}); pack a later step") from err
     except OSError as err:
         raise StoreWriteError(f"writing {final} failed: {err.strerror or err}; nothing was written "
                               "(free space in the model store, then pack again)") from err
     finally:
         tmp.unlink(missing_ok=True)
-    return PackedArchive(path=final, name=name, version=version,
-                         step=None if step is None else serving_step)
 
 
 def read_archive_config(path: str | os.PathLike[str]) -> ServingConfig:

@@ -11,20 +11,32 @@ versions as numbers; ``latest`` is never rolled back to or pruned.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
+import re
+import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from bray.archiver.pack import LIVE_VERSION, PackedArchive, archive_path, pack_archive, read_archive_config
+from bray.archiver.pack import (
+    LIVE_VERSION,
+    PackedArchive,
+    _pin_step,
+    archive_path,
+    pack_archive,
+    read_archive_config,
+)
 from bray.errors import (
     BrayError,
     ConfigError,
     ManagementError,
     ModelNotFoundError,
     ModelOwnedError,
+    StepNotFoundError,
     VersionExistsError,
 )
 from bray.handlers.config import ServingConfig, ServingOptions
@@ -139,7 +151,8 @@ def publish_version(
         store: the checkpoint store.
         name: the model name (in the store and on the server).
         step: ``N`` pins the kept step at or below N (``-1``: the latest) as version
-            ``"N"``; ``None`` publishes a live version ``"latest"`` that follows the store.
+            ``"<that step>"``; ``None`` publishes a live version ``"latest"`` that follows the
+            store. The archive holds exactly that step (weights, meta, checksum).
         client: the server's management client. Its ``timeout_s`` bounds the synchronous
             registration call (worker start included).
         model_store: the server's model store directory.
@@ -159,15 +172,19 @@ def publish_version(
         VersionExistsError: that version is already registered (nothing was packed).
         ModelOwnedError: another version of ``name`` serves another checkpoint store
             (another project or trial; nothing was packed).
-        StepNotFoundError: no such step in the store.
-        ConfigError: invalid options, or a stale archive file without ``force=True``.
+        StepNotFoundError: no such step in the store, or retention removed the pinned step
+            before it was packed (nothing was packed or registered).
+        ConfigError: invalid options, a numeric ``version`` that is not the step pinned, or a
+            stale archive file without ``force=True``.
         ServerError: registration, start-up or set-default failed; the archive is removed
             and a half-registered version unregistered.
         BrayTimeoutError: the workers were not ready in time (cleaned up likewise).
     """
     opts = ServingOptions.build(options, **option_values)
     if step is not None:
-        step = store.resolve(name, step)
+        # Pinned once here, checked against a numeric version; the pack opens exactly this
+        # step (or fails saying retention took it), never a snap to another under its name.
+        step = _pin_step(store, name, step, version)
     version = version or (LIVE_VERSION if step is None else str(step))
     try:
         client.describe(name, version)
@@ -476,9 +493,17 @@ def _served_step(v: ModelVersion, model_store: str | os.PathLike[str] | None,
 class PublishWatch:
     """Publishes every ``every``-th step of a model as it appears; see :func:`watch_and_publish`.
 
+    While it runs it holds the steps it is due to publish in the store
+    (:meth:`~bray.store.CheckpointStore.hold_steps`: every ``every``-th step above the last
+    one it handled), refreshed every ``hold_ttl_s / 4`` from a thread of its own, so the
+    publisher's retention, in whatever process, keeps them until they are packed.
+
     Attributes:
         published: the versions registered so far.
-        errors: ``(step, error)`` for steps that failed to publish (the watch goes on).
+        errors: ``(step, error)`` for steps that failed to publish, and for due steps that
+            were lost before they could be (a ``StepNotFoundError`` saying why); the watch
+            goes on.
+        holder: the name of this watch's hold in the store.
     """
 
     def __init__(self, store: CheckpointStore, name: str, every: int, *, client: ManagementClient,
@@ -486,7 +511,8 @@ class PublishWatch:
                  poll_interval_s: float | None,
                  on_published: Callable[[ModelVersion], None] | None,
                  on_error: Callable[[int, BaseException], None] | None,
-                 options: ServingOptions, force: bool = False, progress: bool = False) -> None:
+                 options: ServingOptions, force: bool = False, progress: bool = False,
+                 hold_ttl_s: float = 60.0) -> None:
         self.store, self.name, self.every = store, name, every
         self.options = options
         self.published: list[ModelVersion] = []
@@ -497,12 +523,43 @@ class PublishWatch:
         self._on_published, self._on_error = on_published, on_error
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._stopping = threading.Event()
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+        self.holder = f"watch-{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._hold_ttl_s = hold_ttl_s
+        self._hold_lock = threading.Lock()
+        self._hold_failing = False
+        # Hold before reading the latest: every step published after that read is held
+        # from birth (the steps until then are held too, and released at the next refresh).
+        # A store this process cannot write to is watched all the same, unheld (logged).
+        latest = store.latest(name)
+        self._done = held = -1 if latest is None else latest
+        self._hold()
         # Watch first, then read the latest: a step published in between is not missed.
         self._watch: StoreWatch = store.watch(name, self._queue.put, poll_interval_s=poll_interval_s)
         latest = store.latest(name)
         self._done = -1 if latest is None else latest  # steps already there are not published
+        if self._done != held:
+            self._hold()
+        self._holding = threading.Thread(target=self._keep_holding, name=f"bray-archive-hold-{name}", daemon=True)
+        self._holding.start()
         self._thread = threading.Thread(target=self._run, name=f"bray-archive-watch-{name}", daemon=True)
         self._thread.start()
+
+    def _hold(self) -> None:
+        with self._hold_lock:
+            try:
+                self.store.hold_steps(self.name, holder=self.holder, every=self.every, above=self._done,
+                                      ttl_s=self._hold_ttl_s)
+            except BrayError as err:
+                if not self._hold_failing:  # once per failing streak, not every refresh
+                    log.error("bray-archive watch: %s", err)
+                self._hold_failing = True
+            else:
+                self._hold_failing = False
+
+    def _keep_holding(self) -> None:
+        while not self._stopping.wait(self._hold_ttl_s / 4):
+            self._hold()
 
     def _run(self) -> None:
         # Publishing (pack + worker start) can take seconds: done here, not on the
@@ -513,13 +570,38 @@ class PublishWatch:
                 return
             if step <= self._done:
                 continue
-            # The watcher may coalesce steps; look at every kept step since the last one.
-            due = [s for s in self.store.steps(self.name) if self._done < s <= step and s % self.every == 0]
+            # The watcher may coalesce steps; look at every kept step since the last one,
+            # and at the due steps retention removed although this watch held them.
+            kept = set(self.store.steps(self.name))
+            lost = self.store.lost_steps(self.name, self.holder)
+            due = sorted(s for s in kept | set(lost) if self._done < s <= step and s % self.every == 0)
             for s in due:
                 if self._stopping.is_set():
                     return
-                self._publish(s)
+                if s in kept:
+                    self._publish(s)
+                else:
+                    self._lost(s, lost[s])
+            released = due and self._done // self.every != step // self.every
             self._done = step
+            if released:
+                self._hold()  # let retention have what was archived
+
+    def _lost(self, step: int, why: str) -> None:
+        err = StepNotFoundError(
+            f"step {step} of {self.name!r} was due to be archived (every {self.every}) but is gone: {why}. "
+            f"It cannot be archived now. This watch refreshes its hold every {self._hold_ttl_s / 4:.0f} s: a "
+            "stalled watch (a suspended process, a stuck file system) or clocks that disagree between hosts "
+            "let it lapse; raise keep_last to keep more steps anyway",
+            name=self.name, step=step,
+        )
+        self._failed(step, err)
+
+    def _failed(self, step: int, err: BaseException) -> None:
+        log.error("bray-archive watch: publishing step %d of %s failed: %s", step, self.name, err)
+        self.errors.append((step, err))
+        if self._on_error is not None:
+            self._on_error(step, err)
 
     def _publish(self, step: int) -> None:
         try:
@@ -528,10 +610,7 @@ class PublishWatch:
             log.info("bray-archive watch: %s", err)
             return
         except (BrayError, OSError) as err:
-            log.error("bray-archive watch: publishing step %d of %s failed: %s", step, self.name, err)
-            self.errors.append((step, err))
-            if self._on_error is not None:
-                self._on_error(step, err)
+            self._failed(step, err)
             return
         self.published.append(mv)
         if self._on_published is not None:
@@ -543,6 +622,9 @@ class PublishWatch:
         self._watch.stop()
         self._queue.put(None)
         self._thread.join(timeout_s)
+        self._holding.join(timeout_s)
+        with self._hold_lock:
+            self.store.release_hold(self.name, self.holder)
 
     def join(self, timeout_s: float | None = None) -> None:
         """Block until stopped (from another thread, or by Ctrl-C in the caller)."""
@@ -574,6 +656,7 @@ def watch_and_publish(
     options: ServingOptions | None = None,
     force: bool = False,
     progress: bool = False,
+    hold_ttl_s: float = 60.0,
     **option_values: Any,
 ) -> PublishWatch:
     """Publish every step divisible by ``every`` as a pinned version, as the trainer publishes it.
@@ -581,6 +664,12 @@ def watch_and_publish(
     Steps already in the store when the watch starts are left alone. Runs in background
     threads until ``stop()``; a step that fails to publish is logged, recorded in
     ``errors`` and passed to ``on_error``, and the watch goes on.
+
+    Each version named N serves step N. The due steps are held in the store until they
+    are packed (the publisher's retention, in any process, keeps every ``every``-th step
+    above the last one handled while the hold is fresh); a due step lost all the same
+    (the hold lapsed) is logged as an error and recorded like a failed publish, with a
+    ``StepNotFoundError`` saying why.
 
     Args:
         every: publish steps with ``step % every == 0`` (>= 1).
@@ -590,15 +679,20 @@ def watch_and_publish(
         on_error: called with ``(step, error)`` for each failed publish.
         options, force, progress, **option_values: as for :func:`publish_version`
             (each step is its own version: no ``version``).
+        hold_ttl_s: how long the hold on due steps holds unless refreshed (refreshed every
+            quarter of it); a watch that dies lets retention have them back after this.
 
     Returns:
         The running watch (``stop()``, ``published``, ``errors``; a context manager).
 
     Raises:
-        ConfigError: ``every`` < 1 or a bad option.
+        ConfigError: ``every`` < 1, ``hold_ttl_s`` <= 0, or a bad option.
     """
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"every must be an integer >= 1, got {every!r}")
+    if (isinstance(hold_ttl_s, bool) or not isinstance(hold_ttl_s, (int, float)) or not math.isfinite(hold_ttl_s)
+            or hold_ttl_s <= 0):
+        raise ConfigError(f"hold_ttl_s must be a number of seconds > 0, got {hold_ttl_s!r}")
     if option_values.pop("version", None):
         raise ConfigError("watch publishes each step as its own version; do not pass version=")
     opts = ServingOptions.build(options, **option_values)
@@ -606,5 +700,5 @@ def watch_and_publish(
     return PublishWatch(store, name, every, client=client, model_store=model_store,
                         set_default=set_default, wait_timeout_s=wait_timeout_s,
                         poll_interval_s=poll_interval_s, on_published=on_published,
-                        on_error=on_error, options=opts, force=force, progress=progress)
+                        on_error=on_error, options=opts, force=force, progress=progress, hold_ttl_s=hold_ttl_s)
 

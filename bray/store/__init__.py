@@ -20,6 +20,8 @@ A store is a directory. Each model name gets its own sub-directory::
                                        source's ``export/`` and publishes the origin step)
         league/<metric>/<writer>.json  league results, one file per writer, each replaced
                                        atomically (read by :mod:`bray.league`)
+        .holds/<holder>.json           a watcher's hold: retention keeps every N-th step above
+                                       step D while it is fresh (:meth:`CheckpointStore.hold_steps`)
 
 Publishing writes into a unique directory under ``.tmp/``, fsyncs it, then, holding an
 exclusive lock, renames it into ``steps/`` and moves ``LATEST`` with :func:`os.replace`.
@@ -38,6 +40,7 @@ from bray.store._layout import (
     CLONE_FILE,
     EXPORT_DIRNAME,
     FORMAT_VERSION,
+    HOLDS_DIR,
     LATEST_FILE,
     LEAGUE_DIR,
     LOCK_FILE,

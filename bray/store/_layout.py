@@ -21,6 +21,8 @@ EXPORT_DIRNAME = "export"
 #: The export's structure and engine record, written by :mod:`bray.export`.
 SPEC_FILE = "spec.json"
 SERVING_DIRNAME = ".serving"
+#: Watchers' holds on the steps they have yet to archive (:mod:`bray.store._holds`).
+HOLDS_DIR = ".holds"
 _STEP_DIGITS = 12
 _MAX_STEP = 10**_STEP_DIGITS - 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

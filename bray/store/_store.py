@@ -56,6 +56,7 @@ from bray.store._layout import (
     _step_str,
     _vanished,
 )
+from bray.store._holds import Hold, Retention, read_lost, remove_hold, write_hold
 from bray.store._weights import _decode, _read_all, _serialize, _verify
 from bray.store.watch import StoreWatch
 
@@ -356,6 +357,54 @@ class CheckpointStore:
                 continue  # being replaced right now
         return out
 
+    # ---------------------------------------------------------------- holds
+
+    def hold_steps(self, name: str, *, holder: str, every: int, above: int, ttl_s: float) -> None:
+        """Ask retention to keep every step divisible by ``every`` above step ``above``.
+
+        For a watcher that archives every ``every``-th step (:func:`bray.archiver.watch_and_publish`)
+        and may run in another process than the publisher: retention runs where steps are
+        published and reads the hold from the store. The hold holds for ``ttl_s`` seconds
+        from now; refresh it well before (a quarter of that), raising ``above`` as due
+        steps are archived. A hold not refreshed in time is stale and ignored, so a dead
+        watcher never makes the store grow for ever; a step it then loses is recorded
+        (:meth:`lost_steps`). See :mod:`bray.store._holds`.
+
+        Raises:
+            ConfigError: an invalid name, holder, ``every`` (>= 1), ``above`` (>= -1) or ``ttl_s`` (> 0).
+            StoreWriteError: the disk refused the write.
+        """
+        _check_name(name)
+        _check_name(holder, what="holder")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
+        if not isinstance(above, int) or isinstance(above, bool) or above < -1:
+            raise ConfigError(f"above must be a step, or -1 to hold from step 0, got {above!r}")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise ConfigError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
+        now = time.time()
+        mdir = self.root / name
+        try:
+            write_hold(mdir, Hold(holder=holder, every=every, above=above, until=now + ttl_s, time=now), ttl_s)
+        except OSError as err:
+            raise StoreWriteError(
+                f"the disk refused the hold of {holder} under {mdir} ({err.strerror or err}); retention may "
+                "remove the steps it is due to archive. Free space or fix the mount/permissions",
+                name=name,
+            ) from err
+
+    def release_hold(self, name: str, holder: str) -> None:
+        """Drop ``holder``'s hold and its lost-step record (gone already is fine)."""
+        _check_name(name)
+        _check_name(holder, what="holder")
+        remove_hold(self.root / name, holder)
+
+    def lost_steps(self, name: str, holder: str) -> dict[int, str]:
+        """Steps retention removed although ``holder``'s hold covered them (it was stale): step -> why."""
+        _check_name(name)
+        _check_name(holder, what="holder")
+        return read_lost(self.root / name, holder)
+
     # ---------------------------------------------------------------- reading
 
     def names(self) -> list[str]:
@@ -442,14 +491,32 @@ class CheckpointStore:
             )
         return kept[-1]
 
-    def meta(self, name: str, step: int = -1) -> StepMeta:
+    def meta(self, name: str, step: int = -1, *, exact: bool = False) -> StepMeta:
         """The metadata of a step (snapping down like :meth:`resolve`).
+
+        Args:
+            name: the model name.
+            step: ``-1`` for the latest, else a step number.
+            exact: that very step or an error, never another one (for callers that
+                have resolved the step already and name something after it).
 
         Raises:
             ConfigError: invalid name or step.
-            StepNotFoundError: no such step.
+            StepNotFoundError: no such step (with ``exact``: that step is not kept).
             CorruptCheckpointError: ``meta.json`` is unreadable.
         """
+        if exact:
+            _check_name(name)
+            _check_step(step)
+            try:
+                raw = (self._step_dir(name, step) / META_FILE).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                raise StepNotFoundError(
+                    f"step {step} of {name!r} is not kept in {self.root} (retention keeps the newest "
+                    f"{self.keep_last} steps and every checkpoint step); the kept steps are {self.steps(name)}",
+                    name=name, step=step,
+                ) from None
+            return _parse_meta(raw, name, step)
         for _ in range(_LOAD_ATTEMPTS):
             resolved = self.resolve(name, step)
             try:
@@ -737,17 +804,25 @@ class CheckpointStore:
     def _retire(self, name: str, tmp_root: Path) -> list[Path]:
         """Move steps retention drops into ``.tmp/`` (call holding the lock).
 
+        Kept: the newest ``keep_last``, checkpoint steps, and steps a fresh hold covers
+        (:meth:`hold_steps`).
+
         Returns:
             The moved directories, for the caller to delete after releasing the lock.
         """
         listing = self._listing(name)
         keep = set(listing[-self.keep_last:])
         doomed = []
+        holds: Retention | None = None
         for step in listing:
             if step in keep:
                 continue
             info = self._ckpt_info(name, step)
             if info is not None and info[1]:
+                continue
+            if holds is None:  # read once, and only when a step is to go: one listdir, a read per hold
+                holds = Retention(self.root / name, self.keep_last)
+            if holds.held(step):
                 continue
             target = tmp_root / _tmp_name("del")
             try:
@@ -757,6 +832,9 @@ class CheckpointStore:
                 continue
             self._ckpt_cache.pop((name, step), None)
             doomed.append(target)
+            holds.pruned(step)
+        if holds is not None:
+            holds.finish()
         return doomed
 
 

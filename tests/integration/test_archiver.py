@@ -242,6 +242,47 @@ def test_watch_publishes_every_nth_step_as_it_appears(published: Any, store: Che
     assert _answer(_predict(server, f"{NAME}/50")) == (50, _expected(50))
 
 
+def test_a_fast_trainer_with_short_retention_gets_every_due_version_pinned_to_its_step(
+        tmp_path: Path, client: ManagementClient, server: TorchServeProcess) -> None:
+    """Issue 21: with keep_last small and a trainer faster than registration, due steps were
+    pruned before the watch reached them (skipped without a word), and a version named N could
+    pin another step. Here every 10th step up to 40 becomes version N serving step N."""
+    import threading
+
+    import torch
+
+    from bray.export import export_model
+
+    name = "arch-fast"
+    fast = CheckpointStore(tmp_path / "store", keep_last=2)
+    export_model(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), dest=fast.export_dir(name), onnx=False)
+    fast.publish(name, _weights(0), step=0)
+
+    def trainer() -> None:
+        for step in range(1, 46):
+            fast.publish(name, _weights(step), step=step)
+            time.sleep(0.02)  # publishing on while the watch packs and registers
+
+    try:
+        with watch_and_publish(fast, name, 10, client=client, model_store=server.model_store,
+                               poll_interval_s=0.05, workers=1) as handle:
+            thread = threading.Thread(target=trainer)
+            thread.start()
+            thread.join()
+            deadline = time.monotonic() + 180
+            while len(handle.published) + len(handle.errors) < 4 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert handle.errors == []
+        assert sorted(v.version for v in handle.published) == ["10", "20", "30", "40"]
+        for n in (10, 20, 30, 40):
+            assert read_archive_config(server.model_store / f"{name}-{n}.mar").step == n
+            assert _answer(_predict(server, f"{name}/{n}")) == (n, _expected(n))
+        fast.publish(name, _weights(46), step=46)
+        assert fast.steps(name) == [45, 46]  # held only until archived: the store does not grow
+    finally:
+        _remove_model(server, name)
+
+
 def test_model_api_disabled_is_explained_and_leaves_no_archive(
         store: CheckpointStore, torchserve_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
     locked = torchserve_factory(properties={"enable_model_api": "false"})
@@ -258,12 +299,18 @@ def test_model_api_disabled_is_explained_and_leaves_no_archive(
 def _unregister_at_end(server: TorchServeProcess) -> Any:
     """Leave the shared session server as we found it."""
     yield
+    _remove_model(server, NAME)
+    shutil.rmtree(server.model_store / ".unused", ignore_errors=True)
+
+
+def _remove_model(server: TorchServeProcess, name: str) -> None:
+    """Unregister every version of ``name`` and delete its archives (best effort)."""
     with ManagementClient(server.management_url, key_file=server.key_file) as c:
         try:
-            c.unregister(NAME)
+            c.unregister(name)
         except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
-    for mar in server.model_store.glob(f"{NAME}-*.mar"):
+    for mar in server.model_store.glob(f"{name}-*.mar"):
         mar.unlink()
     shutil.rmtree(server.model_store / ".unused", ignore_errors=True)
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -345,3 +346,81 @@ def test_a_module_torch_export_refused_packs_its_eager_definition(tmp_path: Path
     s.publish("script", Script().state_dict())
     with pytest.raises(StoreError, match="torch.export refused the model.*importable module"):
         pack_archive(s, "script", step=None, model_store=model_store)
+
+
+# --- a version named N serves step N -----------------------------------------------------
+
+
+def test_a_numeric_version_must_name_the_pinned_step(store: CheckpointStore, model_store: Path) -> None:
+    with pytest.raises(ConfigError, match=r"version '30' is a step number, but the archive would pin step 10"):
+        pack_archive(store, NAME, step=10, model_store=model_store, version="30")
+    with pytest.raises(ConfigError, match=r"version '25' is a step number, but the archive would pin step 30"):
+        pack_archive(store, NAME, step=-1, model_store=model_store, version="25")
+    with pytest.raises(StepNotFoundError, match=r"step 25 of 'policy' is not kept .* never published"):
+        pack_archive(store, NAME, step=25, model_store=model_store, version="25")  # not snapped down to 20
+    with pytest.raises(ConfigError, match="a live archive follows the latest step"):
+        pack_archive(store, NAME, step=None, model_store=model_store, version="30")
+    assert _files(model_store) == []
+    assert pack_archive(store, NAME, step=20, model_store=model_store, version="20").step == 20
+
+
+def test_a_pinned_step_pruned_before_packing_is_refused_not_renamed(tmp_path: Path, export_dir: Path,
+                                                                    model_store: Path) -> None:
+    """Issue 21: publish resolved step 30 and named the version "30"; retention pruned 30, and
+    the pack snapped down to 24 under that name."""
+    s = CheckpointStore(tmp_path / "store", keep_last=2, checkpoint_interval=100)
+    shutil.copytree(export_dir, s.export_dir(NAME))
+    for step in (24, 30, 31, 32):  # 24 is a checkpoint step; 30 falls out of the newest two
+        s.publish(NAME, _linear_weights(step), step=step)
+    assert s.resolve(NAME, 30) == 24
+
+    with pytest.raises(StepNotFoundError, match=r"step 30 of 'policy' is not kept .*retention.*keep_last=2") as err:
+        pack_archive(s, NAME, step=30, model_store=model_store, version="30")
+    assert err.value.step == 30
+    assert _files(model_store) == []
+
+
+def test_packs_racing_retention_pin_exactly_their_step_or_fail(tmp_path: Path, export_dir: Path,
+                                                               model_store: Path) -> None:
+    """A trainer publishing in a loop with keep_last=1 while steps are packed by name: each archive
+    holds the config, step.json and weights of the step it is named after, or the pack failed
+    saying the step is gone and left no file (step 0, a checkpoint, is what a pruned step snapped
+    down to)."""
+    s = CheckpointStore(tmp_path / "store", keep_last=1, checkpoint_interval=10**6)
+    shutil.copytree(export_dir, s.export_dir(NAME))
+    s.publish(NAME, _linear_weights(0), step=0)
+    stop = threading.Event()
+
+    def trainer() -> None:
+        while not stop.is_set():
+            s.publish(NAME, _linear_weights(s.latest(NAME) + 1))
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    written, refused = [], []
+    try:
+        step = 0
+        for _ in range(40):
+            while (latest := s.latest(NAME)) == step:
+                time.sleep(0.001)  # the next step: each version is packed once
+            step = latest
+            try:
+                written.append(pack_archive(s, NAME, step=step, model_store=model_store, version=str(step)))
+            except StepNotFoundError as err:
+                assert f"step {step} of 'policy'" in str(err)
+                refused.append(step)
+    finally:
+        stop.set()
+        thread.join()
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    for packed in written:
+        zf = zipfile.ZipFile(packed.path)
+        assert packed.version == str(packed.step)
+        assert read_archive_config(packed.path).step == packed.step
+        assert json.loads(zf.read("step.json"))["step"] == packed.step
+        weights = load_safetensors(zf.read("weights.safetensors"))
+        assert torch.equal(weights["bias"], torch.full((2,), float(packed.step)))
+    assert sorted(_files(model_store)) == sorted(p.path.name for p in written)  # nothing half-made
+    assert len(written) + len(refused) == 40

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -218,6 +219,16 @@ def test_resolve_and_load_snap_down(tmp_path):
         store.resolve("policy", -2)
 
 
+def test_exact_meta_is_that_step_or_an_error_never_a_snap(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=10)
+    for step in (10, 20):
+        store.publish("policy", {"w": np.zeros(1)}, step=step)
+    assert store.meta("policy", 15).step == 10
+    assert store.meta("policy", 20, exact=True).step == 20
+    with pytest.raises(StepNotFoundError, match=r"step 15 of 'policy' is not kept .* the kept steps are \[10, 20\]"):
+        store.meta("policy", 15, exact=True)
+
+
 def test_latest_falls_back_when_pointer_is_missing_or_dangling(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=10)
     for step in range(3):
@@ -340,6 +351,49 @@ def test_retention_by_elapsed_time(tmp_path):
     store.publish("policy", {"w": np.zeros(1)})
     assert store.steps("policy") == [0, 2, 3]
     assert [store.meta("policy", s).checkpoint for s in (0, 2, 3)] == [True, True, False]
+
+
+def test_a_fresh_hold_keeps_due_steps_until_it_moves_past_them(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.hold_steps("policy", holder="watch-a", every=10, above=-1, ttl_s=3600)
+    for _ in range(35):
+        store.publish("policy", {"w": np.zeros(1)})
+    assert store.steps("policy") == [0, 10, 20, 30, 33, 34]  # every 10th held, the newest two
+    store.hold_steps("policy", holder="watch-a", every=10, above=20, ttl_s=3600)  # 0..20 archived
+    store.publish("policy", {"w": np.zeros(1)})
+    assert store.steps("policy") == [30, 34, 35]
+    store.release_hold("policy", "watch-a")
+    store.publish("policy", {"w": np.zeros(1)})
+    assert store.steps("policy") == [35, 36]
+    assert list((store.model_dir("policy") / ".holds").iterdir()) == []
+
+
+def test_a_stale_hold_is_ignored_and_the_steps_it_lost_are_recorded(tmp_path):
+    """A dead watcher's hold must not make the store grow for ever."""
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.hold_steps("policy", holder="watch-dead", every=10, above=5, ttl_s=3600)
+    hold = store.model_dir("policy") / ".holds" / "watch-dead.json"
+    doc = json.loads(hold.read_text())
+    hold.write_text(json.dumps({**doc, "until": time.time() - 1}))  # not refreshed in time
+    for _ in range(25):
+        store.publish("policy", {"w": np.zeros(1)})
+    assert store.steps("policy") == [23, 24]
+    lost = store.lost_steps("policy", "watch-dead")
+    assert sorted(lost) == [10, 20]  # 0 is not above 5
+    assert "keep_last=2" in lost[20] and "hold of watch-dead was stale" in lost[20]
+    assert store.lost_steps("policy", "watch-other") == {}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"every": 0}, "every must be an integer >= 1, got 0"),
+    ({"above": -2}, "above must be a step, or -1 to hold from step 0, got -2"),
+    ({"ttl_s": 0}, "ttl_s must be a number of seconds > 0, got 0"),
+    ({"holder": "a/b"}, "holder must be 1-128 characters"),
+], ids=["every", "above", "ttl", "holder"])
+def test_hold_arguments_are_validated(tmp_path, kwargs, message):
+    args = {"holder": "w", "every": 10, "above": 0, "ttl_s": 60.0, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        CheckpointStore(tmp_path).hold_steps("policy", **args)
 
 
 def test_stale_temp_dirs_are_swept(tmp_path):
