@@ -86,7 +86,7 @@ def add_server_parser(sub: Any, *, int_at_least: Callable[[int], Callable[[str],
 
 
 def _workdir(args: argparse.Namespace) -> Path:
-    from bray.config import server_dir
+    from bray.locations import server_dir
 
     return (args.workdir or server_dir()).expanduser().resolve()
 
@@ -131,7 +131,7 @@ def _start(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
         return 0
     print(f"TorchServe started in {seconds:.1f} s (pid {state.java_pid or state.launcher_pid}):", file=out)
     _describe(state, out)
-    from bray.config import Locations, find_key_file
+    from bray.locations import Locations, find_key_file
 
     defaults = Locations.from_env({})
     if (state.inference_url, state.management_url) != (defaults.inference_urls[0], defaults.management_url) \

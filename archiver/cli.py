@@ -3,7 +3,7 @@
 Exit codes: 0 done, 1 failed, 2 usage error, 3 no server answers at the address, 130
 interrupted (Ctrl-C). Every failure is one line on stderr saying what to do, never a
 traceback. Addresses and paths default from ``BRAY_STORE``, ``BRAY_MODEL_STORE``,
-``BRAY_MANAGEMENT_URL`` and ``BRAY_KEY_FILE`` (see :mod:`bray.config`).
+``BRAY_MANAGEMENT_URL`` and ``BRAY_KEY_FILE`` (see :mod:`bray.locations`).
 
 Adding a subcommand: ``p = sub.add_parser(...)``, ``p.set_defaults(run=_mine)`` where
 ``_mine(args, opts, pack, out) -> int`` (in :mod:`.commands`) prints its result to ``out`` and returns 0, and
@@ -36,9 +36,9 @@ from bray.archiver.commands import (
     _versions,
     _watch,
 )
-from bray.config import Locations, check_url
+from bray.locations import Locations, check_url
 from bray.errors import BrayError, ConfigError, ServerUnreachableError
-from bray.handlers.config import ServingOptions, _int_at_least
+from bray.handlers.options import ServingOptions, _int_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.torchserve.management import ManagementClient

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
-from bray.config import Locations
+from bray.locations import Locations
 from bray.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover

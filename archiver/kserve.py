@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from bray.errors import ConfigError, StepNotFoundError, StoreWriteError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.handlers.config import ServingOptions
+    from bray.handlers.options import ServingOptions
     from bray.store import CheckpointStore
 
 __all__ = ["KServeExport", "KServeOptions", "export_kserve", "manifests", "service_name"]
@@ -280,7 +280,7 @@ def export_kserve(
         out: the output folder (must not exist, or be empty, unless ``force``).
         options: how it is deployed (:class:`KServeOptions`).
         force: replace a non-empty ``out``.
-        serving: the serving options (:class:`~bray.handlers.config.ServingOptions`);
+        serving: the serving options (:class:`~bray.handlers.options.ServingOptions`);
             without it ``poll_interval_ms`` is :data:`POLL_INTERVAL_MS` and ``batch_size``
             :data:`BATCH_SIZE` here.
         **pack_options: archive options as for :func:`~bray.archiver.pack.pack_archive`

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError, StoreError, StoreWriteError
 from bray.export import EAGER_FILE, EXPORT_DIRNAME, ONNX_FILE, SPEC_FILE, TORCH_FILE, load_spec
-from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig, ServingOptions
+from bray.handlers.options import ARCHIVE_WEIGHTS_FILE, ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore, StepMeta
@@ -267,7 +267,7 @@ def pack_archive(
             below N, packing its weights, as version ``"<step>"``.
         model_store: TorchServe's model store directory (created if missing).
         options: how the version is served (engine, batching, workers, ...; default
-            :class:`~bray.handlers.config.ServingOptions`'s defaults).
+            :class:`~bray.handlers.options.ServingOptions`'s defaults).
         store_path: where the workers find the store, when that is not where this
             process does (a volume mounted at another path in a pod); default
             ``store``'s own absolute path.
@@ -275,7 +275,7 @@ def pack_archive(
             version named N serves step N); a live archive's cannot be numeric.
         force: overwrite an existing archive of that version.
         progress: show a progress bar (stderr) when packing takes more than a moment.
-        **option_values: any :class:`~bray.handlers.config.ServingOptions` field by name
+        **option_values: any :class:`~bray.handlers.options.ServingOptions` field by name
             (``engine="onnx"``, ``batch_size=8``, ...); they win over ``options``.
 
     Returns:

@@ -39,7 +39,7 @@ from bray.errors import (
     StepNotFoundError,
     VersionExistsError,
 )
-from bray.handlers.config import ServingConfig, ServingOptions
+from bray.handlers.options import ServingConfig, ServingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore, StoreWatch
@@ -158,7 +158,7 @@ def publish_version(
         model_store: the server's model store directory.
         set_default: make the new version the one ``/predictions/<name>`` serves.
         wait_timeout_s: how long to wait for the workers to be READY.
-        options: how the version is served (:class:`~bray.handlers.config.ServingOptions`:
+        options: how the version is served (:class:`~bray.handlers.options.ServingOptions`:
             engine, batching, workers, ...); the archive carries them and the version is
             registered with their batching and workers.
         version, force, progress: as for :func:`~bray.archiver.pack.pack_archive`.

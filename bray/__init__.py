@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "BrayError": "bray.errors",
     "CheckpointStore": "bray.store",
-    "Locations": "bray.config",
+    "Locations": "bray.locations",
     "ModelPool": "bray.bridge.pool",
     "RemoteModel": "bray.bridge.remote_model",
-    "ServingOptions": "bray.handlers.config",
+    "ServingOptions": "bray.handlers.options",
     "init": "bray.bridge.session",
 }
 
@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.pool import ModelPool
     from bray.bridge.remote_model import RemoteModel
     from bray.bridge.session import init
-    from bray.config import Locations
+    from bray.locations import Locations
     from bray.errors import BrayError
-    from bray.handlers.config import ServingOptions
+    from bray.handlers.options import ServingOptions
     from bray.store import CheckpointStore
 
 

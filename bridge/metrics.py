@@ -46,7 +46,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from bray.config import METRICS_ENV_VAR as ENV_VAR
+from bray.locations import METRICS_ENV_VAR as ENV_VAR
 from bray.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover

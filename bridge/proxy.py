@@ -43,7 +43,7 @@ from bray.bridge._slot import (
     error_body,
     proxy_address,
 )
-from bray.config import PROXY_METRICS_ENV_VAR, Locations
+from bray.locations import PROXY_METRICS_ENV_VAR, Locations
 from bray.errors import BrayError, ProxyUnavailableError, WireError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,7 +80,7 @@ def bind(address: str) -> socket.socket | None:
     return sock
 
 
-class _Conn:
+class _CallerConn:
     """One caller connection: its socket, its slot, and whether a call is in flight."""
 
     __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed")
@@ -125,10 +125,10 @@ class NodeProxy:
         self.samples = 0
         self.call_s = 0.0  # summed time from a call's arrival to its answer, inside the proxy
         self.clients_seen = 0
-        self._conns: set[_Conn] = set()
+        self._conns: set[_CallerConn] = set()
         # Callers answered and not called again yet, by answer time (oldest first): what
         # _more_coming asks on every call, in amortized O(1) instead of a walk over all.
-        self._expected: dict[_Conn, float] = {}
+        self._expected: dict[_CallerConn, float] = {}
         self._idle_since = time.monotonic()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,12 +214,12 @@ class NodeProxy:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, pid)
+            conn = _CallerConn(sock, pid)
             self._conns.add(conn)
             self.clients_seen += 1
             self._loop.add_reader(sock.fileno(), self._readable, conn)
 
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: _CallerConn) -> None:
         """Forget a connection (its caller closed it, died, or broke the protocol)."""
         if conn.closed:
             return
@@ -234,7 +234,7 @@ class NodeProxy:
         if not self._conns:
             self._idle_since = time.monotonic()
 
-    def _readable(self, conn: _Conn) -> None:
+    def _readable(self, conn: _CallerConn) -> None:
         try:
             if conn.slot is None:  # the hello hands over the slot's descriptor
                 data, fds, _, _ = socket.recv_fds(conn.sock, 4096, 4)
@@ -257,7 +257,7 @@ class NodeProxy:
                 log.warning("bray proxy: dropping the connection of pid %d: %s", conn.pid, err)
                 self._drop(conn)
 
-    def _request(self, conn: _Conn, op: int, n: int, step: int, nbytes: int, size: int) -> None:
+    def _request(self, conn: _CallerConn, op: int, n: int, step: int, nbytes: int, size: int) -> None:
         if op == OP_HELLO:
             if self.failure is not None:
                 self._send_error(conn, self.failure)
@@ -288,7 +288,7 @@ class NodeProxy:
         else:
             raise ProxyUnavailableError(f"unknown operation {op}")
 
-    def _call(self, conn: _Conn, payload: Any, n: int, min_step: int) -> None:
+    def _call(self, conn: _CallerConn, payload: Any, n: int, min_step: int) -> None:
         """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
         assert self.transport is not None  # _request refuses calls without one
@@ -301,7 +301,7 @@ class NodeProxy:
             future.set_exception(err)
         future.add_done_callback(functools.partial(self._done, conn, n, started))
 
-    def _done(self, conn: _Conn, n: int, started: float, future: asyncio.Future[tuple[Any, int]]) -> None:
+    def _done(self, conn: _CallerConn, n: int, started: float, future: asyncio.Future[tuple[Any, int]]) -> None:
         error: BaseException | None = None
         try:
             outputs, step = future.result()
@@ -334,11 +334,11 @@ class NodeProxy:
                 self._expected[conn] = self._loop.time()
             self._send(conn, reply)
 
-    def _send_error(self, conn: _Conn, err: BaseException) -> None:
+    def _send_error(self, conn: _CallerConn, err: BaseException) -> None:
         body = error_body(err)
         self._send(conn, HEADER.pack(ST_ERROR, 0, -1, len(body), conn.slot.size if conn.slot else 0) + body)
 
-    def _send(self, conn: _Conn, data: bytes) -> None:
+    def _send(self, conn: _CallerConn, data: bytes) -> None:
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -350,7 +350,7 @@ class NodeProxy:
             assert self._loop is not None
             self._loop.create_task(self._send_rest(conn, data[sent:]))
 
-    async def _send_rest(self, conn: _Conn, data: bytes) -> None:
+    async def _send_rest(self, conn: _CallerConn, data: bytes) -> None:
         try:
             await asyncio.get_running_loop().sock_sendall(conn.sock, data)
         except OSError:

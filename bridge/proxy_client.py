@@ -43,7 +43,7 @@ from bray.errors import BrayTimeoutError, ProxyUnavailableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.direct import DirectTransport
-    from bray.config import Locations
+    from bray.locations import Locations
 
 __all__ = ["NodeProxyTransport", "ProxyClient"]
 
@@ -81,7 +81,7 @@ def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-class _Conn:
+class _ProxyConn:
     __slots__ = ("sock", "slot", "blocking")
 
     def __init__(self, sock: socket.socket, slot: Slot, blocking: bool) -> None:
@@ -110,7 +110,7 @@ class ProxyClient:
         self.timeout_s = timeout_s
         self.last_error: str | None = None
         self._lock = threading.Lock()
-        self._idle: dict[bool, list[_Conn]] = {True: [], False: []}  # by "blocking"
+        self._idle: dict[bool, list[_ProxyConn]] = {True: [], False: []}  # by "blocking"
         global _fork_hook
         if not _fork_hook:
             os.register_at_fork(after_in_child=_forked)
@@ -142,7 +142,7 @@ class ProxyClient:
                     return False
             time.sleep(0.02)
 
-    def _connect(self, *, blocking: bool) -> _Conn:
+    def _connect(self, *, blocking: bool) -> _ProxyConn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.address)
@@ -176,9 +176,9 @@ class ProxyClient:
             _kernel_timeouts(sock, self.timeout_s)
         else:
             sock.setblocking(False)
-        return _Conn(sock, slot, blocking)
+        return _ProxyConn(sock, slot, blocking)
 
-    def _take(self, blocking: bool) -> _Conn:
+    def _take(self, blocking: bool) -> _ProxyConn:
         with self._lock:
             if self._forks != _forks:  # a forked child: the parent's connections are not ours
                 for conn in self._idle[True] + self._idle[False]:
@@ -197,11 +197,11 @@ class ProxyClient:
             self._down_until = time.monotonic() + (_RETRY_S if err.starting else _REFUSED_RETRY_S)
             raise
 
-    def _give(self, conn: _Conn) -> None:
+    def _give(self, conn: _ProxyConn) -> None:
         with self._lock:
             self._idle[conn.blocking].append(conn)
 
-    def _lost(self, conn: _Conn, err: BaseException) -> ProxyUnavailableError:
+    def _lost(self, conn: _ProxyConn, err: BaseException) -> ProxyUnavailableError:
         """The proxy went away: forget every connection to it (each would fail the same way)."""
         conn.close()
         with self._lock:
@@ -293,7 +293,7 @@ class ProxyClient:
             raise self._lost(conn, err) from err
         return self._answer(conn, status, result, step)
 
-    def _request(self, conn: _Conn, payload: Any, n: int, min_step: int) -> bytes:
+    def _request(self, conn: _ProxyConn, payload: Any, n: int, min_step: int) -> bytes:
         """Write the inputs into the slot; the header that hands them over."""
         try:
             nbytes = conn.slot.write(payload)
@@ -302,7 +302,7 @@ class ProxyClient:
             raise
         return HEADER.pack(OP_CALL, n, min_step, nbytes, conn.slot.size)
 
-    def _answer(self, conn: _Conn, status: int, result: Any, step: int) -> tuple[Any, int]:
+    def _answer(self, conn: _ProxyConn, status: int, result: Any, step: int) -> tuple[Any, int]:
         self._give(conn)
         if status != ST_SLOT:
             raise_error(result)  # the server's (or the proxy's) error for this call

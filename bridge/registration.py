@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bray.config import Locations
+from bray.locations import Locations
 from bray.errors import BrayTimeoutError, ModelNotFoundError, VersionExistsError
-from bray.handlers.config import ServingOptions
+from bray.handlers.options import ServingOptions
 from bray.store import CheckpointStore
 
 __all__ = ["LIVE_VERSION", "Registration", "announcements", "behind"]

@@ -82,7 +82,7 @@ from bray.errors import (
     StepNotFoundError,
 )
 from bray.export import EAGER_FILE, SPEC_FILE, export_model, load_spec, load_torch_module, to_numpy
-from bray.handlers.config import ServingOptions
+from bray.handlers.options import ServingOptions
 from bray.store import CheckpointStore
 
 __all__ = ["LIVE_VERSION", "PublishHandle", "RemoteModel", "init"]
@@ -252,7 +252,7 @@ class RemoteModel:
             ``None`` reads ``BRAY_METRICS_PORT``; ``0`` turns them off.
 
     Attributes:
-        options: the :class:`~bray.handlers.config.ServingOptions` Bray's arguments map
+        options: the :class:`~bray.handlers.options.ServingOptions` Bray's arguments map
             onto (engine, TorchServe batching and workers, threads, fixed batch): what
             the version is registered and archived with, and what local mode runs.
 
@@ -371,7 +371,7 @@ class RemoteModel:
             self._adopt_settings(existing)
 
     def _track_metrics(self) -> None:
-        from bray.config import metrics_address
+        from bray.locations import metrics_address
 
         address = metrics_address(self._settings.metrics_port)
         if address is not None:

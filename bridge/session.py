@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from bray.config import Locations
+from bray.locations import Locations
 
 __all__ = ["Session", "current", "init", "use"]
 

@@ -36,7 +36,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from bray import wire
 from bray.errors import InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
-from bray.handlers.config import ARCHIVE_WEIGHTS_FILE, ServingConfig
+from bray.handlers.options import ARCHIVE_WEIGHTS_FILE, ServingConfig
 from bray.handlers.engines import get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics

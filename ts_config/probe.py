@@ -10,7 +10,7 @@ directory, regenerates an expired key through the API key, and pings::
     python -m bray.ts_config.probe --live      # exit 0 when the frontend answers at all
 
 Addresses default from ``BRAY_PROBE_URL`` (inference) and ``BRAY_MANAGEMENT_URL``, the
-key file from ``BRAY_KEY_FILE`` (else where :func:`bray.config.find_key_file` looks).
+key file from ``BRAY_KEY_FILE`` (else where :func:`bray.locations.find_key_file` looks).
 Exit 0: healthy; 1: not, with one line on stderr saying why.
 """
 
@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from bray.config import find_key_file
+from bray.locations import find_key_file
 
 __all__ = ["main"]
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping
 
 import requests
 
-from bray.config import find_key_file, server_dir
+from bray.locations import find_key_file, server_dir
 from bray.errors import AuthError, ConfigError
 from bray.torchserve.answers import connection_error, error_message
 
@@ -50,7 +50,7 @@ class TokenAuth:
 
     Args:
         key_file: path of ``key_file.json``; ``None`` looks where
-            :func:`bray.config.find_key_file` looks, at each use until found.
+            :func:`bray.locations.find_key_file` looks, at each use until found.
         management_url: the management API, where expired keys are regenerated.
         session: the HTTP session for refreshes (a test mounts a transport adapter on
             one); default one made on the first refresh, closed by :meth:`close`. A
@@ -211,7 +211,7 @@ class InferenceKeyPlugin:
 
     Args:
         key_file: TorchServe's ``key_file.json``; ``None`` looks where
-            :func:`bray.config.find_key_file` looks (``BRAY_KEY_FILE``,
+            :func:`bray.locations.find_key_file` looks (``BRAY_KEY_FILE``,
             ``./key_file.json``, ``~/.bray/server/key_file.json``), at each call until found.
 
     Raises (at the call):

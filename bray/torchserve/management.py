@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import requests
 
-from bray.config import Locations, check_url
+from bray.locations import Locations, check_url
 from bray.errors import BrayError, BrayTimeoutError, ConfigError
 from bray.torchserve.answers import answer_error, connection_error, key_refused
 from bray.torchserve.auth import TokenAuth, bearer_key
@@ -75,7 +75,7 @@ class ManagementClient:
 
     Args:
         url: management API address; default ``BRAY_MANAGEMENT_URL`` or http://127.0.0.1:8081.
-        key_file: TorchServe's ``key_file.json``; default as :func:`bray.config.find_key_file`.
+        key_file: TorchServe's ``key_file.json``; default as :func:`bray.locations.find_key_file`.
         timeout_s: per HTTP call (registration waits for the workers to start: be generous).
         session: the HTTP session to send every call with, key refreshes included (a test
             mounts a transport adapter on one); default a new one. :meth:`close` closes it.

@@ -1,7 +1,7 @@
 """Engines, one module each, chosen by name from explicit config: the one engine registry.
 
 :data:`ENGINES` names every engine and the module and class it maps to; the serving
-options (``bray.handlers.config.ServingOptions``), the CLI's ``--engine`` choices and
+options (``bray.handlers.options.ServingOptions``), the CLI's ``--engine`` choices and
 ``RemoteModel`` all ask it. ``get_engine("torch" | "onnx" | "tensorrt")`` returns the
 class. Importing this package is cheap (no numpy, no engine package): ``Engine`` and
 ``EngineOptions`` resolve on first use, and heavy packages are imported only when an

@@ -50,7 +50,7 @@ class TensorRTEngine(Engine):
         self._torch = torch
         self._device = torch.device(options.device if options.device.startswith("cuda") else "cuda:0")
         self._logger = trt.Logger(trt.Logger.WARNING)
-        from bray.handlers.config import ServingOptions
+        from bray.handlers.options import ServingOptions
 
         max_batch = int(options.extra.get("max_batch") or ServingOptions().max_batch)
         plan = self._build(Path(export_dir) / ONNX_FILE, max_batch)

@@ -121,7 +121,7 @@ def test_publish_registers_each_step_as_a_ready_version(published: list[dict[str
 
 
 def test_the_cli_publishes_with_the_options_defaults(published: list[dict[str, Any]]) -> None:
-    from bray.handlers.config import ServingOptions
+    from bray.handlers.options import ServingOptions
 
     defaults = ServingOptions()
     for p in published:

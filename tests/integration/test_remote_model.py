@@ -121,7 +121,7 @@ def test_bray_values_use_onnx_train_and_local_mode_proxy(make: Make) -> None:
         assert "onnx_weights: inputs" in zf.read("model-config.yaml").decode()
     # Bray's arguments became one set of options: the archive and the registration hold them
     from bray.archiver.pack import read_archive_config
-    from bray.handlers.config import ServingOptions
+    from bray.handlers.options import ServingOptions
 
     assert rm.options == ServingOptions(engine="onnx", onnx_weights="inputs", batch_size=8)
     assert read_archive_config(Path(str(rm.locations.model_store)) / desc.url).options == rm.options

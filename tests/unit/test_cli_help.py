@@ -131,7 +131,7 @@ _READ_THROUGH = {
 def _serving_dests() -> set[str]:
     from dataclasses import fields
 
-    from bray.handlers.config import ServingOptions
+    from bray.handlers.options import ServingOptions
 
     return {f.name for f in fields(ServingOptions)} | {"max_request_mb"}
 

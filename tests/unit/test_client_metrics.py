@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bray.config import metrics_address
+from bray.locations import metrics_address
 from bray.errors import ConfigError
 
 

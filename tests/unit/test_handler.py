@@ -13,7 +13,7 @@ from ts.context import Context, RequestProcessor
 
 from bray import wire
 from bray.export import export_model
-from bray.handlers.config import ServingConfig, ServingOptions
+from bray.handlers.options import ServingConfig, ServingOptions
 from bray.handlers.handler import STEP_HEADER, EngineHandler
 from bray.store import CheckpointStore
 from tests.models import DictPolicy, PolicyMLP, StepProbe, probe_weights

@@ -18,7 +18,7 @@ from ts.context import Context, RequestProcessor
 
 from bray import wire
 from bray.export import export_model
-from bray.handlers.config import ServingConfig
+from bray.handlers.options import ServingConfig
 from bray.handlers.handler import STEP_HEADER, EngineHandler
 from bray.handlers.oip import HEADER_LENGTH
 from bray.store import CheckpointStore

@@ -13,8 +13,8 @@ import pytest
 import bray
 from bray import errors
 
-MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.config", "bray.export",
-           "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.config",
+MODULES = ["bray", "bray.errors", "bray.store", "bray.league", "bray.wire", "bray.locations", "bray.export",
+           "bray.torchserve", "bray.archiver", "bray.bridge", "bray.bridge.metrics", "bray.handlers.options",
            "bray.handlers.engines", "bray.handlers.metrics", "bray.handlers.request", "bray.handlers.oip",
            "bray.archiver.kserve", "bray.ts_config.probe", "bray.ts_config.server"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bray.bridge.registration import announcements, behind
-from bray.config import Locations, Node
+from bray.locations import Locations, Node
 from bray.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""The serving options are declared once (``bray.handlers.config.ServingOptions``).
+"""The serving options are declared once (``bray.handlers.options.ServingOptions``).
 
 Every consumer reaches the same values from that one definition: ``bray-archive``'s flags,
 ``pack_archive``, ``publish_version``, the handler's config read back from the archive, and
@@ -24,7 +24,7 @@ from bray.archiver.cli import _parser, from_args, main
 from bray.archiver.pack import pack_archive, read_archive_config
 from bray.archiver.publish import publish_version, watch_and_publish
 from bray.errors import ConfigError
-from bray.handlers.config import ServingConfig, ServingOptions
+from bray.handlers.options import ServingConfig, ServingOptions
 from bray.handlers.engines import ENGINES
 from bray.store import CheckpointStore
 

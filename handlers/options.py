@@ -187,7 +187,7 @@ class ServingOptions:
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise ConfigError(f"unknown serving option(s) {unknown}; the options are {names} "
-                              "(bray.handlers.config.ServingOptions)")
+                              "(bray.handlers.options.ServingOptions)")
         base = options if options is not None else cls()
         if not isinstance(base, ServingOptions):
             raise ConfigError(f"options must be a ServingOptions, got {type(base).__name__}; "
