@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bray import _lazy_exports
+from bray._lazy import lazy_exports
 
 # public name -> module that defines it; resolved on first use, so that `bray-archive --help`,
 # usage errors and shell completion do not pay for numpy and requests.
@@ -70,4 +70,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from bray.torchserve.management import ManagementClient, ModelVersion
 
 
-__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

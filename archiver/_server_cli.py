@@ -124,7 +124,7 @@ def _start(args: argparse.Namespace, opts: Any, _: Any, out: TextIO) -> int:
         if "\n" not in str(err):
             raise
         raise type(err)(f"{first}; the server was stopped again, its logs are in {workdir / 'logs'} "
-                        "(torchserve.out, ts_log.log)", **err._attrs) from err
+                        "(torchserve.out, ts_log.log)", **err.attrs) from err
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({**state.as_json(), "seconds": round(seconds, 3)}, indent=1), file=out)

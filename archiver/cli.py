@@ -23,22 +23,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NoReturn, TextIO
 
 from bray.archiver.commands import (
-    _dashboard,
-    _kserve,
-    _prune,
-    _proxy,
-    _publish,
-    _remove,
-    _rollback,
-    _scale,
-    _set_default,
-    _status,
-    _versions,
-    _watch,
+    run_dashboard,
+    run_kserve,
+    run_prune,
+    run_proxy,
+    run_publish,
+    run_remove,
+    run_rollback,
+    run_scale,
+    run_set_default,
+    run_status,
+    run_versions,
+    run_watch,
 )
 from bray.locations import Locations, check_url
 from bray.errors import BrayError, ConfigError, ServerUnreachableError
-from bray.handlers.options import ServingOptions, _int_at_least
+from bray.handlers.options import ServingOptions, int_at_least
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.torchserve.management import ManagementClient
@@ -260,26 +260,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", dest="model_version", metavar="V",
                    help="register under this version string instead of the step")
     p.add_argument("--force", action="store_true", help="overwrite an unregistered archive file of that version")
-    p.set_defaults(run=_publish)
+    p.set_defaults(run=run_publish)
 
     p = sub.add_parser("versions", parents=[model_store, store, *managed], help="list the versions of a model",
                        description="List the registered versions of a model, the default marked *.",
                        **example("bray-archive versions policy", "bray-archive versions policy --json"))
     p.add_argument("name", metavar="NAME", help="model name")
-    p.set_defaults(run=_versions)
+    p.set_defaults(run=run_versions)
 
     p = sub.add_parser("set-default", parents=managed, help="make a version the default",
                        description="Make VERSION the one /predictions/NAME serves.",
                        **example("bray-archive set-default policy 20", "bray-archive set-default policy latest"))
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("version", metavar="VERSION", help="the version: a published step, or 'latest'")
-    p.set_defaults(run=_set_default)
+    p.set_defaults(run=run_set_default)
 
     p = sub.add_parser("rollback", parents=managed, help="make the previous version the default",
                        description="Make the highest numeric version below the current default the default.",
                        **example("bray-archive rollback policy"))
     p.add_argument("name", metavar="NAME", help="model name")
-    p.set_defaults(run=_rollback)
+    p.set_defaults(run=run_rollback)
 
     p = sub.add_parser("prune", parents=[model_store, *managed], help="unregister and delete old versions",
                        description="Unregister the oldest numeric versions and delete their archives, "
@@ -287,9 +287,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "takes a whole model, clones included).",
                        **example("bray-archive prune policy --keep 3"))
     p.add_argument("name", metavar="NAME", help="model name")
-    p.add_argument("--keep", type=_int_at_least(0), required=True, metavar="K",
+    p.add_argument("--keep", type=int_at_least(0), required=True, metavar="K",
                    help="numeric versions to keep besides the default")
-    p.set_defaults(run=_prune)
+    p.set_defaults(run=run_prune)
 
     p = sub.add_parser("remove", parents=[model_store, *managed], help="unregister models and delete their archives",
                        description="Unregister every version of each NAME (a clone, or any model no longer "
@@ -299,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
                        **example("bray-archive remove policy-clone-step-20",
                                  "bray-archive remove policy-clone-step-10 policy-clone-step-20 --json"))
     p.add_argument("names", metavar="NAME", nargs="+", help="registered model name(s)")
-    p.set_defaults(run=_remove)
+    p.set_defaults(run=run_remove)
 
     p = sub.add_parser("scale", parents=managed, help="set the worker count of a version",
                        description="Run W workers for a version of NAME (the default version unless "
@@ -307,10 +307,10 @@ def _parser() -> argparse.ArgumentParser:
                        **example("bray-archive scale policy --workers 4",
                                   "bray-archive scale policy --workers 0 --model-version 20"))
     p.add_argument("name", metavar="NAME", help="model name")
-    p.add_argument("--workers", type=_int_at_least(0), required=True, metavar="W",
+    p.add_argument("--workers", type=int_at_least(0), required=True, metavar="W",
                    help="worker processes to run (0 stops them all; the version stays registered)")
     p.add_argument("--model-version", dest="model_version", metavar="V", help="version (default: the default one)")
-    p.set_defaults(run=_scale)
+    p.set_defaults(run=run_scale)
 
     p = sub.add_parser("status", parents=[store, model_store, *managed],
                        help="models, versions, workers and the steps they serve",
@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "default, and the step each version serves.",
                        **example("bray-archive status", "bray-archive status policy --json"))
     p.add_argument("names", metavar="NAME", nargs="*", help="only these models (default: every one)")
-    p.set_defaults(run=_status)
+    p.set_defaults(run=run_status)
 
     p = sub.add_parser("watch", parents=[store, model_store, pack, register, *managed],
                        help="publish every N-th step as the trainer publishes it",
@@ -327,11 +327,11 @@ def _parser() -> argparse.ArgumentParser:
                        **example("bray-archive watch --store ~/.bray/store --name policy --every 100",
                                   "bray-archive watch --name policy --every 10 --poll-interval-s 2  # NFS"))
     p.add_argument("--name", required=True, help="model name")
-    p.add_argument("--every", type=_int_at_least(1), required=True, metavar="N",
+    p.add_argument("--every", type=int_at_least(1), required=True, metavar="N",
                    help="publish the steps divisible by N (steps already in the store are left alone)")
     p.add_argument("--poll-interval-s", type=_positive_float, metavar="S",
                    help="poll the store instead of inotify (NFS and other shared file systems)")
-    p.set_defaults(run=_watch)
+    p.set_defaults(run=run_watch)
 
     p = sub.add_parser("proxy", parents=[store, model_store, server],
                        help="run a model's node proxy in the foreground",
@@ -342,11 +342,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name (with its namespace prefix, if any)")
     p.add_argument("--inference-url", metavar="URL",
                    help="inference address(es), comma-separated (default $BRAY_INFERENCE_URL or http://127.0.0.1:8080)")
-    p.add_argument("--step", type=_int_at_least(0), metavar="N",
+    p.add_argument("--step", type=int_at_least(0), metavar="N",
                    help="serve the pinned version N (a clone's) instead of the live one")
     p.add_argument("--idle-exit-s", type=_positive_float, metavar="S",
                    help="exit after S seconds without a caller (default: run until stopped)")
-    p.set_defaults(run=_proxy)
+    p.set_defaults(run=run_proxy)
 
     from bray.archiver.kserve import BATCH_SIZE, POLL_INTERVAL_MS
 
@@ -365,18 +365,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     k = p.add_argument_group("kubernetes")
     k.add_argument("--storage-uri", metavar="URI", help="where DIR/models is uploaded (default pvc://bray-models/NAME)")
-    k.add_argument("--replicas", type=_int_at_least(1), default=2, metavar="N", help="predictor pods (default 2)")
+    k.add_argument("--replicas", type=int_at_least(1), default=2, metavar="N", help="predictor pods (default 2)")
     k.add_argument("--image", default="bray-serve-torchserve:0.12.0",
                    help="TorchServe 0.12 + bray-serve image (deploy/kserve/Dockerfile)")
     k.add_argument("--store-claim", default="bray-store", metavar="PVC", help="claim of the live store (default bray-store)")
     k.add_argument("--store-mount", default="/mnt/bray-store", metavar="PATH",
                    help="where every pod mounts the live store; BRAY_STORE (default /mnt/bray-store)")
-    k.add_argument("--store-size-gi", type=_int_at_least(1), default=20, metavar="G", help="claim size (default 20)")
+    k.add_argument("--store-size-gi", type=int_at_least(1), default=20, metavar="G", help="claim size (default 20)")
     k.add_argument("--storage-class", metavar="CLASS", help="a storage class with ReadWriteMany (NFS, CephFS, EFS ...)")
     k.add_argument("--cpu", default="2", help="CPU per pod, requests = limits (default 2)")
     k.add_argument("--memory", default="4Gi", help="memory per pod (default 4Gi)")
-    k.add_argument("--gpus", type=_int_at_least(0), default=0, metavar="N", help="nvidia.com/gpu per pod (default 0)")
-    p.set_defaults(run=_kserve)
+    k.add_argument("--gpus", type=int_at_least(0), default=0, metavar="N", help="nvidia.com/gpu per pod (default 0)")
+    p.set_defaults(run=run_kserve)
 
     p = sub.add_parser("dashboard", parents=[store, model_store, server],
                        help="a read-only web page of the store and the server serving it",
@@ -386,16 +386,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "never shows TorchServe's keys. /metrics serves the league to Prometheus.",
                        **example("bray-archive dashboard --store ~/.bray/store/pong/run1",
                                  "bray-archive dashboard --port 8091 --refresh-s 5"))
-    p.add_argument("--port", type=_int_at_least(1), default=8090, metavar="P", help="port (default 8090)")
+    p.add_argument("--port", type=int_at_least(1), default=8090, metavar="P", help="port (default 8090)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 lets other machines look)")
     p.add_argument("--refresh-s", type=_positive_float, default=2.0, metavar="S",
                    help="how often the page refreshes itself (default 2)")
-    p.set_defaults(run=_dashboard)
+    p.set_defaults(run=run_dashboard)
 
     from bray.archiver._server_cli import add_server_parser
 
-    add_server_parser(sub, int_at_least=_int_at_least, positive_float=_positive_float)
+    add_server_parser(sub, int_at_least=int_at_least, positive_float=_positive_float)
 
     p = sub.add_parser("completion", help="print a shell completion script",
                        description="Print a TAB-completion script for bray-archive (subcommands, "
@@ -453,7 +453,7 @@ def failure(err: BaseException) -> tuple[str, int]:
         err = _requests_error(err)
     if isinstance(err, BrayError) and "\n" in str(err):  # keep the promise of one line
         return failure(type(err)(str(err).splitlines()[0].rstrip(":") + " (the rest: rerun with BRAY_TRACEBACK=1)",
-                                 **err._attrs))
+                                 **err.attrs))
     if isinstance(err, BrayError):
         unreachable = isinstance(err, ServerUnreachableError) or getattr(err, "reason", "") == "connect-timeout"
         code = EXIT_UNREACHABLE if unreachable else EXIT_FAILURE

@@ -49,7 +49,7 @@ def _emit(opts: ServerOptions, data: Any, human: Callable[[TextIO], None], out: 
 # --- commands --------------------------------------------------------------------------
 
 
-def _publish(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
+def run_publish(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
     from bray.archiver.pack import read_archive_config
     from bray.archiver.publish import publish_version
 
@@ -77,7 +77,7 @@ def _publish(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, o
     return 0
 
 
-def _versions(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_versions(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import status
 
     with opts.client() as client:
@@ -100,7 +100,7 @@ def _step_text(step: int | None, live: bool) -> str:
     return f"{text} (live)" if live else text
 
 
-def _set_default(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_set_default(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import set_default
 
     with opts.client() as client:
@@ -109,7 +109,7 @@ def _set_default(args: argparse.Namespace, opts: ServerOptions, _: Any, out: Tex
     return 0
 
 
-def _rollback(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_rollback(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import rollback
 
     with opts.client() as client:
@@ -119,7 +119,7 @@ def _rollback(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO
     return 0
 
 
-def _prune(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_prune(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import prune
 
     with opts.client() as client:
@@ -135,7 +135,7 @@ def _prune(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -
     return 0
 
 
-def _remove(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_remove(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import remove
 
     with opts.client() as client:
@@ -150,7 +150,7 @@ def _remove(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) 
     return 0
 
 
-def _scale(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_scale(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import scale
 
     with opts.client() as client:
@@ -161,7 +161,7 @@ def _scale(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -
     return 0
 
 
-def _status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.publish import status
 
     with opts.client() as client:
@@ -183,7 +183,7 @@ def _status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) 
     return 0
 
 
-def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
+def run_kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
     from bray.archiver.kserve import KServeOptions, export_kserve
 
     kserve = KServeOptions(storage_uri=args.storage_uri, replicas=args.replicas, image=args.image,
@@ -212,7 +212,7 @@ def _kserve(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, ou
     return 0
 
 
-def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
+def run_watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out: TextIO) -> int:
     from bray.archiver.publish import watch_and_publish
 
     def published(mv: ModelVersion) -> None:
@@ -245,7 +245,7 @@ def _watch(args: argparse.Namespace, opts: ServerOptions, pack: PackOptions, out
     return 0
 
 
-def _dashboard(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
+def run_dashboard(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextIO) -> int:
     from bray.archiver.dashboard import DashboardOptions, run_dashboard
     from bray.torchserve.management import ManagementClient
 
@@ -268,7 +268,7 @@ def _dashboard(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextI
     return 0
 
 
-def _proxy(args: argparse.Namespace, opts: ServerOptions, pack: None, out: TextIO) -> int:
+def run_proxy(args: argparse.Namespace, opts: ServerOptions, pack: None, out: TextIO) -> int:
     from bray.bridge.proxy import serve
 
     loc = opts.locations

@@ -123,7 +123,7 @@ def _gone(store: CheckpointStore, name: str, step: int, why: str) -> StepNotFoun
     )
 
 
-def _pin_step(store: CheckpointStore, name: str, step: int, version: str | None) -> int:
+def pin_step(store: CheckpointStore, name: str, step: int, version: str | None) -> int:
     """The kept step an archive of ``step`` pins, refusing a numeric version that names another.
 
     A version named N serves step N: when ``version`` is ``"N"`` and ``step`` is N but N is
@@ -300,7 +300,7 @@ def pack_archive(
                                   f"number (got {version!r}); leave version unset ({LIVE_VERSION!r}) or name "
                                   "it with letters", name=name, version=version)
         else:
-            serving_step = _pin_step(store, name, step, version)
+            serving_step = pin_step(store, name, step, version)
             # From here on exactly this step: its weights opened first (retention cannot take
             # them from under the copy then), its own meta.json, never a snap to another step.
             try:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from bray.archiver.pack import (
     LIVE_VERSION,
     PackedArchive,
-    _pin_step,
+    pin_step,
     archive_path,
     pack_archive,
     read_archive_config,
@@ -184,7 +184,7 @@ def publish_version(
     if step is not None:
         # Pinned once here, checked against a numeric version; the pack opens exactly this
         # step (or fails saying retention took it), never a snap to another under its name.
-        step = _pin_step(store, name, step, version)
+        step = pin_step(store, name, step, version)
     version = version or (LIVE_VERSION if step is None else str(step))
     try:
         client.describe(name, version)

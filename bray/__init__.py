@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
+
+from bray._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -34,20 +35,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from bray.store import CheckpointStore
 
 
-def _lazy_exports(package: str, exports: dict[str, str],
-                  public: list[str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """A package's ``__getattr__`` (importing ``exports[name]`` on first use) and ``__dir__`` (``public``)."""
-
-    def getattr_(name: str) -> Any:
-        module = exports.get(name)
-        if module is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(module), name)
-
-    def dir_() -> list[str]:
-        return list(public)
-
-    return getattr_, dir_
-
-
-__getattr__, __dir__ = _lazy_exports("bray", _EXPORTS, __all__)
+__getattr__, __dir__ = lazy_exports("bray", _EXPORTS, __all__)

@@ -82,6 +82,11 @@ class BrayError(Exception):
     def message(self) -> str:
         return str(self)
 
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The keyword attributes it was made with (to make another error of the same facts)."""
+        return dict(self._attrs)
+
 
 def _rebuild(cls: type[BrayError], message: str, attrs: dict[str, Any]) -> BrayError:
     return cls(message, **attrs)

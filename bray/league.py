@@ -45,7 +45,7 @@ from typing import Any
 
 from bray.errors import ConfigError
 from bray.store import TMP_DIR, CheckpointStore, replace_durable
-from bray.store._durable import _sweep_tmp
+from bray.store._durable import sweep_tmp
 
 __all__ = ["LeagueResults", "Standing", "check_value", "read_league"]
 
@@ -148,7 +148,7 @@ class LeagueResults:
         try:
             if not tmp_dir.is_dir():
                 tmp_dir.mkdir(parents=True, exist_ok=True)
-                _sweep_tmp(tmp_dir)  # leftovers of writers killed mid-write
+                sweep_tmp(tmp_dir)  # leftovers of writers killed mid-write
             replace_durable(self.folder / f"{self.writer}.json", data, tmp_dir=tmp_dir)
         except OSError as err:
             raise StoreWriteError(

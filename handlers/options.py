@@ -86,7 +86,7 @@ def _flag(f: Field[Any]) -> str:
     return _spec(f).flag or "--" + f.name.replace("_", "-")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``low`` (a usage error otherwise)."""
 
     def parse(text: str) -> int:
@@ -221,7 +221,7 @@ class ServingOptions:
                 parser.add_argument(_flag(f), choices=spec.choices, default=default, help=text)
             elif spec.low is not None:
                 low = -(-spec.low // spec.flag_unit)  # in the flag's unit, rounded up
-                parser.add_argument(_flag(f), type=_int_at_least(low), default=shown, metavar=spec.metavar, help=text)
+                parser.add_argument(_flag(f), type=int_at_least(low), default=shown, metavar=spec.metavar, help=text)
             else:
                 parser.add_argument(_flag(f), default=default, metavar=spec.metavar, help=text)
 

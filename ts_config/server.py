@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bray import _lazy_exports
+from bray._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {name: "bray.torchserve.launcher" for name in (
     "ServerState", "TorchServeProcess", "free_ports", "ping_status", "start_server", "start_torchserve", "stop_server")}
@@ -27,4 +27,4 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
-__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

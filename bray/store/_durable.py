@@ -20,12 +20,12 @@ logger = logging.getLogger("bray.store")
 _STALE_TMP_S = 60.0
 
 
-def _delete_all(paths: list[Path]) -> None:
+def delete_all(paths: list[Path]) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _tmp_name(kind: str) -> str:
+def tmp_name(kind: str) -> str:
     host = socket.gethostname().replace("/", "_") or "host"
     return f"{kind}-{host}-{os.getpid()}-{secrets.token_hex(6)}"
 
@@ -41,7 +41,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _sweep_tmp(tmp_root: Path) -> None:
+def sweep_tmp(tmp_root: Path) -> None:
     """Delete leftovers of killed publishes: dead local owner, or untouched for a minute."""
     host = socket.gethostname().replace("/", "_") or "host"
     now = time.time()
@@ -83,7 +83,7 @@ def _sweep_entry(entry: os.DirEntry[str], host: str, now: float) -> None:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def flock(path: Path) -> Iterator[None]:
     import fcntl
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -94,14 +94,14 @@ def _flock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_durable(path: Path, data: bytes) -> None:
+def write_durable(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -115,9 +115,9 @@ def replace_durable(path: Path, data: bytes, *, tmp_dir: Path) -> None:
     A reader sees the old content or the new, never a mix, even if the writer is killed.
     ``tmp_dir`` must be on the same file system (the store's ``.tmp/`` folders).
     """
-    tmp = tmp_dir / _tmp_name("replace")
+    tmp = tmp_dir / tmp_name("replace")
     try:
-        _write_durable(tmp, data)
+        write_durable(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -125,11 +125,11 @@ def replace_durable(path: Path, data: bytes, *, tmp_dir: Path) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _discard(path: Path, tmp_root: Path) -> None:
-    target = tmp_root / _tmp_name("del")
+def discard(path: Path, tmp_root: Path) -> None:
+    target = tmp_root / tmp_name("del")
     try:
         os.rename(path, target)
     except OSError:

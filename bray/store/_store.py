@@ -26,13 +26,13 @@ from bray.errors import (
     StoreWriteError,
 )
 from bray.store._durable import (
-    _delete_all,
-    _discard,
-    _flock,
-    _fsync_dir,
-    _sweep_tmp,
-    _tmp_name,
-    _write_durable,
+    delete_all,
+    discard,
+    flock,
+    fsync_dir,
+    sweep_tmp,
+    tmp_name,
+    write_durable,
     replace_durable,
 )
 from bray.store._layout import (
@@ -48,16 +48,16 @@ from bray.store._layout import (
     STEPS_DIR,
     TMP_DIR,
     WEIGHTS_FILE,
-    _NAME_RE,
-    _STEP_DIGITS,
-    _check_name,
-    _check_step,
-    _corrupt,
-    _step_str,
-    _vanished,
+    NAME_RE,
+    STEP_DIGITS,
+    check_name,
+    check_step,
+    corrupt,
+    step_str,
+    vanished,
 )
 from bray.store._holds import Hold, Retention, read_lost, remove_hold, write_hold
-from bray.store._weights import _decode, _read_all, _serialize, _verify
+from bray.store._weights import decode_weights, read_all, serialize_weights, verify_weights
 from bray.store.watch import StoreWatch
 
 
@@ -177,11 +177,11 @@ class CheckpointStore:
         Raises:
             ConfigError: ``name`` is not a valid model name.
         """
-        _check_name(name)
+        check_name(name)
         return self.root / name
 
     def _step_dir(self, name: str, step: int) -> Path:
-        return self.root / name / STEPS_DIR / _step_str(step)
+        return self.root / name / STEPS_DIR / step_str(step)
 
     def export_dir(self, name: str) -> Path:
         """Where the exported model definition of ``name`` lives (it may not exist yet)."""
@@ -199,7 +199,7 @@ class CheckpointStore:
         Raises:
             ConfigError: ``name`` is not a valid model name.
         """
-        _check_name(name)
+        check_name(name)
         return self._step_dir(name, step) / WEIGHTS_FILE
 
     def league_dir(self, name: str, metric: str) -> Path:
@@ -210,8 +210,8 @@ class CheckpointStore:
         Raises:
             ConfigError: ``name`` or ``metric`` is not a valid name.
         """
-        _check_name(name)
-        _check_name(metric, what="metric name")
+        check_name(name)
+        check_name(metric, what="metric name")
         return self.root / name / LEAGUE_DIR / metric
 
     # ---------------------------------------------------------------- clones
@@ -223,7 +223,7 @@ class CheckpointStore:
             ConfigError: invalid name.
             CorruptCheckpointError: the record is unreadable.
         """
-        _check_name(name)
+        check_name(name)
         try:
             raw = (self.root / name / CLONE_FILE).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -250,19 +250,19 @@ class CheckpointStore:
             ConfigError: invalid name or step.
             StoreWriteError: the disk refused the write.
         """
-        _check_name(name)
-        _check_name(source)
-        _check_step(step)
+        check_name(name)
+        check_name(source)
+        check_step(step)
         mdir = self.root / name
         tmp_root = mdir / TMP_DIR
         data = json.dumps({"format": FORMAT_VERSION, "source": source, "step": step, "time": time.time()}).encode()
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
-            tmp = tmp_root / _tmp_name("clone")
-            _write_durable(tmp, data)
+            tmp = tmp_root / tmp_name("clone")
+            write_durable(tmp, data)
             try:
                 os.link(tmp, mdir / CLONE_FILE)  # fails if recorded already: first writer wins
-                _fsync_dir(mdir)
+                fsync_dir(mdir)
             except FileExistsError:
                 pass
             finally:
@@ -299,7 +299,7 @@ class CheckpointStore:
         source, step = origin
         export = self.export_dir(name)
         if not (export / SPEC_FILE).is_file():
-            tmp = self.model_dir(name) / TMP_DIR / _tmp_name("export")
+            tmp = self.model_dir(name) / TMP_DIR / tmp_name("export")
             try:
                 shutil.copytree(self.export_dir(source), tmp)
                 try:
@@ -374,8 +374,8 @@ class CheckpointStore:
             ConfigError: an invalid name, holder, ``every`` (>= 1), ``above`` (>= -1) or ``ttl_s`` (> 0).
             StoreWriteError: the disk refused the write.
         """
-        _check_name(name)
-        _check_name(holder, what="holder")
+        check_name(name)
+        check_name(holder, what="holder")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ConfigError(f"every must be an integer >= 1, got {every!r}")
         if not isinstance(above, int) or isinstance(above, bool) or above < -1:
@@ -395,14 +395,14 @@ class CheckpointStore:
 
     def release_hold(self, name: str, holder: str) -> None:
         """Drop ``holder``'s hold and its lost-step record (gone already is fine)."""
-        _check_name(name)
-        _check_name(holder, what="holder")
+        check_name(name)
+        check_name(holder, what="holder")
         remove_hold(self.root / name, holder)
 
     def lost_steps(self, name: str, holder: str) -> dict[int, str]:
         """Steps retention removed although ``holder``'s hold covered them (it was stale): step -> why."""
-        _check_name(name)
-        _check_name(holder, what="holder")
+        check_name(name)
+        check_name(holder, what="holder")
         return read_lost(self.root / name, holder)
 
     # ---------------------------------------------------------------- reading
@@ -415,7 +415,7 @@ class CheckpointStore:
             return []
         found = []
         for entry in entries:
-            if not _NAME_RE.fullmatch(entry.name) or not entry.is_dir():
+            if not NAME_RE.fullmatch(entry.name) or not entry.is_dir():
                 continue
             path = Path(entry.path)
             if (path / STEPS_DIR).is_dir() or (path / LATEST_FILE).is_file():
@@ -434,7 +434,7 @@ class CheckpointStore:
         Raises:
             ConfigError: ``name`` is not a valid model name.
         """
-        _check_name(name)
+        check_name(name)
         pointed = self._read_latest_file(name)
         if pointed is not None and (self._step_dir(name, pointed) / META_FILE).is_file():
             return pointed
@@ -467,7 +467,7 @@ class CheckpointStore:
             ConfigError: invalid name or step.
             StepNotFoundError: nothing published, or no kept step at or below ``step``.
         """
-        _check_name(name)
+        check_name(name)
         if not isinstance(step, int) or isinstance(step, bool) or step < -1:
             raise ConfigError(f"step must be -1 (the latest) or an integer >= 0, got {step!r}")
         latest = self.latest(name)
@@ -506,8 +506,8 @@ class CheckpointStore:
             CorruptCheckpointError: ``meta.json`` is unreadable.
         """
         if exact:
-            _check_name(name)
-            _check_step(step)
+            check_name(name)
+            check_step(step)
             try:
                 raw = (self._step_dir(name, step) / META_FILE).read_bytes()
             except (FileNotFoundError, NotADirectoryError):
@@ -524,7 +524,7 @@ class CheckpointStore:
             except FileNotFoundError:
                 continue  # removed by retention after resolve; snap again
             return _parse_meta(raw, name, resolved)
-        raise _vanished(name, step)
+        raise vanished(name, step)
 
     def load(
         self,
@@ -570,15 +570,15 @@ class CheckpointStore:
             try:
                 with open(folder / WEIGHTS_FILE, "rb", buffering=0) as wf:
                     raw_meta = (folder / META_FILE).read_bytes()
-                    data = _read_all(wf)
+                    data = read_all(wf)
             except FileNotFoundError:
                 continue  # retention took it between resolve and open; snap again
             meta = _parse_meta(raw_meta, name, resolved)
             if verify:
-                _verify(data, meta)
-            weights = _decode(data, meta, framework, device)
+                verify_weights(data, meta)
+            weights = decode_weights(data, meta, framework, device)
             return Checkpoint(name=name, step=resolved, weights=weights, meta=meta)
-        raise _vanished(name, step)
+        raise vanished(name, step)
 
     # ---------------------------------------------------------------- writing
 
@@ -602,10 +602,10 @@ class CheckpointStore:
                 took it first; nothing was overwritten.
             StoreWriteError: the file system refused the write; nothing was published.
         """
-        _check_name(name)
+        check_name(name)
         if step is not None:
-            _check_step(step)
-        payload, keys = _serialize(weights)
+            check_step(step)
+        payload, keys = serialize_weights(weights)
         digest = hashlib.sha256(payload).hexdigest()
         mdir = self.root / name
         tmp_root = mdir / TMP_DIR
@@ -613,15 +613,15 @@ class CheckpointStore:
         doomed: list[Path] = []
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
-            _sweep_tmp(tmp_root)
-            tmp = tmp_root / _tmp_name("pub")
+            sweep_tmp(tmp_root)
+            tmp = tmp_root / tmp_name("pub")
             tmp.mkdir()
-            _write_durable(tmp / WEIGHTS_FILE, payload)
-            with _flock(mdir / LOCK_FILE):
+            write_durable(tmp / WEIGHTS_FILE, payload)
+            with flock(mdir / LOCK_FILE):
                 current = self._max_step(name)
                 if step is None:
                     step = 0 if current is None else current + 1
-                    _check_step(step)
+                    check_step(step)
                 elif current is not None and step <= current:
                     visible = self._read_latest_file(name)
                     hidden = (f" (step {current} was written by a publisher that died before moving LATEST; "
@@ -643,11 +643,11 @@ class CheckpointStore:
                     "keys": keys,
                     "checkpoint": checkpoint,
                 }
-                _write_durable(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-                _fsync_dir(tmp)
+                write_durable(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+                fsync_dir(tmp)
                 steps_dir = mdir / STEPS_DIR
                 steps_dir.mkdir(exist_ok=True)
-                final = steps_dir / _step_str(step)
+                final = steps_dir / step_str(step)
                 try:
                     os.rename(tmp, final)
                 except OSError as err:
@@ -660,12 +660,12 @@ class CheckpointStore:
                     raise
                 tmp = None
                 try:
-                    _fsync_dir(steps_dir)
+                    fsync_dir(steps_dir)
                     _write_latest(mdir, step)
                 except OSError:
                     # Not visible yet (LATEST still points below); take it back so the
                     # caller's "not published" holds.
-                    _discard(final, tmp_root)
+                    discard(final, tmp_root)
                     raise
                 self._ckpt_cache[(name, step)] = (now, checkpoint)
                 doomed = self._retire(name, tmp_root)
@@ -686,7 +686,7 @@ class CheckpointStore:
             # Deleting retired steps costs a few ms of unlinks; the new step is already
             # visible, so do it off the publisher's path. An interrupted deletion leaves
             # ".tmp/del-*" entries that the next publish's sweep removes.
-            threading.Thread(target=_delete_all, args=(doomed,), name="bray-store-retire", daemon=True).start()
+            threading.Thread(target=delete_all, args=(doomed,), name="bray-store-retire", daemon=True).start()
         return step
 
     def watch(
@@ -720,7 +720,7 @@ class CheckpointStore:
         Raises:
             ConfigError: invalid name or interval.
         """
-        _check_name(name)
+        check_name(name)
         if poll_interval_s is not None and (
             isinstance(poll_interval_s, bool)
             or not isinstance(poll_interval_s, (int, float))
@@ -745,7 +745,7 @@ class CheckpointStore:
             entries = os.listdir(self.root / name / STEPS_DIR)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(e) for e in entries if len(e) == _STEP_DIGITS and e.isascii() and e.isdigit())
+        return sorted(int(e) for e in entries if len(e) == STEP_DIGITS and e.isascii() and e.isdigit())
 
     def _max_step(self, name: str) -> int | None:
         """The largest step ever committed, LATEST or not (call holding the lock)."""
@@ -824,7 +824,7 @@ class CheckpointStore:
                 holds = Retention(self.root / name, self.keep_last)
             if holds.held(step):
                 continue
-            target = tmp_root / _tmp_name("del")
+            target = tmp_root / tmp_name("del")
             try:
                 os.rename(self._step_dir(name, step), target)
             except OSError as err:  # retention failing must not fail a committed publish
@@ -858,7 +858,7 @@ def _parse_meta(raw: bytes, name: str, step: int) -> StepMeta:
         doc = json.loads(raw)
         version = int(doc.get("format", 1))
         if version > FORMAT_VERSION:
-            raise _corrupt(name, step, f"meta.json has format {version}, newer than this "
+            raise corrupt(name, step, f"meta.json has format {version}, newer than this "
                            f"bray-serve reads ({FORMAT_VERSION}); upgrade bray-serve")
         meta = StepMeta(
             name=name,
@@ -872,7 +872,7 @@ def _parse_meta(raw: bytes, name: str, step: int) -> StepMeta:
     except CorruptCheckpointError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise _corrupt(name, step, f"meta.json is unreadable ({err})") from err
+        raise corrupt(name, step, f"meta.json is unreadable ({err})") from err
     if meta.step != step:
-        raise _corrupt(name, step, f"meta.json says step {meta.step}")
+        raise corrupt(name, step, f"meta.json says step {meta.step}")
     return meta

@@ -19,7 +19,7 @@ import numpy as np
 
 from bray import tree
 from bray.errors import ConfigError
-from bray.store._layout import WEIGHTS_FILE, _corrupt
+from bray.store._layout import WEIGHTS_FILE, corrupt
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +58,7 @@ _TORCH_DTYPE_NAMES = {
 _SAVABLE_NP_KINDS = {np.dtype(d).newbyteorder("=").name for d in _NP_DTYPES.values()}
 
 
-def _read_all(f: Any) -> bytearray:
+def read_all(f: Any) -> bytearray:
     size = os.fstat(f.fileno()).st_size
     buf = bytearray(size)
     view = memoryview(buf)
@@ -74,14 +74,14 @@ def _read_all(f: Any) -> bytearray:
     return buf
 
 
-def _verify(data: bytearray, meta: StepMeta) -> None:
+def verify_weights(data: bytearray, meta: StepMeta) -> None:
     where = f"file {WEIGHTS_FILE}"
     if len(data) != meta.nbytes:
-        raise _corrupt(meta.name, meta.step,
+        raise corrupt(meta.name, meta.step,
                        f"size mismatch ({where} has {len(data)} bytes, meta.json says {meta.nbytes})")
     got = hashlib.sha256(data).hexdigest()
     if got != meta.sha256:
-        raise _corrupt(meta.name, meta.step,
+        raise corrupt(meta.name, meta.step,
                        f"sha256 mismatch ({where} hashes to {got[:12]}…, meta.json says {meta.sha256[:12]}…)")
 
 
@@ -122,11 +122,11 @@ def _parse_header(data: bytearray, meta: StepMeta) -> tuple[int, dict[str, tuple
     return body, out
 
 
-def _decode(data: bytearray, meta: StepMeta, framework: str, device: str) -> dict[str, Any]:
+def decode_weights(data: bytearray, meta: StepMeta, framework: str, device: str) -> dict[str, Any]:
     try:
         _, layout = _parse_header(data, meta)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise _corrupt(meta.name, meta.step, f"not a valid safetensors file ({err})") from err
+        raise corrupt(meta.name, meta.step, f"not a valid safetensors file ({err})") from err
     weights: dict[str, Any] = {}
     if framework == "numpy":
         for key in meta.keys:
@@ -182,7 +182,7 @@ def _flat_weights(weights: Any, torch_mod: Any) -> dict[str, Any]:
     return flat
 
 
-def _serialize(weights: Any) -> tuple[bytes, list[str]]:
+def serialize_weights(weights: Any) -> tuple[bytes, list[str]]:
     """Flatten and encode weights as safetensors bytes; returns (bytes, sorted keys)."""
     torch_mod = sys.modules.get("torch")  # a torch tensor implies torch is imported
     flat = _flat_weights(weights, torch_mod)

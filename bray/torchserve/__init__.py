@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bray import _lazy_exports
+from bray._lazy import lazy_exports
 
 # public name -> module that defines it; resolved on first use (no requests or aiohttp at import).
 _EXPORTS: dict[str, str] = {
@@ -52,4 +52,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from bray.torchserve.management import ManagementClient, ModelVersion
 
 
-__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from bray import _lazy_exports
+from bray._lazy import lazy_exports
 from bray.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,5 +43,5 @@ def get_engine(name: str) -> type[Engine]:
     return engine
 
 
-__getattr__, __dir__ = _lazy_exports(
+__getattr__, __dir__ = lazy_exports(
     __name__, {"Engine": "bray.handlers.engines.base", "EngineOptions": "bray.handlers.engines.base"}, __all__)

@@ -61,3 +61,59 @@ def test_the_check_sees_lazy_imports() -> None:
     # The one lazy bridge -> archiver import is seen, so the rule above is not vacuous.
     found = [m for _, m in _imports(ROOT / "bridge" / "registration.py") if _layer(m) == "archiver"]
     assert found == ["bray.archiver.publish"]
+
+
+# Private attributes of other libraries the code must touch: torch's module hooks (export's
+# partial-graph print), argparse's action list (the CLI's help walk).
+_FOREIGN_PRIVATE = {"_forward_pre_hooks", "_ArgumentGroup", "_actions", "_SubParsersAction"}
+
+
+def _defined_here(tree: ast.AST) -> set[str]:
+    """Every name a module defines or binds: its own underscore names are its to read."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # __slots__ entries
+    return names
+
+
+def _private_reads(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    own = _defined_here(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "bray":
+            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and node.attr not in own and node.attr not in _FOREIGN_PRIVATE
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_names() -> None:
+    """A private name (``_x``) is its module's: another module imports or reads only public names.
+
+    ``from bray.store._durable import sweep_tmp`` is fine (a public name of a private module);
+    ``from bray.store._durable import _sweep_tmp`` and ``model._seen`` from another module are not.
+    """
+    wrong = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            wrong += [f"{path.relative_to(ROOT).as_posix()}:{line}" for line in _private_reads(path)]
+    assert not wrong, "private names read from another module:\n" + "\n".join(wrong)
+
+
+def test_the_private_name_check_sees_both_kinds(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from bray.store._durable import _flock\n\ndef f(model):\n    return model._seen.value\n")
+    assert _private_reads(module) == ["1: from bray.store._durable import _flock", "4: model._seen"]
