@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bray.errors import ConfigError, StoreWriteError
 from bray.store._durable import replace_durable
-from bray.store._layout import FORMAT_VERSION, HOLDS_DIR, TMP_DIR
+from bray.store._layout import FORMAT_VERSION, HOLDS_DIR, TMP_DIR, check_name
 
 logger = logging.getLogger("bray.store")
 
@@ -137,3 +139,55 @@ class Retention:
                     remove_hold(self.mdir, h.holder)
         except OSError as err:
             logger.warning("could not update the holds under %s: %s", self.mdir, err)
+
+
+class HoldRecords:
+    """:class:`~bray.store.CheckpointStore`'s holds (a mixin: it writes under the store's root)."""
+
+    root: Path
+
+    def hold_steps(self, name: str, *, holder: str, every: int, above: int, ttl_s: float) -> None:
+        """Ask retention to keep every step divisible by ``every`` above step ``above``.
+
+        For a watcher that archives every ``every``-th step (:func:`bray.archiver.watch_and_publish`)
+        and may run in another process than the publisher: retention runs where steps are
+        published and reads the hold from the store. The hold holds for ``ttl_s`` seconds
+        from now; refresh it well before (a quarter of that), raising ``above`` as due
+        steps are archived. A hold not refreshed in time is stale and ignored, so a dead
+        watcher never makes the store grow for ever; a step it then loses is recorded
+        (:meth:`lost_steps`). See :mod:`bray.store._holds`.
+
+        Raises:
+            ConfigError: an invalid name, holder, ``every`` (>= 1), ``above`` (>= -1) or ``ttl_s`` (> 0).
+            StoreWriteError: the disk refused the write.
+        """
+        check_name(name)
+        check_name(holder, what="holder")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
+        if not isinstance(above, int) or isinstance(above, bool) or above < -1:
+            raise ConfigError(f"above must be a step, or -1 to hold from step 0, got {above!r}")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise ConfigError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
+        now = time.time()
+        mdir = self.root / name
+        try:
+            write_hold(mdir, Hold(holder=holder, every=every, above=above, until=now + ttl_s, time=now), ttl_s)
+        except OSError as err:
+            raise StoreWriteError(
+                f"the disk refused the hold of {holder} under {mdir} ({err.strerror or err}); retention may "
+                "remove the steps it is due to archive. Free space or fix the mount/permissions",
+                name=name,
+            ) from err
+
+    def release_hold(self, name: str, holder: str) -> None:
+        """Drop ``holder``'s hold and its lost-step record (gone already is fine)."""
+        check_name(name)
+        check_name(holder, what="holder")
+        remove_hold(self.root / name, holder)
+
+    def lost_steps(self, name: str, holder: str) -> dict[int, str]:
+        """Steps retention removed although ``holder``'s hold covered them (it was stale): step -> why."""
+        check_name(name)
+        check_name(holder, what="holder")
+        return read_lost(self.root / name, holder)

@@ -3,7 +3,6 @@ the layout itself is drawn in :mod:`bray.store`."""
 
 from __future__ import annotations
 
-import json
 import re
 from bray.errors import ConfigError, CorruptCheckpointError, StepNotFoundError
 

@@ -8,18 +8,15 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bray.errors import (
     ConfigError,
-    CorruptCheckpointError,
     StepConflictError,
     StepNotFoundError,
     StoreError,
@@ -36,7 +33,6 @@ from bray.store._durable import (
     replace_durable,
 )
 from bray.store._layout import (
-    CLONE_FILE,
     EXPORT_DIRNAME,
     FORMAT_VERSION,
     LATEST_FILE,
@@ -44,7 +40,6 @@ from bray.store._layout import (
     LOCK_FILE,
     META_FILE,
     SERVING_DIRNAME,
-    SPEC_FILE,
     STEPS_DIR,
     TMP_DIR,
     WEIGHTS_FILE,
@@ -52,11 +47,14 @@ from bray.store._layout import (
     STEP_DIGITS,
     check_name,
     check_step,
-    corrupt,
     step_str,
     vanished,
 )
-from bray.store._holds import Hold, Retention, read_lost, remove_hold, write_hold
+from bray.store._clones import CloneRecords
+from bray.store._holds import HoldRecords
+from bray.store._meta import Checkpoint, StepMeta, parse_meta
+from bray.store._retention import RetentionRules
+from bray.store._serving import ServingAnnouncements
 from bray.store._weights import decode_weights, read_all, serialize_weights, verify_weights
 from bray.store.watch import StoreWatch
 
@@ -70,40 +68,7 @@ logger = logging.getLogger("bray.store")
 _LOAD_ATTEMPTS = 3
 
 
-@dataclass(frozen=True)
-class StepMeta:
-    """What the store knows about one published step.
-
-    Attributes:
-        name: the model name.
-        step: the step number.
-        time: when it was published (unix seconds).
-        nbytes: size of the weights file in bytes.
-        sha256: hex sha256 of the weights file.
-        keys: the flattened tensor names, sorted.
-        checkpoint: whether retention keeps this step for good (the clonable pool).
-    """
-
-    name: str
-    step: int
-    time: float
-    nbytes: int
-    sha256: str
-    keys: tuple[str, ...]
-    checkpoint: bool
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One loaded step: flat ``weights`` (numpy arrays or torch tensors) and its ``meta``."""
-
-    name: str
-    step: int
-    weights: dict[str, Any]
-    meta: StepMeta
-
-
-class CheckpointStore:
+class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRecords):
     """A directory of versioned weights, safe for one or many publishers and any number of readers.
 
     Args:
@@ -213,197 +178,6 @@ class CheckpointStore:
         check_name(name)
         check_name(metric, what="metric name")
         return self.root / name / LEAGUE_DIR / metric
-
-    # ---------------------------------------------------------------- clones
-
-    def clone_origin(self, name: str) -> tuple[str, int] | None:
-        """The ``(source model, step)`` a clone was made from, or ``None`` if ``name`` is no clone.
-
-        Raises:
-            ConfigError: invalid name.
-            CorruptCheckpointError: the record is unreadable.
-        """
-        check_name(name)
-        try:
-            raw = (self.root / name / CLONE_FILE).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            doc = json.loads(raw)
-            return str(doc["source"]), int(doc["step"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise CorruptCheckpointError(
-                f"{self.root / name / CLONE_FILE} is unreadable ({err}); delete the clone's folder "
-                "and clone again", name=name,
-            ) from err
-
-    def record_clone_origin(self, name: str, *, source: str, step: int) -> tuple[str, int]:
-        """Record once that ``name`` is a clone of ``source`` at ``step``.
-
-        The first writer wins (the record is linked into place, never replaced), so
-        processes cloning at the same time agree on one origin.
-
-        Returns:
-            The recorded origin: the one given, or the one recorded before.
-
-        Raises:
-            ConfigError: invalid name or step.
-            StoreWriteError: the disk refused the write.
-        """
-        check_name(name)
-        check_name(source)
-        check_step(step)
-        mdir = self.root / name
-        tmp_root = mdir / TMP_DIR
-        data = json.dumps({"format": FORMAT_VERSION, "source": source, "step": step, "time": time.time()}).encode()
-        try:
-            tmp_root.mkdir(parents=True, exist_ok=True)
-            tmp = tmp_root / tmp_name("clone")
-            write_durable(tmp, data)
-            try:
-                os.link(tmp, mdir / CLONE_FILE)  # fails if recorded already: first writer wins
-                fsync_dir(mdir)
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-        except OSError as err:
-            raise StoreWriteError(
-                f"the disk refused the clone record of {name!r} under {mdir} ({err.strerror or err}); "
-                "free space or fix the mount/permissions, then clone again", name=name,
-            ) from err
-        origin = self.clone_origin(name)
-        if origin is None:  # linked just now, by us or another process; deleted since
-            raise StepNotFoundError(f"the clone record of {name!r} vanished while being written; clone again",
-                                    name=name)
-        return origin
-
-    def seed_clone(self, name: str) -> None:
-        """Give a recorded clone its source's model definition and its origin step, once.
-
-        Copies the source's export into ``name``'s folder (renamed into place, so a
-        reader sees all of it or nothing) and publishes the origin step's weights as the
-        clone's first step. Processes seeding the same clone at the same time agree: the
-        first rename and the first publish win, the others keep them.
-
-        Raises:
-            ConfigError: ``name`` is no clone (:meth:`record_clone_origin` first).
-            StepNotFoundError: the origin step is no longer kept.
-            StoreWriteError: the disk refused a write.
-        """
-        origin = self.clone_origin(name)
-        if origin is None:
-            raise ConfigError(f"{name!r} is no clone: record its origin first (record_clone_origin)")
-        if self.latest(name) is not None:
-            return
-        source, step = origin
-        export = self.export_dir(name)
-        if not (export / SPEC_FILE).is_file():
-            tmp = self.model_dir(name) / TMP_DIR / tmp_name("export")
-            try:
-                shutil.copytree(self.export_dir(source), tmp)
-                try:
-                    os.rename(tmp, export)
-                except OSError:
-                    if not (export / SPEC_FILE).is_file():
-                        raise
-                    shutil.rmtree(tmp, ignore_errors=True)  # another process seeded it first
-            except OSError as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise StoreWriteError(
-                    f"cannot copy the model definition of {source!r} to the clone {name!r} under {export} "
-                    f"({err.strerror or err}); free space or fix the mount/permissions, then clone again", name=name,
-                ) from err
-        ckpt = self.load(source, step, framework="pt")  # keeps dtypes numpy lacks (bfloat16)
-        try:
-            self.publish(name, ckpt.weights, step=step)
-        except StepConflictError:
-            if self.latest(name) is None:
-                raise
-
-    # -------------------------------------------------------- serving announcements
-
-    def announce_serving(self, name: str, worker: str, step: int, **info: Any) -> None:
-        """Say that ``worker`` (``"<host>-<pid>"``) serves ``step`` of ``name`` (replaced atomically).
-
-        Advisory: what :meth:`serving` reads to tell when a step is served everywhere.
-
-        Raises:
-            OSError: the file could not be written (the caller logs it and serves on).
-        """
-        path = self.serving_dir(name) / f"{worker}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, **info, "time": time.time()}))
-        os.replace(tmp, path)
-
-    def withdraw_serving(self, name: str, worker: str) -> None:
-        """Remove ``worker``'s announcement (it stops serving ``name``); gone already is fine."""
-        try:
-            (self.serving_dir(name) / f"{worker}.json").unlink()
-        except OSError:
-            pass
-
-    def serving(self, name: str) -> dict[str, dict[str, Any]]:
-        """What every announcing worker of ``name`` serves: ``{"<host>-<pid>": {"step", "pid", ...}}``."""
-        out: dict[str, dict[str, Any]] = {}
-        folder = self.serving_dir(name)
-        if not folder.is_dir():
-            return out
-        for path in folder.glob("*.json"):
-            try:
-                out[path.stem] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # being replaced right now
-        return out
-
-    # ---------------------------------------------------------------- holds
-
-    def hold_steps(self, name: str, *, holder: str, every: int, above: int, ttl_s: float) -> None:
-        """Ask retention to keep every step divisible by ``every`` above step ``above``.
-
-        For a watcher that archives every ``every``-th step (:func:`bray.archiver.watch_and_publish`)
-        and may run in another process than the publisher: retention runs where steps are
-        published and reads the hold from the store. The hold holds for ``ttl_s`` seconds
-        from now; refresh it well before (a quarter of that), raising ``above`` as due
-        steps are archived. A hold not refreshed in time is stale and ignored, so a dead
-        watcher never makes the store grow for ever; a step it then loses is recorded
-        (:meth:`lost_steps`). See :mod:`bray.store._holds`.
-
-        Raises:
-            ConfigError: an invalid name, holder, ``every`` (>= 1), ``above`` (>= -1) or ``ttl_s`` (> 0).
-            StoreWriteError: the disk refused the write.
-        """
-        check_name(name)
-        check_name(holder, what="holder")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
-        if not isinstance(above, int) or isinstance(above, bool) or above < -1:
-            raise ConfigError(f"above must be a step, or -1 to hold from step 0, got {above!r}")
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) or ttl_s <= 0:
-            raise ConfigError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
-        now = time.time()
-        mdir = self.root / name
-        try:
-            write_hold(mdir, Hold(holder=holder, every=every, above=above, until=now + ttl_s, time=now), ttl_s)
-        except OSError as err:
-            raise StoreWriteError(
-                f"the disk refused the hold of {holder} under {mdir} ({err.strerror or err}); retention may "
-                "remove the steps it is due to archive. Free space or fix the mount/permissions",
-                name=name,
-            ) from err
-
-    def release_hold(self, name: str, holder: str) -> None:
-        """Drop ``holder``'s hold and its lost-step record (gone already is fine)."""
-        check_name(name)
-        check_name(holder, what="holder")
-        remove_hold(self.root / name, holder)
-
-    def lost_steps(self, name: str, holder: str) -> dict[int, str]:
-        """Steps retention removed although ``holder``'s hold covered them (it was stale): step -> why."""
-        check_name(name)
-        check_name(holder, what="holder")
-        return read_lost(self.root / name, holder)
 
     # ---------------------------------------------------------------- reading
 
@@ -516,14 +290,14 @@ class CheckpointStore:
                     f"{self.keep_last} steps and every checkpoint step); the kept steps are {self.steps(name)}",
                     name=name, step=step,
                 ) from None
-            return _parse_meta(raw, name, step)
+            return parse_meta(raw, name, step)
         for _ in range(_LOAD_ATTEMPTS):
             resolved = self.resolve(name, step)
             try:
                 raw = (self._step_dir(name, resolved) / META_FILE).read_bytes()
             except FileNotFoundError:
                 continue  # removed by retention after resolve; snap again
-            return _parse_meta(raw, name, resolved)
+            return parse_meta(raw, name, resolved)
         raise vanished(name, step)
 
     def load(
@@ -573,7 +347,7 @@ class CheckpointStore:
                     data = read_all(wf)
             except FileNotFoundError:
                 continue  # retention took it between resolve and open; snap again
-            meta = _parse_meta(raw_meta, name, resolved)
+            meta = parse_meta(raw_meta, name, resolved)
             if verify:
                 verify_weights(data, meta)
             weights = decode_weights(data, meta, framework, device)
@@ -755,124 +529,6 @@ class CheckpointStore:
             candidates.append(listing[-1])
         return max(candidates) if candidates else None
 
-    def _ckpt_info(self, name: str, step: int) -> tuple[float, bool] | None:
-        key = (name, step)
-        info = self._ckpt_cache.get(key)
-        if info is None:
-            try:
-                raw = json.loads((self._step_dir(name, step) / META_FILE).read_bytes())
-                info = (float(raw["time"]), bool(raw["checkpoint"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-            self._ckpt_cache[key] = info
-        return info
-
-    def _is_checkpoint_step(self, name: str, step: int, now: float) -> bool:
-        if not self.checkpoint_interval and not self.checkpoint_interval_s:
-            return False
-        last: tuple[int, float] | None = None
-        for earlier in reversed(self._listing(name)):
-            info = self._ckpt_info(name, earlier)
-            if info is not None and info[1]:
-                last = (earlier, info[0])
-                break
-        if last is None:
-            return True  # no checkpoint yet: the first step starts the pool (Bray's step 0)
-        every = _step_interval(self.checkpoint_interval, step)
-        if every and step - last[0] >= every:
-            return True
-        return bool(self.checkpoint_interval_s) and now - last[1] >= self.checkpoint_interval_s
-
-    def checkpoint_steps(self, name: str) -> list[int]:
-        """The kept checkpoint steps of ``name`` (retention never removes them), ascending.
-
-        These are the steps a league samples opponents from (:class:`bray.ModelPool`).
-
-        Raises:
-            ConfigError: ``name`` is not a valid model name.
-        """
-        latest = self.latest(name)
-        if latest is None:
-            return []
-        out = []
-        for step in self._listing(name):
-            info = self._ckpt_info(name, step) if step <= latest else None
-            if info is not None and info[1]:
-                out.append(step)
-        return out
-
-    def _retire(self, name: str, tmp_root: Path) -> list[Path]:
-        """Move steps retention drops into ``.tmp/`` (call holding the lock).
-
-        Kept: the newest ``keep_last``, checkpoint steps, and steps a fresh hold covers
-        (:meth:`hold_steps`).
-
-        Returns:
-            The moved directories, for the caller to delete after releasing the lock.
-        """
-        listing = self._listing(name)
-        keep = set(listing[-self.keep_last:])
-        doomed = []
-        holds: Retention | None = None
-        for step in listing:
-            if step in keep:
-                continue
-            info = self._ckpt_info(name, step)
-            if info is not None and info[1]:
-                continue
-            if holds is None:  # read once, and only when a step is to go: one listdir, a read per hold
-                holds = Retention(self.root / name, self.keep_last)
-            if holds.held(step):
-                continue
-            target = tmp_root / tmp_name("del")
-            try:
-                os.rename(self._step_dir(name, step), target)
-            except OSError as err:  # retention failing must not fail a committed publish
-                logger.warning("could not retire step %d of %r: %s", step, name, err)
-                continue
-            self._ckpt_cache.pop((name, step), None)
-            doomed.append(target)
-            holds.pruned(step)
-        if holds is not None:
-            holds.finish()
-        return doomed
-
-
-def _step_interval(interval: int | float, step: int) -> int:
-    """Steps between checkpoints at ``step``: an int as is; Bray's growing float rule."""
-    if not isinstance(interval, float):
-        return int(interval)
-    base = int(interval)
-    frac, s = interval - base, step // 10
-    while s:
-        frac, s = frac * 10, s // 10
-    return max(base, int(frac))
-
 
 def _write_latest(mdir: Path, step: int) -> None:
     replace_durable(mdir / LATEST_FILE, f"{step}\n".encode(), tmp_dir=mdir / TMP_DIR)
-
-
-def _parse_meta(raw: bytes, name: str, step: int) -> StepMeta:
-    try:
-        doc = json.loads(raw)
-        version = int(doc.get("format", 1))
-        if version > FORMAT_VERSION:
-            raise corrupt(name, step, f"meta.json has format {version}, newer than this "
-                           f"bray-serve reads ({FORMAT_VERSION}); upgrade bray-serve")
-        meta = StepMeta(
-            name=name,
-            step=int(doc["step"]),
-            time=float(doc["time"]),
-            nbytes=int(doc["nbytes"]),
-            sha256=str(doc["sha256"]),
-            keys=tuple(str(k) for k in doc["keys"]),
-            checkpoint=bool(doc["checkpoint"]),
-        )
-    except CorruptCheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise corrupt(name, step, f"meta.json is unreadable ({err})") from err
-    if meta.step != step:
-        raise corrupt(name, step, f"meta.json says step {meta.step}")
-    return meta

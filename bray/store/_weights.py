@@ -23,7 +23,7 @@ from bray.store._layout import WEIGHTS_FILE, corrupt
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bray.store._store import StepMeta
+    from bray.store._meta import StepMeta
 
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024

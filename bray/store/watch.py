@@ -3,15 +3,11 @@ work (NFS and similar), and a safety re-check so a lost event is never a lost st
 
 from __future__ import annotations
 
-import re
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-import logging
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bray.store._store import CheckpointStore
+from typing import Any, Protocol
 
 __all__ = ["StoreWatch"]
 
@@ -24,6 +20,14 @@ _WATCH_SAFETY_S = 5.0
 _DEFAULT_POLL_S = 1.0
 
 
+class Followed(Protocol):
+    """What a watch reads of a store (a :class:`~bray.store.CheckpointStore`): no import of it here."""
+
+    root: Path
+
+    def latest(self, name: str) -> int | None: ...
+
+
 class StoreWatch:
     """A running watch on one model's latest step; made by :meth:`CheckpointStore.watch`.
 
@@ -34,7 +38,7 @@ class StoreWatch:
 
     def __init__(
         self,
-        store: CheckpointStore,
+        store: Followed,
         name: str,
         callback: Callable[[int], None],
         poll_interval_s: float | None,

@@ -117,3 +117,23 @@ def test_the_private_name_check_sees_both_kinds(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("from bray.store._durable import _flock\n\ndef f(model):\n    return model._seen.value\n")
     assert _private_reads(module) == ["1: from bray.store._durable import _flock", "4: model._seen"]
+
+
+def test_the_store_modules_import_each_other_without_a_cycle() -> None:
+    """``_store``, ``_weights`` and ``watch`` imported each other (under TYPE_CHECKING): now one way."""
+    folder = ROOT / "bray" / "store"
+    graph = {p.stem: {m.rsplit(".", 1)[-1] for _, m in _imports(p) if m.startswith("bray.store.")}
+             for p in folder.glob("*.py") if p.stem != "__init__"}
+
+    def reaches(start: str, seen: tuple[str, ...]) -> list[tuple[str, ...]]:
+        cycles = []
+        for nxt in sorted(graph.get(start, ())):
+            if nxt == seen[0]:
+                cycles.append(seen + (nxt,))
+            elif nxt not in seen:
+                cycles += reaches(nxt, seen + (nxt,))
+        return cycles
+
+    cycles = [c for name in sorted(graph) for c in reaches(name, (name,))]
+    assert not cycles, f"import cycles in bray/store: {cycles[:3]}"
+    assert len(graph) >= 8 and all(len((folder / f"{m}.py").read_text().splitlines()) < 650 for m in graph)
