@@ -52,6 +52,7 @@ __all__ = [
     "STEP_HEADER",
     "SUPPORTED_DTYPES",
     "VERSION",
+    "WEIGHTS_HEADER",
     "WORKER_HEADER",
     "WireLimits",
     "decode",
@@ -69,10 +70,12 @@ NestedArray: TypeAlias = Union[
 CONTENT_TYPE = "application/octet-stream"
 # HTTP headers of the bray protocol, beside the body: the step whose weights answered and
 # the worker that answered (responses); the newest step the caller has already been
-# answered with, which a lagging worker catches up to first (requests).
+# answered with, which a lagging worker catches up to first (requests); the weight set
+# (a clone of the model) a request wants, absent for the model's own weights (requests).
 STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
 MIN_STEP_HEADER = "X-Bray-Min-Step"
+WEIGHTS_HEADER = "X-Bray-Weights"
 MAGIC = b"BRAY"
 VERSION = 1
 #: Every buffer starts at a multiple of this many bytes from the start of the body.

@@ -34,7 +34,7 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 from bray import wire
-from bray.errors import InputError, WireError
+from bray.errors import BrayError, InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.options import ARCHIVE_WEIGHTS_FILE, ServingConfig
 from bray.handlers.engines import get_engine
@@ -43,6 +43,7 @@ from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
 from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log, throttle_prediction_time
+from bray.handlers.weight_sets import WeightSets
 from bray.store import CheckpointStore
 
 __all__ = ["EngineHandler"]
@@ -50,6 +51,7 @@ __all__ = ["EngineHandler"]
 log = logging.getLogger(__name__)
 
 STEP_HEADER, WORKER_HEADER, MIN_STEP_HEADER = wire.STEP_HEADER, wire.WORKER_HEADER, wire.MIN_STEP_HEADER
+WEIGHTS_HEADER = wire.WEIGHTS_HEADER
 # How long a worker waits to catch up to a step its caller has already seen elsewhere.
 MIN_STEP_WAIT_S = 1.0
 # Counters are summed and reported once per period (a report is a line the frontend parses).
@@ -90,6 +92,7 @@ class EngineHandler(BaseHandler):
         self.follower: StepFollower | None = None
         self._store: CheckpointStore | None = None
         self.pipeline: Pipeline | None = None
+        self.weight_sets: WeightSets | None = None
         self.metrics = ServingMetrics(None, model="", version="")
         self._model_name = ""
         self._version = ""
@@ -127,6 +130,7 @@ class EngineHandler(BaseHandler):
         self.pipeline = Pipeline(self.spec, self.engine, self.follower, fixed_batch_size=cfg.options.fixed_batch_size,
                                  limits=wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes),
                                  reject_nonfinite=cfg.options.reject_nonfinite)
+        self.weight_sets = WeightSets(self._store, cfg.name, self.engine, budget_bytes=cfg.options.weight_sets_bytes)
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.options.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
         self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))
@@ -173,13 +177,19 @@ class EngineHandler(BaseHandler):
     # --- requests --------------------------------------------------------------------
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        """Answer every request of the batch: outputs, or a 4xx/5xx of its own."""
+        """Answer every request of the batch: outputs, or a 4xx/5xx of its own.
+
+        Requests naming a weight set (``X-Bray-Weights``: a clone of this model) run in one
+        forward per set, with that set's newest step; the others with the model's own.
+        """
         assert self.config is not None and self.follower is not None and self.pipeline is not None
         pipeline = self.pipeline
-        self.follower.catch_up(self._min_step(len(data), context), timeout_s=MIN_STEP_WAIT_S)
+        sets = [self._header(context, idx, WEIGHTS_HEADER) or None for idx in range(len(data))]
+        self.follower.catch_up(self._min_step(len(data), context, sets), timeout_s=MIN_STEP_WAIT_S)
         step = pipeline.swap()
         results: list[Any] = [None] * len(data)
-        good: list[tuple[int, Any]] = []
+        steps = [step] * len(data)
+        good: dict[str | None, list[tuple[int, Any]]] = {}
         oip: dict[int, OipRequest] = {}
         for idx, request in enumerate(data):
             try:
@@ -188,29 +198,65 @@ class EngineHandler(BaseHandler):
                 if is_oip(body, header_length):
                     oip[idx] = parse_oip(body, self.spec, header_length=header_length,
                                          reject_nonfinite=self.config.options.reject_nonfinite)
-                    good.append((idx, oip[idx].parsed))
+                    good.setdefault(sets[idx], []).append((idx, oip[idx].parsed))
                 else:
-                    good.append((idx, pipeline.decode(body)))
+                    good.setdefault(sets[idx], []).append((idx, pipeline.decode(body)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, err.status, err)
-        if good:
-            try:
-                outputs = pipeline.forward([p for _, p in good])
-                for (idx, parsed), leaves in zip(good, outputs):
-                    if idx in oip:
-                        results[idx] = self._oip_answer(context, idx, leaves, oip[idx], step)
-                        continue
-                    results[idx] = pipeline.encode(leaves, parsed)
-                    context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
-            except Exception as err:  # an engine failure fails this batch, not the worker
-                log.exception("bray: forward failed for a batch of %d request(s)", len(good))
-                for idx, _ in good:
-                    results[idx] = self._error(context, idx, 500, err)
-        self.metrics.batch(requests=len(data), samples=sum(p.batch for _, p in good), forwarded=bool(good))
+        for name, group in good.items():
+            weights = None
+            if name is not None:  # one load at most per set, and only when it is new or newer
+                assert self.weight_sets is not None
+                try:
+                    set_step, weights = self.weight_sets.get(name, min_step=max(
+                        self._int_header(context, idx, MIN_STEP_HEADER) for idx, _ in group))
+                except BrayError as err:  # those rows fail alone: the set is unknown or cannot load
+                    status = err.status if isinstance(err, InputError) else 503
+                    for idx, _ in group:
+                        results[idx] = self._error(context, idx, status, err)
+                    continue
+                for idx, _ in group:
+                    steps[idx] = set_step
+            self._forward_group(context, group, oip, results, steps, weights)
+        self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
+                           forwarded=bool(good))
         for idx in range(len(data)):
-            context.set_response_header(idx, STEP_HEADER, str(step))
+            context.set_response_header(idx, STEP_HEADER, str(steps[idx]))
             context.set_response_header(idx, WORKER_HEADER, str(self._pid))
         return results
+
+    def _forward_group(self, context: Any, group: list[tuple[int, Any]], oip: dict[int, OipRequest],
+                       results: list[Any], steps: list[int], weights: Any) -> None:
+        """One forward for the requests of one weight set (``weights`` ``None``: the model's own)."""
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        try:
+            outputs = pipeline.forward([p for _, p in group], weights=weights)
+            for (idx, parsed), leaves in zip(group, outputs):
+                if idx in oip:
+                    results[idx] = self._oip_answer(context, idx, leaves, oip[idx], steps[idx])
+                    continue
+                results[idx] = pipeline.encode(leaves, parsed)
+                context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
+        except Exception as err:  # an engine failure fails these requests, not the worker
+            log.exception("bray: forward failed for a batch of %d request(s)", len(group))
+            for idx, _ in group:
+                results[idx] = self._error(context, idx, 500, err)
+
+    @staticmethod
+    def _header(context: Any, idx: int, key: str) -> str | None:
+        try:
+            return context.get_request_header(idx, key) or context.get_request_header(idx, key.lower())
+        except (IndexError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def _int_header(cls, context: Any, idx: int, key: str) -> int:
+        """An integer header (``-1`` when absent or malformed: a hint is never an error)."""
+        try:
+            return int(cls._header(context, idx, key) or -1)
+        except ValueError:
+            return -1
 
     @staticmethod
     def _header_length(context: Any, idx: int) -> int | None:
@@ -240,18 +286,11 @@ class EngineHandler(BaseHandler):
             context.set_response_header(idx, HEADER_LENGTH, str(reply.header_length))
         return reply.body
 
-    @staticmethod
-    def _min_step(n: int, context: Any) -> int:
-        """The highest step any request of the batch says its caller has seen (-1: none)."""
-        want = -1
-        for idx in range(n):
-            try:
-                value = context.get_request_header(idx, MIN_STEP_HEADER) or context.get_request_header(
-                    idx, MIN_STEP_HEADER.lower())
-                want = max(want, int(value)) if value else want
-            except (ValueError, TypeError, IndexError):
-                continue  # a malformed hint is ignored, never an error
-        return want
+    @classmethod
+    def _min_step(cls, n: int, context: Any, sets: list[str | None]) -> int:
+        """The highest step any request for the model's own weights says its caller has seen (-1: none)."""
+        return max((cls._int_header(context, idx, MIN_STEP_HEADER) for idx in range(n) if sets[idx] is None),
+                   default=-1)
 
     @staticmethod
     def _error(context: Any, idx: int, status: int, err: Exception) -> str:
@@ -267,5 +306,7 @@ class EngineHandler(BaseHandler):
         """Stop following the store and release the engine."""
         if self.follower is not None:
             self.follower.close()
+        if self.weight_sets is not None:
+            self.weight_sets.close()
         if self.engine is not None:
             self.engine.close()

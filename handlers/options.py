@@ -132,6 +132,9 @@ class ServingOptions:
         device: ``auto`` (the GPU TorchServe assigns the worker, else CPU), ``cpu``,
             ``cuda`` or ``cuda:N``.
         max_batch: largest batch, in samples, a TensorRT engine's profile accepts.
+        weight_sets_bytes: the most bytes of clones' weights (weight sets,
+            ``handlers/weight_sets.py``) each worker holds at once, least recently used
+            out first.
 
     Raises:
         ConfigError: a value of the wrong type or out of range (the message names the
@@ -164,6 +167,9 @@ class ServingOptions:
                                "cpu, cuda or cuda:N (default {default})")
     max_batch: int = _option(256, low=1, metavar="N",
                              help="largest batch a TensorRT engine's profile accepts (default {default})")
+    weight_sets_bytes: int = _option(512 << 20, low=1, flag="--weight-sets-mb", metavar="MB", flag_unit=1 << 20,
+                                     help="the most memory each worker gives clones served as weight sets of this "
+                                          "model, least recently used out first (default {default})")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -66,8 +66,13 @@ class Pipeline:
         """Install staged weights, if any (between batches); returns the step the next forward uses."""
         return self.follower.swap_if_pending()
 
-    def forward(self, batch: Sequence[Parsed]) -> list[list[np.ndarray]]:
+    def forward(self, batch: Sequence[Parsed], *, weights: Any = None) -> list[list[np.ndarray]]:
         """One forward over every request of ``batch``; each request's output leaves, in order.
+
+        Args:
+            batch: the requests, decoded and checked.
+            weights: a weight set's prepared weights (``handlers/weight_sets.py``);
+                ``None``: the model's own.
 
         Raises:
             EngineError: the engine failed, or answered with the wrong number of rows.
@@ -76,7 +81,7 @@ class Pipeline:
             inputs = batch[0].leaves
         else:
             inputs = [np.concatenate([p.leaves[i] for p in batch]) for i in range(len(batch[0].leaves))]
-        outputs = self.engine.forward_batch(inputs, fixed_batch_size=self.fixed_batch_size)
+        outputs = self.engine.forward_batch(inputs, fixed_batch_size=self.fixed_batch_size, weights=weights)
         return split_outputs(outputs, [p.batch for p in batch])
 
     def encode(self, leaves: Sequence[np.ndarray], parsed: Parsed) -> bytes | str:

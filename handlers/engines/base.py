@@ -123,13 +123,29 @@ class Engine(abc.ABC):
     def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run one batch: flat input arrays (spec leaf order) -> flat output arrays."""
 
-    def forward_batch(self, inputs: Sequence[np.ndarray], *, fixed_batch_size: int = 0) -> list[np.ndarray]:
+    def forward_with(self, inputs: Sequence[np.ndarray], prepared: Any) -> list[np.ndarray]:
+        """:meth:`forward` with other weights (a weight set's, from :meth:`prepare_weights`),
+        leaving the installed ones in place.
+
+        Raises:
+            EngineError: this engine cannot run weights it has not installed.
+        """
+        from bray.errors import EngineError
+
+        raise EngineError(
+            f"the {self.name} engine cannot serve weight sets (clones served by the model's own workers): "
+            "clone with dedicated=True for a TorchServe model of its own, or serve with the torch engine")
+
+    def forward_batch(self, inputs: Sequence[np.ndarray], *, fixed_batch_size: int = 0,
+                      weights: Any = None) -> list[np.ndarray]:
         """:meth:`forward`, padded when the model wants a fixed batch size, outputs checked.
 
         Args:
             inputs: flat input arrays sharing a leading batch dimension.
             fixed_batch_size: ``> 0`` runs chunks of exactly this many samples, the last
                 one padded with zeros, and trims the padding off the outputs.
+            weights: a weight set's prepared weights (:meth:`forward_with`); ``None``: the
+                installed ones.
 
         Raises:
             EngineError: an output whose leading dimension is not the batch size.
@@ -137,8 +153,9 @@ class Engine(abc.ABC):
         from bray.errors import EngineError
 
         total = int(inputs[0].shape[0])
+        run = self.forward if weights is None else (lambda part: self.forward_with(part, weights))
         if not fixed_batch_size:
-            outputs = self.forward(inputs)
+            outputs = run(inputs)
         else:
             chunks = []
             for start in range(0, total, fixed_batch_size):
@@ -146,7 +163,7 @@ class Engine(abc.ABC):
                 short = fixed_batch_size - part[0].shape[0]
                 if short:
                     part = [np.concatenate([a, np.zeros((short, *a.shape[1:]), dtype=a.dtype)]) for a in part]
-                chunks.append([o[: fixed_batch_size - short] for o in self.forward(part)])
+                chunks.append([o[: fixed_batch_size - short] for o in run(part)])
             outputs = [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         for o in outputs:
             if o.shape[:1] != (total,):

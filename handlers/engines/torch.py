@@ -72,5 +72,17 @@ class TorchEngine(Engine):
             out = self._module(*args, **kwargs)
         return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out)]
 
+    def forward_with(self, inputs: Sequence[np.ndarray], prepared: dict[str, Any]) -> list[np.ndarray]:
+        """A weight set's forward: the same module with ``prepared`` in place of its parameters
+        for this call only (``torch.func.functional_call``), nothing copied."""
+        torch = self._torch
+        from torch.utils import _pytree as pytree
+
+        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self._device) for a in inputs]
+        args, kwargs = self.spec.build_inputs(tensors)
+        with torch.inference_mode():
+            out = torch.func.functional_call(self._module, prepared, tuple(args), kwargs, strict=True)
+        return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out)]
+
     def close(self) -> None:
         self._module = None  # type: ignore[assignment]

@@ -133,7 +133,7 @@ def _serving_dests() -> set[str]:
 
     from bray.handlers.options import ServingOptions
 
-    return {f.name for f in fields(ServingOptions)} | {"max_request_mb"}
+    return {f.name for f in fields(ServingOptions)} | {"max_request_mb", "weight_sets_mb"}
 
 
 @pytest.mark.parametrize("command", sorted(c for c in PAGES if "run" in PAGES[c]._defaults), ids=str)

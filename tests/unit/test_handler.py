@@ -278,3 +278,95 @@ def test_a_lagging_worker_catches_up_to_the_step_its_caller_has_seen(probe_store
         assert time.monotonic() - started < 5 and ctx.get_response_headers(0)[STEP_HEADER] == "2"
     finally:
         handler.close()
+
+
+# --- weight sets: clones served by the model's own workers ------------------------------
+
+
+def _clone(store: CheckpointStore, name: str, source: str, step: int, weights_step: int | None = None) -> None:
+    store.record_clone_origin(name, source=source, step=step)
+    store.seed_clone(name)
+    if weights_step is not None:
+        store.publish(name, probe_weights(weights_step))
+
+
+def run_with(handler: EngineHandler, ctx: Context, calls: list[tuple[dict[str, str], object]]) -> list[tuple]:
+    """One batch of (headers, body) requests: (status, headers, decoded body) per request."""
+    ctx.request_processor = [RequestProcessor(dict(h)) for h, _ in calls]
+    out = handler.handle([{"body": b} for _, b in calls], ctx)
+    answers = []
+    for idx, body in enumerate(out):
+        status, _ = ctx.get_response_status(idx)
+        value = wire.decode(body) if isinstance(body, (bytes, bytearray)) else json.loads(body)
+        answers.append((status or 200, ctx.get_response_headers(idx), value))
+    return answers
+
+
+def test_one_batch_answers_each_request_with_its_own_weight_set(probe_store: CheckpointStore, tmp_path: Path) -> None:
+    """The learner, two clones and a clone of a clone in one batch: one forward per set, each row its own weights."""
+    _clone(probe_store, "probe-clone-step-1-a", "probe", 1, weights_step=5)
+    _clone(probe_store, "probe-clone-step-1-b", "probe", 1, weights_step=7)
+    _clone(probe_store, "probe-clone-step-2-a-c", "probe-clone-step-1-a", 2)  # a's step 2: weights 5
+    handler, ctx = probe_handler(probe_store, tmp_path)
+    x = np.ones((2, 4), dtype=np.float32)
+    body = bytearray(wire.encode({"args": [x]}))
+    W = "X-Bray-Weights"
+    try:
+        answers = run_with(handler, ctx, [({}, body), ({W: "probe-clone-step-1-a"}, body),
+                                          ({W: "probe-clone-step-1-b"}, body), ({W: "nope"}, body),
+                                          ({W: "probe-clone-step-2-a-c"}, body), ({W: "probe-clone-step-1-a"}, body)])
+        assert [a[0] for a in answers] == [200, 200, 200, 404, 200, 200]
+        for (_, headers, value), weights, step in zip([answers[i] for i in (0, 1, 2, 4, 5)], (1, 5, 7, 5, 5),
+                                                      ("1", "2", "2", "2", "2")):
+            np.testing.assert_allclose(value, expected_probe(weights, x))
+            assert headers[STEP_HEADER] == step
+        assert "no weight set 'nope' of 'probe'" in answers[3][2]["message"]
+        assert handler.weight_sets is not None and handler.weight_sets.loads == 3
+        # the learner's own weights were not touched by the sets' forwards
+        np.testing.assert_allclose(run(handler, ctx, [body])[0][2], expected_probe(1, x))
+
+        # a step published to a clone is what its next request gets, on this worker
+        probe_store.publish("probe-clone-step-1-a", probe_weights(9))
+        (answer,) = run_with(handler, ctx, [({W: "probe-clone-step-1-a"}, body)])
+        np.testing.assert_allclose(answer[2], expected_probe(9, x))
+        assert answer[1][STEP_HEADER] == "3"
+        served = probe_store.serving("probe-clone-step-1-a")
+        assert [v["step"] for v in served.values()] == [3]  # announced as any worker's step
+        # a clone's name on the model itself is not a weight set of it, nor is the model's own name
+        (own,) = run_with(handler, ctx, [({W: "probe"}, body)])
+        assert own[0] == 404
+    finally:
+        handler.close()
+    assert probe_store.serving("probe-clone-step-1-a") == {}  # withdrawn when the worker stops
+
+
+def test_weight_sets_stay_within_their_budget_least_recently_used_out(probe_store: CheckpointStore,
+                                                                     tmp_path: Path) -> None:
+    for i in range(4):
+        _clone(probe_store, f"probe-clone-step-1-{i}", "probe", 1, weights_step=10 + i)
+    handler, ctx = probe_handler(probe_store, tmp_path, weight_sets_bytes=80)  # 40 bytes a set: two fit
+    x = np.ones((1, 4), dtype=np.float32)
+    body = bytearray(wire.encode({"args": [x]}))
+    try:
+        for i in (0, 1, 2, 0, 3):
+            (answer,) = run_with(handler, ctx, [({"X-Bray-Weights": f"probe-clone-step-1-{i}"}, body)])
+            np.testing.assert_allclose(answer[2], expected_probe(10 + i, x))
+            assert handler.weight_sets is not None and handler.weight_sets.used_bytes <= 80
+        assert list(handler.weight_sets.held()) == ["probe-clone-step-1-0", "probe-clone-step-1-3"]
+        assert handler.weight_sets.evictions == 3 and handler.weight_sets.loads == 5
+    finally:
+        handler.close()
+
+
+def test_an_engine_that_cannot_run_weight_sets_says_so_and_serves_the_rest(probe_store: CheckpointStore,
+                                                                         tmp_path: Path) -> None:
+    _clone(probe_store, "probe-clone-step-1-a", "probe", 1, weights_step=5)
+    handler, ctx = probe_handler(probe_store, tmp_path, engine="onnx")
+    x = np.ones((1, 4), dtype=np.float32)
+    body = bytearray(wire.encode({"args": [x]}))
+    try:
+        refused, own = run_with(handler, ctx, [({"X-Bray-Weights": "probe-clone-step-1-a"}, body), ({}, body)])
+        assert refused[0] == 503 and "dedicated=True" in refused[2]["message"]
+        np.testing.assert_allclose(own[2], expected_probe(1, x))
+    finally:
+        handler.close()

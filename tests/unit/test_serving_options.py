@@ -35,12 +35,12 @@ FIELDS = [f.name for f in fields(ServingOptions)]
 CHANGED: dict[str, Any] = dict(
     engine="onnx", batch_size=8, max_batch_delay_ms=3, workers=2, threads=2, fixed_batch_size=4,
     onnx_weights="inputs", quantize=True, reject_nonfinite=True, max_request_bytes=3 << 20,
-    poll_interval_ms=20, device="cpu", max_batch=64,
+    poll_interval_ms=20, device="cpu", max_batch=64, weight_sets_bytes=7 << 20,
 )
 CHANGED_ARGV = ["--engine", "onnx", "--batch-size", "8", "--max-batch-delay-ms", "3", "--workers", "2",
                 "--threads", "2", "--fixed-batch-size", "4", "--onnx-weights", "inputs", "--quantize",
                 "--reject-nonfinite", "--max-request-mb", "3", "--poll-interval-ms", "20", "--device", "cpu",
-                "--max-batch", "64"]
+                "--max-batch", "64", "--weight-sets-mb", "7"]
 COMMANDS = {"publish": ["publish", "--name", NAME], "watch": ["watch", "--name", NAME, "--every", "10"]}
 
 # (option, a bad value, what the message says besides the option's name and the value)
@@ -217,7 +217,7 @@ def test_an_archive_written_before_the_options_object_still_reads(poll: str) -> 
     # handler of those archives reads it too
     written = config.to_model_yaml()
     assert set(written) == set(doc)
-    assert set(written["handler"]["bray"]) == set(doc["handler"]["bray"]) | {"poll_interval_ms"}
+    assert set(written["handler"]["bray"]) == set(doc["handler"]["bray"]) | {"poll_interval_ms", "weight_sets_bytes"}
     assert ServingConfig.from_yaml_dict(written) == config
 
 
