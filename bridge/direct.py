@@ -41,11 +41,14 @@ class DirectTransport(Transport):
         max_inflight: requests in flight at once per loop.
         timeout_s: limit for one request (and for a sync call, twice it).
         watermark: the model's newest answered step (sent as the minimum step).
+        weight_set: the clone every request asks for (``X-Bray-Weights``), served by the
+            workers of ``registration``'s model; ``None``: that model's own weights.
     """
 
     def __init__(self, registration: Registration, *, inference_urls: Sequence[str], max_batch_samples: int,
-                 max_inflight: int, timeout_s: float, watermark: Watermark) -> None:
+                 max_inflight: int, timeout_s: float, watermark: Watermark, weight_set: str | None = None) -> None:
         super().__init__(watermark)
+        self.weight_set = weight_set
         self.registration = registration
         self.inference_urls = tuple(inference_urls)
         self.max_batch_samples = max_batch_samples
@@ -106,11 +109,13 @@ class DirectTransport(Transport):
         seen = registration.count
         name, version = registration.name, registration.version
         try:
-            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value)
+            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value,
+                                               weights=self.weight_set)
         except NotServedError:
             # A restarted TorchServe has forgotten its models: register ours again, then retry once.
             await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
-            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value)
+            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value,
+                                               weights=self.weight_set)
         self.watermark.advance(reply.step)  # monotonic reads across workers, for every caller here
         return wire.decode(bytearray(reply.body)), reply.step
 

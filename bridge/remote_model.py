@@ -304,7 +304,7 @@ class RemoteModel:
         if self.local_mode:
             self.transport: Transport = self._local_transport()
         else:
-            self._register(override=model is not None and override_model)
+            self._register(override=model is not None and override_model and not self.weight_set)
             self.transport = self._remote_transport(node_proxy=settings.node_proxy)
         self._track_metrics()
 
@@ -333,9 +333,24 @@ class RemoteModel:
         self.store = CheckpointStore(session.store_root, keep_last=settings.keep_last,
                                      checkpoint_interval=settings.checkpoint_interval or 0,
                                      checkpoint_interval_s=settings.checkpoint_interval_s or 0.0)
-        self._registration = Registration(self.name, self.store, self.locations, options=self.options,
+        #: The model whose workers serve this one: itself, or for a clone served as a weight
+        #: set (the default for the torch engine) its family's root (``handlers/weight_sets.py``).
+        self.served_by = self._served_by(settings.local_mode)
+        self._registration = Registration(self.served_by, self.store, self.locations, options=self.options,
                                           pinned=pinned, timeout_s=self.timeout_s)
         self._seen = Watermark()
+
+    @property
+    def weight_set(self) -> bool:
+        """Served as a weight set of :attr:`served_by`'s workers, not as a TorchServe model of its own."""
+        return self.served_by != self.name
+
+    def _served_by(self, local_mode: bool) -> str:
+        if local_mode or self.store.clone_origin(self.name) is None or self.store.clone_dedicated(self.name):
+            return self.name
+        from bray.handlers.weight_sets import family_root
+
+        return family_root(self.store, self.name)
 
     def _ensure_export(self, given_name: str, *, override: bool) -> None:
         """Export the model into the store (given one), or check the store has a usable export."""
@@ -401,7 +416,7 @@ class RemoteModel:
         samples = abs(self.max_batch_size) * self.options.batch_size if self.max_batch_size and self.client_batching else 0
         direct = DirectTransport(self._registration, inference_urls=urls, max_batch_samples=samples,
                                  max_inflight=max(2, self.num_workers * len(urls)), timeout_s=self.timeout_s,
-                                 watermark=self._seen)
+                                 watermark=self._seen, weight_set=self.name if self.weight_set else None)
         if not node_proxy:
             return direct
         from bray.bridge.proxy_client import NodeProxyTransport
@@ -544,6 +559,10 @@ class RemoteModel:
     def _wait_served(self, step: int, *, timeout_s: float) -> float:
         from bray.bridge.local import LocalRunner
 
+        if self.weight_set:
+            # Every worker reads a weight set's LATEST before a batch uses it: once the
+            # publish returned, every answer for this clone carries this step or a later one.
+            return 0.0
         if not isinstance(self.transport, LocalRunner):
             return self._registration.wait_served(step, timeout_s=timeout_s)
         started = time.monotonic()
@@ -563,7 +582,8 @@ class RemoteModel:
         net.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt.weights.items()})
         return net
 
-    def clone(self, step: int = -1, name: str | None = None, **overrides: Any) -> "RemoteModel":
+    def clone(self, step: int = -1, name: str | None = None, *, dedicated: bool = False,
+              **overrides: Any) -> "RemoteModel":
         """An independent model starting from ``step``'s weights (Bray's clone).
 
         The clone is named ``<model>-clone-step-<step>``, or ``<model>-clone-step-<step>-<name>``
@@ -575,9 +595,17 @@ class RemoteModel:
         until weights are published to it, and the original keeps training. Its origin
         (source model and step) is recorded in its store folder.
 
+        Beyond Bray: by default (torch engine, remote) the clone is a *weight set* of the
+        model it came from: its own steps in the store, served by the source model's
+        TorchServe workers (requests carry ``X-Bray-Weights: <clone name>``), so a
+        league of many opponents costs their weights, not a TorchServe model and
+        workers each. A clone of a clone is a weight set of the same model.
+
         Args:
             step: the step to clone (``-1``: the latest).
             name: an extra suffix telling clones of the same step apart (Bray's meaning).
+            dedicated: serve the clone as a TorchServe model of its own, with workers of
+                its own (isolation; engines other than torch always do).
             **overrides: constructor arguments that differ from this model's.
 
         Returns:
@@ -598,7 +626,12 @@ class RemoteModel:
                     f"{clone_name!r} is already a model of its own in {self.store.root}, not a clone of "
                     f"{self.name!r} at step {real}; clone with another name= suffix"
                 )
-            origin = self.store.record_clone_origin(clone_name, source=self.name, step=real)
+            dedicated = dedicated or self.engine_name != "torch" or self.local_mode
+            origin = self.store.record_clone_origin(clone_name, source=self.name, step=real, dedicated=dedicated)
+        elif self.store.clone_dedicated(clone_name) != (dedicated or self.engine_name != "torch" or self.local_mode):
+            kind = "a model of its own" if self.store.clone_dedicated(clone_name) else "a weight set"
+            raise ConfigError(f"{clone_name!r} was cloned as {kind} before; clone it the same way (dedicated=) "
+                              "or with another name= suffix")
         if origin != (self.name, real):
             raise ConfigError(
                 f"{clone_name!r} already names a clone of {origin[0]!r} at step {origin[1]}, not of "

@@ -58,8 +58,24 @@ class CloneRecords:
                 "and clone again", name=name,
             ) from err
 
-    def record_clone_origin(self, name: str, *, source: str, step: int) -> tuple[str, int]:
+    def clone_dedicated(self, name: str) -> bool:
+        """Whether clone ``name`` is served as a TorchServe model of its own, not as a weight set.
+
+        Records written before weight sets existed say nothing, and were models of their own.
+
+        Raises:
+            ConfigError: invalid name, or ``name`` is no clone.
+            CorruptCheckpointError: the record is unreadable.
+        """
+        if self.clone_origin(name) is None:
+            raise ConfigError(f"{name!r} is no clone (no {CLONE_FILE} in {self.root / name})")
+        return bool(json.loads((self.root / name / CLONE_FILE).read_bytes()).get("dedicated", True))
+
+    def record_clone_origin(self, name: str, *, source: str, step: int, dedicated: bool = True) -> tuple[str, int]:
         """Record once that ``name`` is a clone of ``source`` at ``step``.
+
+        ``dedicated``: served as a TorchServe model of its own (``True``) or as a weight
+        set of its family's model (``handlers/weight_sets.py``).
 
         The first writer wins (the record is linked into place, never replaced), so
         processes cloning at the same time agree on one origin.
@@ -76,7 +92,8 @@ class CloneRecords:
         check_step(step)
         mdir = self.root / name
         tmp_root = mdir / TMP_DIR
-        data = json.dumps({"format": FORMAT_VERSION, "source": source, "step": step, "time": time.time()}).encode()
+        data = json.dumps({"format": FORMAT_VERSION, "source": source, "step": step, "dedicated": bool(dedicated),
+                           "time": time.time()}).encode()
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
             tmp = tmp_root / tmp_name("clone")

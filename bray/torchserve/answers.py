@@ -243,6 +243,8 @@ def answer_error(status: int, data: bytes | str, *, api: Api, url: str, method: 
             status=status, key_file=str(key_file) if key_file else None,
         )
     if api == "inference":
+        if status == 404 and error_type(data) == "InputError":  # the handler's: no such weight set
+            return InputError(f"the server refused the request ({status}): {message}", status=status)
         if status == 404:
             return NotServedError(f"{path} is not served at {url}: {message}", status=status, url=url)
         if status in (400, 413, 422):

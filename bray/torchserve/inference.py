@@ -173,11 +173,13 @@ class InferenceClient:
         return best[self._rr % len(best)]
 
     async def predict(self, model: str, body: bytes, *, version: str | None = None,
-                      content_type: str = "application/octet-stream", min_step: int | None = None) -> Reply:
+                      content_type: str = "application/octet-stream", min_step: int | None = None,
+                      weights: str | None = None) -> Reply:
         """POST ``body`` to ``/predictions/<model>[/<version>]`` on the least busy node.
 
         ``min_step`` (the newest step this client has been answered with) asks a worker
         that lags behind it to catch up first, so a caller never sees its step go back.
+        ``weights`` names a weight set of the model (a clone served by its workers).
 
         Raises:
             InputError: the server answered 400 (its message says what was wrong).
@@ -211,6 +213,8 @@ class InferenceClient:
             headers = {"Content-Type": content_type}
             if min_step is not None and min_step >= 0:
                 headers[wire.MIN_STEP_HEADER] = str(min_step)
+            if weights:
+                headers[wire.WEIGHTS_HEADER] = weights
             auth = self._auth_by_url[url]
             try:
                 key_headers = auth.headers("inference") if auth is not None else {}

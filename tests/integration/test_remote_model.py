@@ -221,6 +221,62 @@ def test_ten_publishes_then_clones_of_each_step(make: Make, models: list[bray.Re
     assert time.monotonic() - started < 10, "cloning a step twice registered it again"
 
 
+def test_clones_are_weight_sets_served_by_their_models_workers(torchserve: TorchServeProcess, make: Make,
+                                                               models: list[bray.RemoteModel]) -> None:
+    """A league of clones costs no TorchServe model: each clone a weight set of the learner's workers."""
+    rm = make("rm_ws", model=probe_net(1), forward_args=(X,), checkpoint_interval=1)
+    for n in (2, 3):
+        rm.publish_weights(probe_weights(n)).wait(timeout_s=30)  # steps 1, 2
+    opponents = [track(models, rm.clone(step=s)) for s in (0, 1, 2)]
+    assert all(o.weight_set and o.served_by == "rm_ws" for o in opponents)
+    grand = track(models, opponents[0].clone(name="g"))  # a clone of a clone: the same family
+    assert grand.served_by == "rm_ws"
+    with ManagementClient(torchserve.management_url, key_file=torchserve.key_file) as client:
+        assert [m for m in client.list_models() if m.startswith("rm_ws")] == ["rm_ws"]
+
+    async def league(rounds: int) -> list[str]:
+        wrong = []
+        want = {rm.name: 3, opponents[0].name: 1, opponents[1].name: 2, opponents[2].name: 3, grand.name: 1}
+        players = [rm, *opponents, grand]
+        for _ in range(rounds):  # every round's calls go out together: mixed batches on the workers
+            answers = await asyncio.gather(*(p.forward(X[0], return_step=True) for p in players))
+            for p, (out, step) in zip(players, answers):
+                if not np.allclose(out, expected(want[p.name], X[:1])[0]) or step != p.step:
+                    wrong.append(f"{p.name}: step {step}, {out}")
+        return wrong
+
+    assert asyncio.run(league(20)) == []
+    # a clone stays trainable: a publish to it is what its next answer has, and wait() says so
+    assert opponents[1].publish_weights(probe_weights(12)).wait(timeout_s=30) >= 0
+    out, step = opponents[1](X, return_step=True)
+    np.testing.assert_allclose(out, expected(12))
+    assert step == opponents[1].step == 2  # seeded at its origin step 1, then one publish
+    np.testing.assert_allclose(rm(X), expected(3))  # the learner's own weights untouched
+
+    # any HTTP client can call a clone: the header names it; a name that is no clone is a 404 naming it
+    async def raw(weights: str) -> Reply:
+        client = InferenceClient([torchserve.inference_url], auth=rm._registration.inference_auth(), timeout_s=30)
+        try:
+            return await client.predict("rm_ws", wire.encode({"args": [X]}), weights=weights)
+        finally:
+            await client.close()
+
+    reply = asyncio.run(raw(opponents[2].name))
+    np.testing.assert_allclose(wire.decode(bytearray(reply.body)), expected(3))
+    with pytest.raises(InputError, match="no weight set 'rm_ws-nobody' of 'rm_ws'") as err:
+        asyncio.run(raw("rm_ws-nobody"))
+    assert err.value.status == 404
+
+    # dedicated=True keeps the clone a TorchServe model of its own
+    iso = track(models, rm.clone(step=1, name="iso", dedicated=True))
+    assert not iso.weight_set
+    np.testing.assert_allclose(iso(X), expected(2))
+    with ManagementClient(torchserve.management_url, key_file=torchserve.key_file) as client:
+        assert "rm_ws-clone-step-1-iso" in client.list_models()
+    with pytest.raises(ConfigError, match="was cloned as a weight set before"):
+        rm.clone(step=1, dedicated=True)
+
+
 # -- attaching ----------------------------------------------------------------------------
 
 

@@ -279,6 +279,8 @@ def test_inference_refreshes_a_refused_key_once_for_concurrent_callers(tmp_path:
 # --- the one mapping from answers to errors ----------------------------------------------
 
 @pytest.mark.parametrize(("api", "status", "body", "error", "said"), [
+    ("inference", 404, {"type": "InputError", "message": "no weight set 'x' of 'policy'"}, InputError,
+     "the server refused the request (404): no weight set 'x' of 'policy'"),
     ("inference", 404, {"message": "Model not found: policy"}, NotServedError,
      "/predictions/policy is not served at http://node-a.test:8080: Model not found: policy"),
     ("inference", 413, {"message": "body is 20480 bytes, 4096 over the limit"}, InputError,
