@@ -25,8 +25,11 @@ published: all of them on the first sample, then each with probability 0.2 per
 ``refresh_s`` (Bray's ``pool_update_rate``), so a fixed set of served models plays the
 whole league.
 
-Without ``pool`` every checkpoint sampled is a served clone with ``clone_workers``
-TorchServe workers of its own: space the checkpoints or use ``pool`` for long leagues.
+Without ``pool`` every checkpoint sampled is a clone, served as a weight set of the
+learner's own TorchServe workers (``RemoteModel.clone``; the torch engine): a league of
+hundreds of kept checkpoints costs their weights in the workers that are asked for
+them, not a TorchServe model each. With another engine each clone is a TorchServe model
+with ``clone_workers`` workers of its own: space the checkpoints or use ``pool`` there.
 
 Results go to the checkpoint store (:mod:`bray.league`): every process and node sharing
 the store shares them, they survive restarts, and concurrent writers never tear or lose
@@ -66,7 +69,9 @@ class ModelPool:
         explore_rate: chance of a uniform pick among every candidate (Bray: 0.3).
         pool: fixed clones to publish sampled checkpoints into (Bray's ``pool``);
             ``None``: ``sample()`` returns a clone per checkpoint step.
-        clone_workers: (not Bray's) TorchServe workers per opponent clone.
+        clone_workers: (not Bray's) TorchServe workers per opponent clone, where clones
+            are models of their own (engines other than torch); weight sets share the
+            learner's.
         half_life_s: (not Bray's) how fast old results lose weight.
         refresh_s: (not Bray's) how often the shared results and the checkpoint steps
             are read again (results recorded here count at once).
