@@ -61,6 +61,17 @@ class DirectTransport(Transport):
         #: Every batcher made so far (one per event loop used), for their counters.
         self.batchers: list[ForwardBatcher] = []
 
+    def sibling(self, weight_set: str | None) -> "DirectTransport":
+        """A transport to the same model for another weight set (a clone it serves), sharing the HTTP client.
+
+        Its watermark is its own: a weight set's steps are the clone's.
+        """
+        other = DirectTransport(self.registration, inference_urls=self.inference_urls,
+                                max_batch_samples=self.max_batch_samples, max_inflight=self.max_inflight,
+                                timeout_s=self.timeout_s, watermark=Watermark(), weight_set=weight_set)
+        other._client = self._client
+        return other
+
     @property
     def client(self) -> InferenceClient | None:
         """The HTTP client (``None`` before the first call): its ``stats`` count requests by node."""

@@ -83,11 +83,12 @@ def bind(address: str) -> socket.socket | None:
 class _CallerConn:
     """One caller connection: its socket, its slot, and whether a call is in flight."""
 
-    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed")
+    __slots__ = ("sock", "pid", "slot", "fds", "buf", "busy", "closed", "weight_set")
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
+        self.weight_set: str | None = None  # the clone this caller calls (its hello says), None: the model
         self.slot: Slot | None = None
         self.fds: list[int] = []
         self.buf = b""
@@ -133,6 +134,10 @@ class NodeProxy:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: Any = None  # the model's batcher on the serving loop
+        # Weight sets (clones served by the model's workers) called through this proxy:
+        # a direct transport each, sharing the model's HTTP client; None is the model's own.
+        self._sets: dict[str | None, DirectTransport] = {None: transport} if transport is not None else {}
+        self._batchers: dict[str | None, Any] = {}
         #: Called with ``(samples, seconds, error)`` after every call answered (``error``
         #: is ``None`` on success): the place to count the proxy's calls (metrics).
         self.on_call: Callable[[int, float, BaseException | None], None] | None = None
@@ -146,11 +151,12 @@ class NodeProxy:
         import resource
 
         transport = self.transport
-        requests = transport.stats().requests if transport is not None else 0
+        requests = sum(t.stats().requests for t in self._sets.values())
         client = transport.client if transport is not None else None
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
                 "calls": self.calls, "samples": self.samples, "requests": requests, "call_s": round(self.call_s, 6),
                 "requests_by_url": dict(client.stats.by_url) if client is not None else {},
+                "weight_sets": sorted(name for name in self._sets if name is not None),
                 "cpu_s": round(time.process_time(), 3),
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -160,8 +166,7 @@ class NodeProxy:
         self._stop = asyncio.Event()
         loop.add_reader(self.listener.fileno(), self._accept)
         if self.transport is not None:
-            self._batcher = batcher = self.transport.batcher()
-            batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
+            self._batcher = self._batcher_for(None)
         idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
         try:
             while not self._stop.is_set():
@@ -180,8 +185,11 @@ class NodeProxy:
                 await asyncio.sleep(0.01)
             for conn in list(self._conns):
                 self._drop(conn)
-            if self.transport is not None:
-                await self.transport.aclose()
+            closed: set[int] = set()
+            for transport in self._sets.values():  # weight sets share the model's client
+                if id(transport.client) not in closed:
+                    closed.add(id(transport.client))
+                    await transport.aclose()
 
     def _more_coming(self) -> bool:
         """Whether a caller answered a moment ago has not called again yet."""
@@ -250,27 +258,55 @@ class NodeProxy:
             return
         conn.buf = conn.buf + data if conn.buf else data
         while len(conn.buf) >= HEADER.size and not conn.closed:
-            head, conn.buf = conn.buf[:HEADER.size], conn.buf[HEADER.size:]
+            op, n, step, nbytes, size = HEADER.unpack_from(conn.buf)
+            # A hello is followed on the socket by the weight set it names (nbytes long);
+            # a call's nbytes are in the slot.
+            end = HEADER.size + (nbytes if op == OP_HELLO else 0)
+            if len(conn.buf) < end:
+                return
+            body, conn.buf = conn.buf[HEADER.size:end], conn.buf[end:]
             try:
-                self._request(conn, *HEADER.unpack(head))
+                if op == OP_HELLO:
+                    self._hello(conn, size, body)
+                else:
+                    self._request(conn, op, n, step, nbytes, size)
             except ProxyUnavailableError as err:
                 log.warning("bray proxy: dropping the connection of pid %d: %s", conn.pid, err)
                 self._drop(conn)
 
+    def _hello(self, conn: _CallerConn, size: int, weight_set: bytes) -> None:
+        """A caller's first message: its slot, and the weight set (a clone) it will call, if any."""
+        if self.failure is not None:
+            self._send_error(conn, self.failure)
+            return
+        if not conn.fds or conn.slot is not None:
+            raise ProxyUnavailableError("a hello without exactly one new slot")
+        fd = conn.fds.pop(0)
+        if os.fstat(fd).st_size < size:
+            os.close(fd)
+            raise ProxyUnavailableError(f"a slot announced as {size} bytes holds {os.fstat(fd).st_size}")
+        try:
+            conn.weight_set = weight_set.decode("ascii") or None
+        except UnicodeDecodeError:
+            os.close(fd)
+            raise ProxyUnavailableError(f"a hello naming an unreadable weight set {weight_set[:60]!r}") from None
+        conn.slot = Slot(fd, size)
+        self._send(conn, HEADER.pack(ST_SLOT, 0, -1, 0, size))
+
+    def _batcher_for(self, weight_set: str | None) -> Any:
+        """The batcher of the model's own weights, or of one weight set (made on its first caller)."""
+        batcher = self._batchers.get(weight_set)
+        if batcher is None:
+            assert self.transport is not None
+            transport = self._sets.get(weight_set)
+            if transport is None:
+                transport = self._sets[weight_set] = self.transport.sibling(weight_set)
+            batcher = self._batchers[weight_set] = transport.batcher()
+            batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
+        return batcher
+
     def _request(self, conn: _CallerConn, op: int, n: int, step: int, nbytes: int, size: int) -> None:
-        if op == OP_HELLO:
-            if self.failure is not None:
-                self._send_error(conn, self.failure)
-                return
-            if not conn.fds or conn.slot is not None:
-                raise ProxyUnavailableError("a hello without exactly one new slot")
-            fd = conn.fds.pop(0)
-            if os.fstat(fd).st_size < size:
-                os.close(fd)
-                raise ProxyUnavailableError(f"a slot announced as {size} bytes holds {os.fstat(fd).st_size}")
-            conn.slot = Slot(fd, size)
-            self._send(conn, HEADER.pack(ST_SLOT, 0, -1, 0, size))
-        elif op == OP_CALL:
+        if op == OP_CALL:
             if conn.slot is None or conn.busy or self.transport is None:
                 raise ProxyUnavailableError("a call before the hello, or while one is in flight")
             conn.slot.follow(size)
@@ -291,10 +327,10 @@ class NodeProxy:
     def _call(self, conn: _CallerConn, payload: Any, n: int, min_step: int) -> None:
         """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
-        assert self.transport is not None  # _request refuses calls without one
         try:
-            self.transport.watermark.advance(min_step)  # a step the caller was answered with elsewhere
-            future = self._batcher.enqueue(payload, n)
+            batcher = self._batcher if conn.weight_set is None else self._batcher_for(conn.weight_set)
+            self._sets[conn.weight_set].watermark.advance(min_step)  # a step the caller was answered with elsewhere
+            future = batcher.enqueue(payload, n)
         except Exception as err:
             assert self._loop is not None
             future = self._loop.create_future()

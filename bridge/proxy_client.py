@@ -101,10 +101,14 @@ class ProxyClient:
         address: the proxy's abstract socket name (:func:`~bray.bridge._slot.proxy_address`).
         argv, env: how to start the proxy when none serves (``python -m bray.bridge.proxy``).
         timeout_s: limit for one call's answer.
+        weight_set: the clone this process calls through the proxy of the model serving
+            it (said once per connection, in its hello); ``None``: the model's own weights.
     """
 
-    def __init__(self, address: str, *, argv: Sequence[str], env: Mapping[str, str], timeout_s: float) -> None:
+    def __init__(self, address: str, *, argv: Sequence[str], env: Mapping[str, str], timeout_s: float,
+                 weight_set: str | None = None) -> None:
         self.address = address
+        self.weight_set = weight_set
         self.argv = list(argv)
         self.env = dict(env)
         self.timeout_s = timeout_s
@@ -155,7 +159,8 @@ class ProxyClient:
             check_peer(sock)
             sock.settimeout(_HELLO_TIMEOUT_S)
             slot = Slot.create()
-            socket.send_fds(sock, [HEADER.pack(OP_HELLO, 0, -1, 0, slot.size)], [slot.fd])
+            name = (self.weight_set or "").encode("ascii")
+            socket.send_fds(sock, [HEADER.pack(OP_HELLO, 0, -1, len(name), slot.size) + name], [slot.fd])
             status, _, _, nbytes, _ = HEADER.unpack(_recv_exact(sock, HEADER.size))
             if status == ST_ERROR:
                 body = _recv_exact(sock, nbytes)
@@ -354,8 +359,10 @@ class NodeProxyTransport(Transport):
     @classmethod
     def start(cls, direct: DirectTransport, *, name: str, version: str, pinned: int | None, locations: Locations,
               store_root: os.PathLike[str] | str, timeout_s: float) -> "NodeProxyTransport":
-        """Attach to the model's node proxy, starting it when none runs (bounded by ``timeout_s``).
+        """Attach to the node proxy of model ``name``, starting it when none runs (bounded by ``timeout_s``).
 
+        ``name`` is the model whose workers serve the calls: a clone served as a weight set
+        (``direct.weight_set``) shares its model's proxy, and says which set in its hello.
         A proxy that cannot be reached is not an error: calls go direct (a warning says why)
         until it answers.
         """
@@ -370,7 +377,7 @@ class NodeProxyTransport(Transport):
         argv = [sys.executable, "-m", "bray.bridge.proxy", "--name", name, "--timeout-s", str(timeout_s),
                 "--idle-exit-s", idle] + (["--step", str(pinned)] if pinned is not None else [])
         client = ProxyClient(proxy_address(name, version, locations.inference_urls, root), argv=argv, env=env,
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, weight_set=direct.weight_set)
         transport = cls(direct, client)
         if not client.start(wait_s=timeout_s):
             transport._ok = False

@@ -421,7 +421,7 @@ class RemoteModel:
             return direct
         from bray.bridge.proxy_client import NodeProxyTransport
 
-        return NodeProxyTransport.start(direct, name=self.name, version=self.version, pinned=self._pinned,
+        return NodeProxyTransport.start(direct, name=self.served_by, version=self.version, pinned=self._pinned,
                                         locations=self.locations, store_root=self.store.root,
                                         timeout_s=self.timeout_s)
 

@@ -232,3 +232,26 @@ def test_the_proxy_balances_over_several_nodes(env: dict[str, str], torchserve: 
             with ManagementClient(a.management_url, key_file=a.key_file, timeout_s=120) as client:
                 client.unregister(rm.name)
         bray.init()  # back to this module's BRAY_* variables
+
+
+def test_clones_served_as_weight_sets_share_their_models_proxy(env: dict[str, str]) -> None:
+    """One proxy process for the learner and its opponents: each caller's hello names its weight set."""
+    learner = bray.RemoteModel(NAME, node_proxy=True)
+    opponents = [learner.clone(step=0, name=f"ws{i}", node_proxy=True) for i in range(3)]
+    try:
+        for i, opp in enumerate(opponents):
+            opp.publish_weights(probe_weights(10 + i))
+        assert {o.transport.proxy.address for o in opponents} == {learner.transport.proxy.address}
+        own = float(learner.get_model().lin.bias[0])  # StepProbe: every weight is one value
+        for _ in range(5):
+            for i, opp in enumerate(opponents):
+                out, step = opp(X, return_step=True)
+                np.testing.assert_allclose(out, (10 + i) * (X.sum(-1, keepdims=True) + 1).repeat(2, -1))
+                assert step == opp.step
+            np.testing.assert_allclose(learner(X), own * (X.sum(-1, keepdims=True) + 1).repeat(2, -1))
+        stats = learner.proxy_stats()
+        assert stats is not None and stats["weight_sets"] == sorted(o.name for o in opponents)
+        assert all(o.proxy_fallbacks == 0 for o in opponents) and learner.proxy_fallbacks == 0
+    finally:
+        for model in (learner, *opponents):
+            model.close()
