@@ -15,6 +15,7 @@ variable                      meaning                                  default
 ``BRAY_SERVER_DIR``           ``bray-archive server``'s working dir    ``~/.bray/server``
 ``BRAY_METRICS_PORT``         client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
 ``BRAY_PROXY_METRICS_PORT``   the node proxy's own exporter            off; as ``BRAY_METRICS_PORT``
+``BRAY_NODE_PROXY``           ``RemoteModel``'s default ``node_proxy`` on (``0`` turns it off)
 ============================  =======================================  ===========================
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "server_dir"]
+__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "node_proxy_default", "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -244,6 +245,26 @@ class Locations:
         stores_n = _per_node(stores, n, what="model store", var="BRAY_MODEL_STORE")
         return cls(store=store, nodes=tuple(Node(inference_url=u, management_url=m, key_file=k, model_store=ms)
                                             for u, m, k, ms in zip(urls, mgmt_n, keys_n, stores_n)))
+
+
+NODE_PROXY_ENV_VAR = "BRAY_NODE_PROXY"
+
+
+def node_proxy_default(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``RemoteModel`` calls through the node proxy when ``node_proxy`` is not given.
+
+    On unless ``BRAY_NODE_PROXY`` is ``0``, ``false``, ``no`` or ``off``.
+
+    Raises:
+        ConfigError: another value.
+    """
+    env = os.environ if env is None else env
+    value = str(env.get(NODE_PROXY_ENV_VAR, "1")).strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{NODE_PROXY_ENV_VAR} must be 1 or 0 (on or off), got {value!r}")
 
 
 def metrics_address(port: int | str | None, env: Mapping[str, str] | None = None) -> tuple[str, int] | None:

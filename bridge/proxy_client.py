@@ -121,6 +121,7 @@ class ProxyClient:
             _fork_hook = True
         self._forks = _forks
         self._down_until = 0.0
+        self._starting = False  # the last failure was "no proxy yet; starting one"
         self._starter: tuple[socket.socket, subprocess.Popen[bytes], float] | None = None
 
     # --- connections ---------------------------------------------------------------------
@@ -194,11 +195,13 @@ class ProxyClient:
             if pool:
                 return pool.pop()
             if time.monotonic() < self._down_until:
-                raise ProxyUnavailableError(f"the node proxy is not available: {self.last_error}")
+                raise ProxyUnavailableError(f"the node proxy is not available: {self.last_error}",
+                                            starting=self._starting)
         try:
             return self._connect(blocking=blocking)
         except ProxyUnavailableError as err:
             self.last_error = str(err)
+            self._starting = err.starting
             self._down_until = time.monotonic() + (_RETRY_S if err.starting else _REFUSED_RETRY_S)
             raise
 
@@ -358,13 +361,14 @@ class NodeProxyTransport(Transport):
 
     @classmethod
     def start(cls, direct: DirectTransport, *, name: str, version: str, pinned: int | None, locations: Locations,
-              store_root: os.PathLike[str] | str, timeout_s: float) -> "NodeProxyTransport":
+              store_root: os.PathLike[str] | str, timeout_s: float, wait_s: float) -> "NodeProxyTransport":
         """Attach to the node proxy of model ``name``, starting it when none runs (bounded by ``timeout_s``).
 
         ``name`` is the model whose workers serve the calls: a clone served as a weight set
         (``direct.weight_set``) shares its model's proxy, and says which set in its hello.
         A proxy that cannot be reached is not an error: calls go direct (a warning says why)
-        until it answers.
+        until it answers. ``wait_s`` ``0``: nothing is started or waited for here; the
+        first call starts the proxy and goes direct, quietly, until it answers.
         """
         import sys
 
@@ -379,7 +383,7 @@ class NodeProxyTransport(Transport):
         client = ProxyClient(proxy_address(name, version, locations.inference_urls, root), argv=argv, env=env,
                              timeout_s=timeout_s, weight_set=direct.weight_set)
         transport = cls(direct, client)
-        if not client.start(wait_s=timeout_s):
+        if wait_s > 0 and not client.start(wait_s=wait_s):
             transport._ok = False
             log.warning("bray: %s: no node proxy (%s); calling TorchServe directly until one answers",
                         name, client.last_error)
@@ -417,8 +421,11 @@ class NodeProxyTransport(Transport):
             self._ok = True
             log.warning("bray: %s: the node proxy answers again", self.direct.registration.name)
 
-    def _unavailable(self, err: Exception) -> None:
+    def _unavailable(self, err: ProxyUnavailableError) -> None:
         self.fallbacks += 1
+        if err.starting:  # being started (the default's first calls): direct meanwhile, said quietly
+            log.debug("bray: %s: %s; calling TorchServe directly meanwhile", self.direct.registration.name, err)
+            return
         if self._ok:
             self._ok = False
             log.warning("bray: %s: the node proxy is not available (%s); calling TorchServe directly until it "

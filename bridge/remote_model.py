@@ -56,10 +56,12 @@ metrics_port           (not Bray's) serve this process's client metrics (policy 
                        callers see it) to Prometheus on this port (``"host:port"`` for another
                        address than 127.0.0.1); default ``$BRAY_METRICS_PORT``, else off
                        (see :mod:`bray.bridge.metrics`)
-node_proxy             (not Bray's) ``True``: calls go through the node proxy, one process per
-                       model on this machine that coalesces every process's calls into
-                       requests to TorchServe (started on first use, see ``bray.bridge.proxy``);
-                       ignored in local mode
+node_proxy             (not Bray's) calls go through the node proxy, one process per model
+                       (and its weight-set clones) on this machine that coalesces every
+                       process's calls into requests to TorchServe (see ``bray.bridge.proxy``).
+                       Default ``None``: on, unless ``BRAY_NODE_PROXY=0``; started by the
+                       first call, which goes direct meanwhile. ``True``: on, and waited for
+                       here; ``False``: off. Ignored in local mode
 =====================  =====================================================================
 """
 
@@ -169,7 +171,7 @@ class _Settings:
     local_mode: bool
     use_tensorrt: bool
     client_batching: bool
-    node_proxy: bool
+    node_proxy: bool | None
     max_batch_delay_ms: int
     keep_last: int
     timeout_s: float
@@ -244,8 +246,10 @@ class RemoteModel:
             (what Bray's ``local_mode="proxy"`` does); ``False`` sends every call as its
             own request.
         node_proxy: send calls through the node proxy, which coalesces the calls of every
-            process on this machine (it is started, or attached to, here; while it cannot
-            be reached, calls go to TorchServe directly and a warning says why).
+            process on this machine. ``None`` (default): on unless ``BRAY_NODE_PROXY=0``,
+            started by the first call (direct meanwhile); ``True``: started or attached to
+            here, waited for (while it cannot be reached, calls go to TorchServe directly
+            and a warning says why); ``False``: every call goes to TorchServe directly.
         keep_last: newest steps the store keeps besides checkpoint steps.
         timeout_s: limit for one forward (and for registration waits, x10).
         metrics_port: serve client metrics on this port (see the module docstring);
@@ -280,7 +284,7 @@ class RemoteModel:
         *,
         use_tensorrt: bool = False,
         client_batching: bool = True,
-        node_proxy: bool = False,
+        node_proxy: bool | None = None,
         max_batch_delay_ms: int = 0,
         checkpoint_interval_s: float | None = None,
         keep_last: int = 5,
@@ -408,8 +412,10 @@ class RemoteModel:
                            step=self._pinned if self._pinned is not None else -1, module=module,
                            fixed_batch_size=self.options.fixed_batch_size, watermark=self._seen)
 
-    def _remote_transport(self, *, node_proxy: bool) -> Transport:
-        """HTTP to TorchServe, through the node proxy when asked (made after registering: adopted settings count)."""
+    def _remote_transport(self, *, node_proxy: bool | None) -> Transport:
+        """HTTP to TorchServe, through the node proxy unless off (made after registering: adopted settings count)."""
+        from bray.locations import node_proxy_default
+
         from bray.bridge.direct import DirectTransport
 
         urls = self.locations.inference_urls
@@ -417,13 +423,13 @@ class RemoteModel:
         direct = DirectTransport(self._registration, inference_urls=urls, max_batch_samples=samples,
                                  max_inflight=max(2, self.num_workers * len(urls)), timeout_s=self.timeout_s,
                                  watermark=self._seen, weight_set=self.name if self.weight_set else None)
-        if not node_proxy:
+        if not (node_proxy if node_proxy is not None else node_proxy_default()):
             return direct
         from bray.bridge.proxy_client import NodeProxyTransport
 
         return NodeProxyTransport.start(direct, name=self.served_by, version=self.version, pinned=self._pinned,
                                         locations=self.locations, store_root=self.store.root,
-                                        timeout_s=self.timeout_s)
+                                        timeout_s=self.timeout_s, wait_s=self.timeout_s if node_proxy else 0.0)
 
     def _management(self) -> Any:
         """The first node's management client (tests and tools reach the server through it)."""

@@ -28,6 +28,13 @@ _TIERS = ("unit", "integration", "e2e")
 GPU_SKIP_REASON = "needs a CUDA GPU; none found"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # RemoteModel's node proxy is on by default; tests that are not about it call TorchServe
+    # directly, so no proxy process of theirs outlives them. Tests of the proxy ask for it
+    # (node_proxy=True), and test_node_proxy.py checks the default itself.
+    os.environ.setdefault("BRAY_NODE_PROXY", "0")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = Path(__file__).resolve().parent
     for item in items:

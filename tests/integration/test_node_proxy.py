@@ -255,3 +255,32 @@ def test_clones_served_as_weight_sets_share_their_models_proxy(env: dict[str, st
     finally:
         for model in (learner, *opponents):
             model.close()
+
+
+def test_the_node_proxy_is_on_by_default_started_by_the_first_call(env: dict[str, str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bray code unchanged (no node_proxy argument) gets the proxy; BRAY_NODE_PROXY=0 and node_proxy=False don't."""
+    from bray.bridge.direct import DirectTransport
+    from bray.bridge.proxy_client import NodeProxyTransport
+
+    monkeypatch.delenv("BRAY_NODE_PROXY", raising=False)
+    rm = bray.RemoteModel(NAME)
+    try:
+        assert isinstance(rm.transport, NodeProxyTransport)
+        want = float(rm.get_model().lin.bias[0]) * (X.sum(-1, keepdims=True) + 1).repeat(2, -1)
+        np.testing.assert_allclose(rm(X), want)  # answered at once: directly while the proxy starts
+        wait_for(lambda: rm(X) is not None and rm.proxy_stats(), 120, "the proxy the first call started")
+        before = rm.batching_stats()[0] - rm.proxy_fallbacks
+        for _ in range(20):
+            np.testing.assert_allclose(rm(X), want)
+        assert rm.batching_stats()[0] - rm.proxy_fallbacks >= before + 20  # through the proxy now
+    finally:
+        rm.close()
+    monkeypatch.setenv("BRAY_NODE_PROXY", "0")
+    off = bray.RemoteModel(NAME)
+    assert isinstance(off.transport, DirectTransport)
+    off.close()
+    monkeypatch.delenv("BRAY_NODE_PROXY")
+    explicit = bray.RemoteModel(NAME, node_proxy=False)
+    assert isinstance(explicit.transport, DirectTransport)
+    explicit.close()
