@@ -201,7 +201,8 @@ def single_process(args: argparse.Namespace, server: Any, work: Path, model: Any
     ]:
         print(f"bench: deploying {label}", flush=True)
         name = "policy_" + label.split()[1].rstrip(",") + ("_d5" if "5 ms" in label else "") + ("_nocb" if "no client" in label else "")
-        rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS, **kwargs)
+        rm = bray.RemoteModel(name, model=model, forward_args=example, max_batch_size=BATCH, num_workers=WORKERS,
+                              node_proxy=False, **kwargs)  # one process: direct, as labelled
         systems[label] = (lambda rm=rm: rm.forward(obs, batch=False))
         systems[label].rm = rm  # type: ignore[attr-defined]
 
@@ -282,7 +283,8 @@ def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any,
     auth = server.headers("inference")
     stocks = [{"label": f"stock (JSON, 32/{s.delay_ms} ms)", "kind": "stock", "model": s.name,
                "url": f"{server.inference_url}/predictions/{s.name}", "headers": auth} for s in (stock0, stock)]
-    brays = [{"label": "bray direct", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL, "locations": locations},
+    brays = [{"label": "bray direct", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL, "locations": locations,
+              "options": {"node_proxy": False}},
              {"label": "bray node proxy", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL,
               "locations": locations, "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()}]
     res = bench_procs.measure(stocks + brays, procs=args.procs, rows=args.obs_per_call, duration_s=args.procs_duration_s,

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         bray.init(store=work / "store", model_store=server.model_store, inference_url=server.inference_url,
                   management_url=server.management_url, key_file=server.key_file)
         rm = bray.RemoteModel("policy_floor", model=PolicyMLP(64, 256, 16).eval(), forward_args=(torch.zeros(32, 64),),
-                              max_batch_size=32, num_workers=2)
+                              max_batch_size=32, num_workers=2, node_proxy=False)
         proxied = bray.RemoteModel("policy_floor", node_proxy=True)
         obs = np.zeros((1, 64), np.float32)
         warm_until = time.monotonic() + 4

@@ -162,7 +162,7 @@ def actor(idx: int, stop_at: float, envs: int, out: Any, league_at: float, game_
     _init_from_env()
     import bray
 
-    rm = bray.RemoteModel(NAME, node_proxy=node_proxy)  # a clone of it gets its own node proxy
+    rm = bray.RemoteModel(NAME, node_proxy=node_proxy)  # its clones (weight sets) share its node proxy
     league = bray.ModelPool(rm, clone_workers=1, seed=idx)  # metric="win", explore_rate=0.3
     store = rm.store
     rng = np.random.default_rng(idx)

@@ -66,7 +66,8 @@ def locations(torchserve: TorchServeProcess, tmp_path_factory: pytest.TempPathFa
 def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, str], torchserve: TorchServeProcess,
                                          tmp_path: Path) -> None:
     systems = [
-        {"label": "direct", "kind": "bray", "model": NAME, "name": NAME, "locations": locations},
+        {"label": "direct", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
+         "options": {"node_proxy": False}},
         {"label": "proxy", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
          "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()},
         {"label": "absent", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
