@@ -130,7 +130,8 @@ class EngineHandler(BaseHandler):
         self.pipeline = Pipeline(self.spec, self.engine, self.follower, fixed_batch_size=cfg.options.fixed_batch_size,
                                  limits=wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes),
                                  reject_nonfinite=cfg.options.reject_nonfinite)
-        self.weight_sets = WeightSets(self._store, cfg.name, self.engine, budget_bytes=cfg.options.weight_sets_bytes)
+        self.weight_sets = WeightSets(self._store, cfg.name, self.engine, budget_bytes=cfg.options.weight_sets_bytes,
+                                      on_load=self.metrics.weight_set_loaded)
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.options.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
         self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))

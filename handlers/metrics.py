@@ -17,6 +17,13 @@ metric                                  type       meaning
 ``bray_samples_total``                  counter    samples forwarded (sum of batch dimensions)
 ``bray_batches_total``                  counter    forwards (TorchServe batches with a good request)
 ``bray_max_batch_requests``             gauge      TorchServe's ``batchSize`` for this version
+``bray_weight_sets_held``               gauge      clones' weight sets this worker holds
+                                                   (``weight_sets.py``)
+``bray_weight_sets_bytes``              gauge      their prepared weights, bytes (the budget is
+                                                   ``--weight-sets-mb``)
+``bray_weight_set_loads_total``         counter    weight-set steps loaded (a miss, or newer)
+``bray_weight_set_misses_total``        counter    loads of a set this worker did not hold
+``bray_weight_set_evictions_total``     counter    sets dropped, least recently used, to fit
 ======================================  =========  ==========================================
 
 Every series has the labels ``model``, ``version`` and ``worker`` (the worker's pid), plus
@@ -51,8 +58,14 @@ REQUESTS = "bray_requests_total"
 SAMPLES = "bray_samples_total"
 BATCHES = "bray_batches_total"
 MAX_BATCH = "bray_max_batch_requests"
+SETS_HELD = "bray_weight_sets_held"
+SETS_BYTES = "bray_weight_sets_bytes"
+SET_LOADS = "bray_weight_set_loads_total"
+SET_MISSES = "bray_weight_set_misses_total"
+SET_EVICTIONS = "bray_weight_set_evictions_total"
 
-METRIC_NAMES = (SERVED_STEP, PUBLISH_TO_SERVED, WEIGHT_LOAD, REFUSED_STEPS, REQUESTS, SAMPLES, BATCHES, MAX_BATCH)
+METRIC_NAMES = (SERVED_STEP, PUBLISH_TO_SERVED, WEIGHT_LOAD, REFUSED_STEPS, REQUESTS, SAMPLES, BATCHES, MAX_BATCH,
+                SETS_HELD, SETS_BYTES, SET_LOADS, SET_MISSES, SET_EVICTIONS)
 
 
 class ServingMetrics:
@@ -108,6 +121,14 @@ class ServingMetrics:
             self._reported_at = now
         for name, value in pending.items():
             self._emit(name, value, "count", "COUNTER")
+
+    def weight_set_loaded(self, *, miss: bool, evicted: int, held: int, nbytes: int) -> None:
+        """A weight set's step was loaded (a miss or a newer step); ``held``/``nbytes`` after it."""
+        self._emit(SET_LOADS, 1, "count", "COUNTER")
+        self._emit(SET_MISSES, int(miss), "count", "COUNTER")
+        self._emit(SET_EVICTIONS, evicted, "count", "COUNTER")
+        self.gauge(SETS_HELD, held, "count")
+        self.gauge(SETS_BYTES, nbytes, "bytes")
 
     def gauge(self, name: str, value: float, unit: str) -> None:
         self._emit(name, value, unit, "GAUGE")

@@ -25,7 +25,7 @@ import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from bray import wire
 from bray.errors import BrayError, ConfigError, InputError
@@ -72,10 +72,13 @@ class WeightSets:
         budget_bytes: the most bytes of prepared weights held at once (the set a batch
             needs is always held, even over the budget).
         announce: write each held set's step into its serving announcements.
+        on_load: told of every load: ``miss`` (the set was not held), ``evicted`` (sets
+            dropped to fit), ``held`` and ``nbytes`` after it (the handler's metrics).
     """
 
     def __init__(self, store: CheckpointStore, root: str, engine: Engine, *, budget_bytes: int,
-                 announce: bool = True) -> None:
+                 announce: bool = True, on_load: Callable[..., None] | None = None) -> None:
+        self.on_load = on_load
         self.store = store
         self.root = root
         self.engine = engine
@@ -114,6 +117,7 @@ class WeightSets:
             if held is not None and (latest is None or held.step >= latest) and held.step >= min_step:
                 self._held.move_to_end(name)
                 return held.step, held.prepared
+        held_before = held
         if held is None:
             self.misses += 1
         ckpt = self.store.load(name, -1)
@@ -125,6 +129,9 @@ class WeightSets:
             self._held[name] = _Held(ckpt.step, prepared, nbytes)
             self._held.move_to_end(name)
             evicted = self._evict(keep=name)
+            held, used = len(self._held), sum(h.nbytes for h in self._held.values())
+        if self.on_load is not None:
+            self.on_load(miss=held_before is None, evicted=len(evicted), held=held, nbytes=used)
         self._announce(name, ckpt.step)
         for gone in evicted:
             self._withdraw(gone)

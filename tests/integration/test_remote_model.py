@@ -246,6 +246,14 @@ def test_clones_are_weight_sets_served_by_their_models_workers(torchserve: Torch
         return wrong
 
     assert asyncio.run(league(20)) == []
+    # what the workers hold shows on TorchServe's metrics API (Prometheus), per worker
+    import requests
+
+    scraped = requests.get(f"{torchserve.metrics_url}/metrics", timeout=30).text
+    held = [line for line in scraped.splitlines() if line.startswith("bray_weight_sets_held{") and 'model="rm_ws"' in line]
+    assert held and max(float(line.rsplit(" ", 1)[1]) for line in held) >= 1, scraped[-2000:]
+    assert any(line.startswith("bray_weight_set_loads_total{") and 'model="rm_ws"' in line
+               for line in scraped.splitlines())
     # a clone stays trainable: a publish to it is what its next answer has, and wait() says so
     assert opponents[1].publish_weights(probe_weights(12)).wait(timeout_s=30) >= 0
     out, step = opponents[1](X, return_step=True)
