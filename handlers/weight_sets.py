@@ -129,9 +129,9 @@ class WeightSets:
             self._held[name] = _Held(ckpt.step, prepared, nbytes)
             self._held.move_to_end(name)
             evicted = self._evict(keep=name)
-            held, used = len(self._held), sum(h.nbytes for h in self._held.values())
+            count, used = len(self._held), sum(h.nbytes for h in self._held.values())
         if self.on_load is not None:
-            self.on_load(miss=held_before is None, evicted=len(evicted), held=held, nbytes=used)
+            self.on_load(miss=held_before is None, evicted=len(evicted), held=count, nbytes=used)
         self._announce(name, ckpt.step)
         for gone in evicted:
             self._withdraw(gone)
