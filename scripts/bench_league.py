@@ -12,7 +12,7 @@ worker), its processes, and ``clone()`` to the clone's first answer (median).
 
     .venv/bin/python scripts/bench_league.py [--ks 0,8,64] [--dedicated-ks 0,4] [--games 8] [--seconds 4]
 
-Writes ``results/bench_league.{md,json}``. One process of games is not the 8 actor
+Writes ``results/bench_league.{md,json,png}``. One process of games is not the 8 actor
 processes of the issue's table: compare the columns within a run.
 """
 
@@ -137,7 +137,35 @@ def main() -> int:
         f"--games {args.games} --seconds {args.seconds}: one TorchServe, learner 2 workers, batch 32; G games in one "
         "process, each step the learner then one opponent round robin_\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows, out / "bench_league.png")
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Forwards/s and TorchServe's memory against K, weight sets and dedicated clones."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_league: matplotlib missing; no plot (pip install 'bray-serve[bench]')")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for dedicated, style, label in ((False, "o-", "weight sets (default)"), (True, "s--", "dedicated models")):
+        pts = sorted((r["k"], r["forwards_per_s"], r["torchserve_mb"]) for r in rows if r["dedicated"] == dedicated
+                     or (r["k"] == 0 and not r["dedicated"]))
+        if pts:
+            left.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            right.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+    left.set(xlabel="opponents K", ylabel="forwards/s", title="league throughput")
+    right.set(xlabel="opponents K", ylabel="TorchServe RSS (MB)", title="TorchServe memory")
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
