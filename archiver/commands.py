@@ -178,6 +178,13 @@ def run_status(args: argparse.Namespace, opts: ServerOptions, _: Any, out: TextI
             rows += [(m.name, v.version, "*" if v.is_default else "", _step_text(v.step, v.live),
                       f"{v.ready_workers}/{v.workers}", v.archive, v.store or "?") for v in m.versions]
         _table(rows, o)
+        for m in models:
+            held = [w for w in m.weight_sets if w.held_by]
+            if m.weight_sets:
+                shown = ", ".join(f"{w.name} (step {w.step}, {len(w.held_by)} worker(s))" for w in held[:8])
+                more = f" and {len(held) - 8} more" if len(held) > 8 else ""
+                print(f"{m.name}: {len(m.weight_sets)} clone(s) served as weight sets, {len(held)} held by its "
+                      f"workers now" + (f": {shown}{more}" if held else ""), file=o)
 
     _emit(opts, data, human, out)
     return 0

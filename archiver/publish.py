@@ -49,6 +49,7 @@ __all__ = [
     "ModelStatus",
     "PublishWatch",
     "VersionStatus",
+    "WeightSetStatus",
     "check_owner",
     "list_versions",
     "prune",
@@ -425,12 +426,49 @@ class VersionStatus:
 
 
 @dataclass(frozen=True)
+class WeightSetStatus:
+    """A clone served as a weight set of a registered model (``handlers/weight_sets.py``).
+
+    Attributes:
+        name: the clone's name (what ``X-Bray-Weights`` names).
+        step: its latest step in the store.
+        held_by: the workers holding it now (``"<host>-<pid>"``) and the step each holds.
+    """
+
+    name: str
+    step: int | None
+    held_by: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelStatus:
-    """A registered model and its versions (numeric versions in step order)."""
+    """A registered model, its versions (numeric versions in step order) and its weight sets."""
 
     name: str
     default_version: str
     versions: tuple[VersionStatus, ...] = field(default=())
+    weight_sets: tuple[WeightSetStatus, ...] = field(default=())
+
+
+def _weight_sets(name: str, root: str | None) -> tuple[WeightSetStatus, ...]:
+    """The clones of ``name`` in the store at ``root`` that its workers serve as weight sets."""
+    if root is None:
+        return ()
+    from bray.handlers.weight_sets import family_root
+    from bray.store import CheckpointStore
+
+    store = CheckpointStore(root)
+    out = []
+    try:
+        for other in store.names():
+            if other == name or store.clone_origin(other) is None or store.clone_dedicated(other):
+                continue
+            if family_root(store, other) == name:
+                held = {worker: int(info.get("step", -1)) for worker, info in store.serving(other).items()}
+                out.append(WeightSetStatus(name=other, step=store.latest(other), held_by=held))
+    except (BrayError, OSError) as err:  # a store this machine cannot read whole: say what was read
+        log.warning("bray-archive: could not read every weight set of %s in %s: %s", name, root, err)
+    return tuple(out)
 
 
 def status(*, client: ManagementClient, model_store: str | os.PathLike[str] | None = None,
@@ -462,7 +500,9 @@ def status(*, client: ManagementClient, model_store: str | os.PathLike[str] | No
             rows.append(VersionStatus(version=v.version, is_default=v.is_default, workers=v.workers,
                                       ready_workers=v.ready_workers, live=live, step=step, archive=v.url,
                                       store=root))
-        result.append(ModelStatus(name=name, default_version=default, versions=tuple(rows)))
+        live_root = next((r.store for r in rows if r.live and r.store), None)
+        result.append(ModelStatus(name=name, default_version=default, versions=tuple(rows),
+                                  weight_sets=_weight_sets(name, live_root)))
     return result
 
 

@@ -254,6 +254,14 @@ def test_clones_are_weight_sets_served_by_their_models_workers(torchserve: Torch
     assert held and max(float(line.rsplit(" ", 1)[1]) for line in held) >= 1, scraped[-2000:]
     assert any(line.startswith("bray_weight_set_loads_total{") and 'model="rm_ws"' in line
                for line in scraped.splitlines())
+    # bray-archive status lists them, with the workers holding each
+    from bray.archiver import status
+
+    with ManagementClient(torchserve.management_url, key_file=torchserve.key_file) as client:
+        (model,) = status(client=client, model_store=torchserve.model_store, names=["rm_ws"])
+    sets = {w.name: w for w in model.weight_sets}
+    assert set(sets) == {o.name for o in [*opponents, grand]}
+    assert all(sets[o.name].held_by and set(sets[o.name].held_by.values()) == {o.step} for o in opponents)
     # a clone stays trainable: a publish to it is what its next answer has, and wait() says so
     assert opponents[1].publish_weights(probe_weights(12)).wait(timeout_s=30) >= 0
     out, step = opponents[1](X, return_step=True)
