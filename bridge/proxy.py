@@ -431,7 +431,7 @@ def serve(name: str, *, locations: Locations | None = None, step: int | None = N
         use(loc)
         # This process inherits BRAY_METRICS_PORT from the caller that started it, whose
         # exporter holds that port: the proxy's own view has a variable of its own.
-        model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step,
+        model = RemoteModel(name, override_model=False, timeout_s=timeout_s, _pinned_step=step, node_proxy=False,
                             metrics_port=os.environ.get(PROXY_METRICS_ENV_VAR) or 0)
         assert isinstance(model.transport, DirectTransport)  # node_proxy=False: the proxy calls TorchServe
         transport = model.transport

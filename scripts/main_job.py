@@ -76,8 +76,8 @@ class JobConfig:
         p.add_argument("--publish-every-s", type=float, default=0.5, help="trainer publish period")
         p.add_argument("--archive-every", type=int, default=10, help="archive every N-th step as a version")
         p.add_argument("--league-every", type=int, default=0,
-                       help="keep every N-th step as a league checkpoint (0: about 5 over the run; each sampled "
-                            "checkpoint is a served clone with a worker of its own)")
+                       help="keep every N-th step as a league checkpoint (0: about 40 over the run; each sampled "
+                            "checkpoint is a clone served as a weight set of the learner's workers)")
         p.add_argument("--game-steps", type=int, default=8, help="forwards per league game")
         p.add_argument("--report-dir", type=Path, default=Path(__file__).resolve().parent.parent / "results" / "main_job",
                        help="where report.md and league.png go")
@@ -91,7 +91,7 @@ class JobConfig:
             if getattr(a, key) <= 0:
                 p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(a, key)}")
         if a.league_every == 0:
-            a.league_every = max(1, round(a.duration_s / a.publish_every_s / 5))
+            a.league_every = max(1, round(a.duration_s / a.publish_every_s / 40))
         for key in ("hidden", "actors", "envs", "workers", "archive_every", "league_every", "game_steps"):
             if getattr(a, key) < 1:
                 p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(a, key)}")

@@ -263,7 +263,9 @@ def test_the_node_proxy_is_on_by_default_started_by_the_first_call(env: dict[str
     from bray.bridge.direct import DirectTransport
     from bray.bridge.proxy_client import NodeProxyTransport
 
-    monkeypatch.delenv("BRAY_NODE_PROXY", raising=False)
+    monkeypatch.delenv("BRAY_NODE_PROXY", raising=False)  # and so for the proxy this test starts
+    address = proxy_address(NAME, "latest", [env["BRAY_INFERENCE_URL"]], env["BRAY_STORE"])
+    wait_for(lambda: not listening(address), 60, "the module's earlier proxy to exit (idle)")
     rm = bray.RemoteModel(NAME)
     try:
         assert isinstance(rm.transport, NodeProxyTransport)
