@@ -323,7 +323,9 @@ def report(cfg: JobConfig, rm: Any, results: dict[str, Any], archiver: Any, mode
     failures = sum(a["failures"] for a in actors)
     proxy = rm.proxy_stats()  # the node proxy's counters over every actor process
     opp_proxies = [p for a in actors for p in a.get("opponent_proxies", [])]
-    via_proxy = (proxy["requests"] if proxy else 0) + sum(p["requests"] for p in opp_proxies)
+    # Weight-set opponents share the learner's proxy: count each proxy process once.
+    proxies = {p["pid"]: p for p in ([proxy] if proxy else []) + opp_proxies}
+    via_proxy = sum(p["requests"] for p in proxies.values())
     requests = sum(a["requests"] for a in actors) + via_proxy
     fallbacks = sum(a.get("fallbacks", 0) for a in actors)
     trainer = results.get("trainer", {})
