@@ -286,7 +286,11 @@ def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any,
     brays = [{"label": "bray direct", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL, "locations": locations,
               "options": {"node_proxy": False}},
              {"label": "bray node proxy", "kind": "bray", "model": PROCS_MODEL, "name": PROCS_MODEL,
-              "locations": locations, "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()}]
+              "locations": locations, "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()},
+             # Bray code run unchanged: RemoteModel(name), whatever the default is (the node
+             # proxy since issue 23, unless BRAY_NODE_PROXY=0 in this shell).
+             {"label": "bray default (Bray code unchanged)", "kind": "bray", "model": PROCS_MODEL,
+              "name": PROCS_MODEL, "locations": locations}]
     res = bench_procs.measure(stocks + brays, procs=args.procs, rows=args.obs_per_call, duration_s=args.procs_duration_s,
                               warmup_s=1.0 if args.quick else 3.0,
                               metrics_url=server.metrics_url)
