@@ -147,6 +147,57 @@ def test_worker_sigkill_under_64_callers_is_retried_and_the_worker_comes_back_on
     assert step == 2 and probe_ok(out, 2)
 
 
+def test_worker_sigkill_in_a_league_answers_every_opponent_with_its_own_weights(
+        server: TorchServeProcess, probe: Callable[..., RemoteModel]) -> None:
+    """Clones served as weight sets of the killed worker's model: no call lost, no wrong opponent."""
+    from bray.errors import BrayError
+
+    rm = probe(server, "kill-league", workers=2)
+    rm.publish_weights(probe_weights(1), step=1).wait(30)
+    clones = [rm.clone(step=1, name=f"k{i}") for i in range(2)]
+    for i, clone in enumerate(clones):
+        clone.publish_weights(probe_weights(11 + i)).wait(30)
+    want = {rm.name: 1, clones[0].name: 11, clones[1].name: 12}
+    client = rm._management()
+    before = worker_pids(client, rm.name, "latest")
+    assert len(before) == 2, before
+    victim = sorted(before)[0]
+
+    async def league() -> tuple[list[str], list[str], int]:
+        wrong: list[str] = []
+        failures: list[str] = []
+        answers = 0
+        stop = time.monotonic() + 6.0
+
+        async def caller(model: RemoteModel) -> None:
+            nonlocal answers
+            while time.monotonic() < stop:
+                try:
+                    out = await model.forward(probe_input(), batch=True)
+                except BrayError as err:
+                    failures.append(f"{model.name}: {err}")
+                    continue
+                answers += 1
+                if not probe_ok(out, want[model.name]):
+                    wrong.append(f"{model.name}: {out}")
+
+        async def kill() -> None:
+            await asyncio.sleep(1.5)
+            os.kill(victim, signal.SIGKILL)
+
+        await asyncio.gather(kill(), *(caller(m) for m in (rm, *clones) for _ in range(8)))
+        return wrong, failures, answers
+
+    wrong, failures, answers = asyncio.run(league())
+    assert failures == [], failures[:5]
+    assert wrong == [], wrong[:5]
+    assert answers > 24
+    wait_workers(client, rm.name, "latest", count=2, exclude={victim})
+    for _ in range(8):  # the replacement worker loads each weight set on its first use
+        for model in (rm, *clones):
+            assert probe_ok(model(probe_input()), want[model.name]), model.name
+
+
 def test_torchserve_restart_while_publishing_reregisters_from_the_store_and_loses_no_step(
         torchserve_factory: Callable[..., TorchServeProcess], probe: Callable[..., RemoteModel]) -> None:
     first = torchserve_factory()

@@ -286,3 +286,25 @@ def test_the_node_proxy_is_on_by_default_started_by_the_first_call(env: dict[str
     explicit = bray.RemoteModel(NAME, node_proxy=False)
     assert isinstance(explicit.transport, DirectTransport)
     explicit.close()
+
+
+def test_a_killed_proxy_loses_no_opponents_call_and_answers_each_with_its_weights(env: dict[str, str]) -> None:
+    learner = bray.RemoteModel(NAME, node_proxy=True)
+    opponent = learner.clone(step=0, name="sigkill", node_proxy=True)
+    try:
+        opponent.publish_weights(probe_weights(21))
+        want = {learner.name: float(learner.get_model().lin.bias[0]), opponent.name: 21.0}
+        stats = learner.proxy_stats()
+        assert stats is not None and opponent.transport.proxy.address == learner.transport.proxy.address
+        os.kill(stats["pid"], signal.SIGKILL)
+        wait_for(lambda: not alive(stats["pid"]), 30, "the proxy to die")
+        for _ in range(30):  # direct while it is away, through a new one once the next call restarted it
+            for model in (learner, opponent):
+                out = model(X)
+                np.testing.assert_allclose(out, want[model.name] * (X.sum(-1, keepdims=True) + 1).repeat(2, -1))
+        assert learner.proxy_fallbacks + opponent.proxy_fallbacks >= 1
+        restarted = wait_for(lambda: (learner(X) is not None) and learner.proxy_stats(), 120, "a new proxy")
+        assert restarted["pid"] != stats["pid"]
+    finally:
+        learner.close()
+        opponent.close()
