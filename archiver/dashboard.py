@@ -158,6 +158,18 @@ def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[st
     return rows, stale
 
 
+def _weight_set_of(store: Any, name: str) -> str | None:
+    """The model whose workers serve clone ``name`` as a weight set, else ``None``."""
+    try:
+        if store.clone_origin(name) is None or store.clone_dedicated(name):
+            return None
+        from bray.handlers.weight_sets import family_root
+
+        return str(family_root(store, name))
+    except BrayError:  # an unreadable clone record: shown as a model of its own
+        return None
+
+
 def collect_state(opts: DashboardOptions) -> dict[str, Any]:
     """Everything the page shows, as plain data (what ``/api/state`` answers).
 
@@ -172,13 +184,16 @@ def collect_state(opts: DashboardOptions) -> dict[str, Any]:
     now = time.time()
     models = []
     for name in names:
-        served = server.get(name, {})
+        # A clone served as a weight set has no TorchServe model: its family root's workers hold it.
+        root = _weight_set_of(store, name)
+        served = server.get(root or name, {})
         # The management API answered: a model it does not list has no live worker.
         workers, stale = _live_workers(store.serving(name), served.get("pids", {}) if server_error is None else None,
                                        now)
         models.append({
             "name": name, "latest": store.latest(name), "steps": store.steps(name),
-            "default_version": served.get("default"), "versions": served.get("versions", []),
+            "default_version": None if root else served.get("default"),
+            "versions": [] if root else served.get("versions", []), "weight_set_of": root,
             "workers": workers, "stale_announcements": stale, "league": _league(opts.store, name),
         })
     return {"store": str(opts.store), "time": now, "management_error": server_error,
@@ -294,7 +309,10 @@ def _model_section(m: dict[str, Any], has_server: bool) -> str:
     out = [f'<section class="model" data-model="{_E(name)}"><h2>{_E(name)}</h2>',
            f'<p>latest step <span class="step latest-step">{_E(str(m["latest"]))}</span>'
            f'<span class="muted"> · {_kept_steps(m["steps"])}</span></p>']
-    if m["versions"]:
+    if m.get("weight_set_of"):
+        out.append(f'<p class="weight-set">a clone served as a weight set of <b>{_E(m["weight_set_of"])}</b> '
+                   "by its workers (no TorchServe model of its own)</p>")
+    elif m["versions"]:
         rows = [[_E(v["version"]) + (" <b>(default)</b>" if v["is_default"] else ""),
                  _E("live" if v["live"] else "pinned"), _E(str(v["step"])),
                  f'{v["ready_workers"]}/{v["workers"]}'] for v in m["versions"]]

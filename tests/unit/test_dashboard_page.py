@@ -77,3 +77,20 @@ def test_without_a_server_only_workers_whose_process_exists_are_listed(tmp_path:
     page = render_page(state, refresh_s=2)
     assert f"{here}-{gone}" not in page
     assert 'ignored <span class="stale-count">1</span> stale announcement: a worker that no longer exists' in page
+
+
+def test_a_weight_set_clone_is_shown_as_served_by_its_models_workers(tmp_path: Path) -> None:
+    """Before, every clone read 'not registered on the server'; a weight set never is, and is served."""
+    publish(tmp_path, [0, 1])
+    store = CheckpointStore(tmp_path)
+    store.record_clone_origin("policy-clone-step-1", source="policy", step=1, dedicated=False)
+    store.record_clone_origin("policy-clone-step-0-iso", source="policy", step=0, dedicated=True)
+    store.publish("policy-clone-step-1", W, step=1)
+    store.publish("policy-clone-step-0-iso", W, step=0)
+    state = collect_state(DashboardOptions(store=tmp_path, client=None, model_store=None))
+    by_name = {m["name"]: m for m in state["models"]}
+    assert by_name["policy-clone-step-1"]["weight_set_of"] == "policy"
+    assert by_name["policy-clone-step-0-iso"]["weight_set_of"] is None
+    assert by_name["policy"]["weight_set_of"] is None
+    page = render_page(state, refresh_s=1.0)
+    assert page.count('class="weight-set"') == 1 and "a clone served as a weight set of <b>policy</b>" in page
