@@ -196,6 +196,8 @@ def test_worker_sigkill_in_a_league_answers_every_opponent_with_its_own_weights(
     for _ in range(8):  # the replacement worker loads each weight set on its first use
         for model in (rm, *clones):
             assert probe_ok(model(probe_input()), want[model.name]), model.name
+    for clone in clones:
+        clone.close()
 
 
 def test_torchserve_restart_while_publishing_reregisters_from_the_store_and_loses_no_step(
@@ -239,6 +241,29 @@ def test_torchserve_restart_while_publishing_reregisters_from_the_store_and_lose
     final.wait(30)
     out, step = rm(probe_input(), return_step=True)
     assert step == int(final) and probe_ok(out, step)
+
+
+def test_a_restarted_server_serves_a_weight_set_clone_again_with_its_own_weights(
+        torchserve_factory: Callable[..., TorchServeProcess], probe: Callable[..., RemoteModel]) -> None:
+    """A restarted TorchServe forgot the model: the clone's first call re-registers its root from the store."""
+    first = torchserve_factory()
+    rm = probe(first, "restart-league", workers=1)
+    rm.publish_weights(probe_weights(3), step=1).wait(30)
+    clone = rm.clone(step=1, name="r")
+    clone.publish_weights(probe_weights(17)).wait(30)
+    assert probe_ok(clone(probe_input()), 17) and probe_ok(rm(probe_input()), 3)
+    ports = dict(inference_port=_port(first.inference_url), management_port=_port(first.management_url),
+                 metrics_port=_port(first.metrics_url), grpc_ports=first.grpc_ports)
+    first.stop()
+    second = torchserve_factory(workdir=first.workdir, **ports)
+    with ManagementClient(second.management_url, key_file=second.key_file) as c:
+        assert rm.name not in c.list_models()  # forgotten (snapshots are off)
+    for _ in range(5):  # the clone first: its 404 registers rm's live version again, once
+        assert probe_ok(clone(probe_input()), 17)
+        assert probe_ok(rm(probe_input()), 3)
+    with ManagementClient(second.management_url, key_file=second.key_file) as c:
+        assert [m for m in c.list_models() if m.startswith("restart-league")] == ["restart-league"]
+    clone.close()
 
 
 def test_reconnect_is_bounded_with_a_clear_error() -> None:
