@@ -160,12 +160,10 @@ def _live_workers(announced: dict[str, dict[str, Any]], pids: dict[int, tuple[st
 
 def _weight_set_of(store: Any, name: str) -> str | None:
     """The model whose workers serve clone ``name`` as a weight set, else ``None``."""
-    try:
-        if store.clone_origin(name) is None or store.clone_dedicated(name):
-            return None
-        from bray.handlers.weight_sets import family_root
+    from bray.handlers.weight_sets import weight_set_of
 
-        return str(family_root(store, name))
+    try:
+        return weight_set_of(store, name)
     except BrayError:  # an unreadable clone record: shown as a model of its own
         return None
 

@@ -454,16 +454,14 @@ def _weight_sets(name: str, root: str | None) -> tuple[WeightSetStatus, ...]:
     """The clones of ``name`` in the store at ``root`` that its workers serve as weight sets."""
     if root is None:
         return ()
-    from bray.handlers.weight_sets import family_root
+    from bray.handlers.weight_sets import weight_set_of
     from bray.store import CheckpointStore
 
     store = CheckpointStore(root)
     out = []
     try:
         for other in store.names():
-            if other == name or store.clone_origin(other) is None or store.clone_dedicated(other):
-                continue
-            if family_root(store, other) == name:
+            if other != name and weight_set_of(store, other) == name:
                 held = {worker: int(info.get("step", -1)) for worker, info in store.serving(other).items()}
                 out.append(WeightSetStatus(name=other, step=store.latest(other), held_by=held))
     except (BrayError, OSError) as err:  # a store this machine cannot read whole: say what was read

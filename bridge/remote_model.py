@@ -350,11 +350,9 @@ class RemoteModel:
         return self.served_by != self.name
 
     def _served_by(self, local_mode: bool) -> str:
-        if local_mode or self.store.clone_origin(self.name) is None or self.store.clone_dedicated(self.name):
-            return self.name
-        from bray.handlers.weight_sets import family_root
+        from bray.handlers.weight_sets import weight_set_of
 
-        return family_root(self.store, self.name)
+        return self.name if local_mode else weight_set_of(self.store, self.name) or self.name
 
     def _ensure_export(self, given_name: str, *, override: bool) -> None:
         """Export the model into the store (given one), or check the store has a usable export."""
@@ -623,6 +621,7 @@ class RemoteModel:
             StepNotFoundError: no kept step at or below ``step``.
         """
         real = self.store.resolve(self.name, step if self._pinned is None or step != -1 else self._pinned)
+        dedicated = dedicated or self.engine_name != "torch" or self.local_mode  # only torch shares workers
         clone_name = f"{self.name}-clone-step-{real}" + (f"-{name}" if name else "")
         self.store.model_dir(clone_name)  # a name TorchServe and the store accept, or ConfigError
         origin = self.store.clone_origin(clone_name)
@@ -632,10 +631,9 @@ class RemoteModel:
                     f"{clone_name!r} is already a model of its own in {self.store.root}, not a clone of "
                     f"{self.name!r} at step {real}; clone with another name= suffix"
                 )
-            dedicated = dedicated or self.engine_name != "torch" or self.local_mode
             origin = self.store.record_clone_origin(clone_name, source=self.name, step=real, dedicated=dedicated)
-        elif self.store.clone_dedicated(clone_name) != (dedicated or self.engine_name != "torch" or self.local_mode):
-            kind = "a model of its own" if self.store.clone_dedicated(clone_name) else "a weight set"
+        elif (recorded := self.store.clone_dedicated(clone_name)) != dedicated:
+            kind = "a model of its own" if recorded else "a weight set"
             raise ConfigError(f"{clone_name!r} was cloned as {kind} before; clone it the same way (dedicated=) "
                               "or with another name= suffix")
         if origin != (self.name, real):

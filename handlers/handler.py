@@ -266,11 +266,7 @@ class EngineHandler(BaseHandler):
         Raises:
             WireError: the header is there but is not a byte count.
         """
-        try:
-            value = context.get_request_header(idx, HEADER_LENGTH) or context.get_request_header(
-                idx, HEADER_LENGTH.lower())
-        except (IndexError, KeyError, TypeError):
-            return None
+        value = EngineHandler._header(context, idx, HEADER_LENGTH)
         if not value:
             return None
         try:

@@ -32,7 +32,7 @@ from bray.errors import BrayError, ConfigError, InputError
 from bray.handlers.engines.base import Engine
 from bray.store import CheckpointStore
 
-__all__ = ["WeightSets", "family_root"]
+__all__ = ["WeightSets", "family_root", "weight_set_of"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ def family_root(store: CheckpointStore, name: str) -> str:
         if origin[0] in seen:
             raise ConfigError(f"the clone records of {name!r} loop ({' -> '.join(seen + [origin[0]])})")
         seen.append(origin[0])
+
+
+def weight_set_of(store: CheckpointStore, name: str) -> str | None:
+    """The model whose workers serve ``name`` as a weight set; ``None`` for a model of its own
+    (no clone, or a dedicated clone).
+
+    Raises:
+        ConfigError: an invalid name, or clone records that loop.
+        CorruptCheckpointError: an unreadable clone record.
+    """
+    if store.clone_origin(name) is None or store.clone_dedicated(name):
+        return None
+    return family_root(store, name)
 
 
 @dataclass
@@ -87,6 +100,8 @@ class WeightSets:
         self._families: dict[str, bool] = {}  # name -> descends from root (clone records never change)
         self._lock = threading.Lock()
         self._worker = f"{socket.gethostname()}-{os.getpid()}" if announce else None
+        # An engine that does not override forward_with cannot run weight sets: asked once.
+        self._supported = type(engine).forward_with is not Engine.forward_with
         self.misses = 0
         self.loads = 0
         self.evictions = 0
@@ -109,21 +124,19 @@ class WeightSets:
             StoreError / EngineError: its newest step cannot be loaded (those rows fail alone).
         """
         self._check_family(name)
-        if type(self.engine).forward_with is Engine.forward_with:
-            self.engine.forward_with([], None)  # raises: this engine says it cannot serve weight sets
+        if not self._supported:
+            self.engine.forward_with([], None)  # raises the engine's own "cannot serve weight sets"
         latest = self.store.latest(name)
         with self._lock:
             held = self._held.get(name)
             if held is not None and (latest is None or held.step >= latest) and held.step >= min_step:
                 self._held.move_to_end(name)
                 return held.step, held.prepared
-        held_before = held
         if held is None:
             self.misses += 1
         ckpt = self.store.load(name, -1)
         prepared = self.engine.prepare_weights(ckpt.weights)
-        nbytes = sum(int(getattr(v, "nbytes", 0)) or int(v.numel() * v.element_size()) for v in prepared.values()) \
-            if isinstance(prepared, dict) else ckpt.meta.nbytes
+        nbytes = sum(int(v.nbytes) for v in prepared.values()) if isinstance(prepared, dict) else ckpt.meta.nbytes
         with self._lock:
             self.loads += 1
             self._held[name] = _Held(ckpt.step, prepared, nbytes)
@@ -131,7 +144,7 @@ class WeightSets:
             evicted = self._evict(keep=name)
             count, used = len(self._held), sum(h.nbytes for h in self._held.values())
         if self.on_load is not None:
-            self.on_load(miss=held_before is None, evicted=len(evicted), held=count, nbytes=used)
+            self.on_load(miss=held is None, evicted=len(evicted), held=count, nbytes=used)
         self._announce(name, ckpt.step)
         for gone in evicted:
             self._withdraw(gone)
