@@ -49,8 +49,11 @@ __all__ = [
     "MAGIC",
     "MIN_STEP_HEADER",
     "NestedArray",
+    "SEGMENTS_HEADER",
+    "STEPS_HEADER",
     "STEP_HEADER",
     "SUPPORTED_DTYPES",
+    "Segment",
     "VERSION",
     "WEIGHTS_HEADER",
     "WORKER_HEADER",
@@ -58,7 +61,9 @@ __all__ = [
     "decode",
     "encode",
     "encode_parts",
+    "encode_segments",
     "is_binary",
+    "parse_segments",
     "to_jsonable",
 ]
 
@@ -76,6 +81,11 @@ STEP_HEADER = "X-Bray-Step"
 WORKER_HEADER = "X-Bray-Worker"
 MIN_STEP_HEADER = "X-Bray-Min-Step"
 WEIGHTS_HEADER = "X-Bray-Weights"
+# One request for several weight sets (what the node proxy sends for a round of a league):
+# the body's rows in consecutive segments, each for one weight set (request), and the step
+# that answered each segment, in the same order (response). See encode_segments.
+SEGMENTS_HEADER = "X-Bray-Segments"
+STEPS_HEADER = "X-Bray-Steps"
 MAGIC = b"BRAY"
 VERSION = 1
 #: Every buffer starts at a multiple of this many bytes from the start of the body.
@@ -570,3 +580,52 @@ def to_jsonable(obj: NestedArray) -> Any:
             raise WireError(f"expected an ndarray, list, tuple, dict or number at {treedef.paths()[i]}, "
                             f"got {_type_name(leaf)}")
     return treedef.unflatten(out, tuples=False)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of one request that one weight set answers (``X-Bray-Segments``).
+
+    Attributes:
+        rows: how many rows of the body, after the previous segments' rows.
+        min_step: the newest step the caller was answered with for that weight set (-1: none).
+        weight_set: the clone whose weights answer them; ``None``: the model's own.
+    """
+
+    rows: int
+    min_step: int = -1
+    weight_set: str | None = None
+
+
+def encode_segments(segments: Sequence[Segment]) -> str:
+    """The ``X-Bray-Segments`` value: ``rows:min_step:weight_set`` per segment, ``;`` between.
+
+    The weight set comes last and may be empty (the model's own weights); clone names hold
+    no ``;``.
+    """
+    return ";".join(f"{s.rows}:{s.min_step}:{s.weight_set or ''}" for s in segments)
+
+
+def parse_segments(value: str, *, rows: int) -> list[Segment]:
+    """Read an ``X-Bray-Segments`` value for a body of ``rows`` rows.
+
+    Raises:
+        WireError: it is not ``rows:min_step:name`` entries whose rows add up to ``rows``.
+    """
+    segments: list[Segment] = []
+    for entry in value.split(";"):
+        parts = entry.split(":", 2)
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            n, min_step = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise WireError(f"{SEGMENTS_HEADER} takes rows:min_step:weight_set entries separated by ';', "
+                            f"got {entry[:60]!r}") from None
+        if n < 1:
+            raise WireError(f"{SEGMENTS_HEADER}: a segment of {n} rows; each holds at least one")
+        segments.append(Segment(n, min_step, parts[2] or None))
+    total = sum(s.rows for s in segments)
+    if total != rows:
+        raise WireError(f"{SEGMENTS_HEADER} covers {total} rows, the body holds {rows}")
+    return segments

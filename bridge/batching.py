@@ -38,9 +38,12 @@ class _Call:
     n: int
     future: asyncio.Future[Any]
     at: float = 0.0  # loop time it was submitted
+    tag: Hashable = None  # which weights answer it (send_tagged's segments), None: the model's own
 
 
 Send = Callable[[Any], Awaitable[tuple[Any, int]]]
+#: ``await send_tagged(payload, [(tag, rows), ...]) -> (outputs, [step per segment])``.
+SendTagged = Callable[[Any, list[tuple[Hashable, int]]], Awaitable[tuple[Any, list[int]]]]
 
 
 class ForwardBatcher:
@@ -59,6 +62,10 @@ class ForwardBatcher:
             2,329 / 3,493 / 2,116 without, three alternating pairs). ``None`` (a
             process's own callers): a call leaves at once whenever a slot is free.
         max_wait_s: see ``more_coming``.
+        send_tagged: sends calls of different tags (weight sets: the node proxy's learner
+            and its opponents) in one request, their rows in one segment per tag; with
+            it, calls of equal signatures coalesce whatever their tags. ``None``: every
+            call is untagged and goes through ``send``.
 
     Built on the event loop it serves (one batcher per loop), which it keeps: Python
     3.11's ``asyncio.get_running_loop`` makes a ``getpid`` system call each time, and
@@ -66,12 +73,14 @@ class ForwardBatcher:
     """
 
     def __init__(self, send: Send, *, max_batch_samples: int, max_inflight: int,
-                 more_coming: Callable[[], bool] | None = None, max_wait_s: float = 0.0) -> None:
+                 more_coming: Callable[[], bool] | None = None, max_wait_s: float = 0.0,
+                 send_tagged: SendTagged | None = None) -> None:
         if max_batch_samples < 0:
             raise ConfigError(f"max_batch_samples must be an integer >= 0, got {max_batch_samples}")
         if max_inflight < 1:
             raise ConfigError(f"max_inflight must be an integer >= 1, got {max_inflight}")
         self._send = send
+        self._send_tagged = send_tagged
         self.max_batch_samples = max_batch_samples
         self.max_inflight = max_inflight
         self._pending: deque[_Call] = deque()
@@ -79,6 +88,7 @@ class ForwardBatcher:
         self.requests_sent = 0
         self.calls = 0
         self.splits = 0  # coalesced requests refused as bad input and sent again call by call
+        self.mixed = 0  # requests holding calls of several tags (weight sets), in segments
         self.more_coming = more_coming
         self.max_wait_s = max_wait_s
         self._wait_handle: asyncio.TimerHandle | None = None
@@ -92,20 +102,21 @@ class ForwardBatcher:
             return await self._send(payload)
         return await self.enqueue(payload, n)
 
-    def enqueue(self, payload: Any, n: int) -> asyncio.Future[tuple[Any, int]]:
+    def enqueue(self, payload: Any, n: int, tag: Hashable = None) -> asyncio.Future[tuple[Any, int]]:
         """:meth:`submit` without a coroutine: the future of ``(outputs, step)``, for a
         caller that answers from a done-callback (the node proxy: no task per call).
-        Call it on the batcher's loop."""
+        ``tag`` says which weights answer it (needs ``send_tagged``). Call it on the
+        batcher's loop."""
         self.calls += 1
         if self.max_batch_samples == 0:
             self.requests_sent += 1
-            return asyncio.ensure_future(self._send(payload), loop=self._loop)
+            return asyncio.ensure_future(self._send_one(payload, n, tag), loop=self._loop)
         future: asyncio.Future[Any] = self._loop.create_future()
         # One walk: calls with equal signatures (containers, keys, dtypes, per-sample
         # shapes) can share a request.
         leaves, treedef = tree.flatten(payload)
         self._pending.append(_Call(tree.batch_signature(treedef, leaves), treedef, leaves, payload, n, future,
-                                   self._loop.time()))
+                                   self._loop.time(), tag))
         self._kick()
         return future
 
@@ -142,22 +153,41 @@ class ForwardBatcher:
         self._wait_handle = None
         self._kick()
 
+    async def _send_one(self, payload: Any, n: int, tag: Hashable) -> tuple[Any, int]:
+        """One call alone in a request."""
+        if tag is None or self._send_tagged is None:
+            return await self._send(payload)
+        outputs, steps = await self._send_tagged(payload, [(tag, n)])
+        return outputs, steps[0]
+
     async def _run(self, group: list[_Call], total: int) -> None:
         try:
             if len(group) == 1:
-                payload = group[0].payload
-            else:
-                columns = zip(*(c.leaves for c in group))
-                payload = group[0].treedef.unflatten([np.concatenate(col) for col in columns])
-            try:
-                outputs, step = await self._send(payload)
-            except InputError:
-                if len(group) == 1:
-                    raise
-                await self._run_apart(group)
+                call = group[0]
+                _settle(call.future, await self._send_one(call.payload, call.n, call.tag))
                 return
-            if len(group) == 1:
-                _settle(group[0].future, (outputs, step))
+            tagged = self._send_tagged is not None and any(c.tag is not None for c in group)
+            if tagged:  # one segment per tag, in the order the tags first came
+                by_tag: dict[Hashable, list[_Call]] = {}
+                for call in group:
+                    by_tag.setdefault(call.tag, []).append(call)
+                group = [call for calls in by_tag.values() for call in calls]
+                self.mixed += len(by_tag) > 1
+            columns = zip(*(c.leaves for c in group))
+            payload = group[0].treedef.unflatten([np.concatenate(col) for col in columns])
+            try:
+                if tagged:
+                    assert self._send_tagged is not None
+                    segments = [(tag, sum(c.n for c in calls)) for tag, calls in by_tag.items()]
+                    outputs, seg_steps = await self._send_tagged(payload, segments)
+                    if len(seg_steps) != len(segments):
+                        raise BatchMismatchError(f"the server answered {len(segments)} segments with "
+                                                 f"{len(seg_steps)} steps")
+                    step_of = dict(zip(by_tag, seg_steps))
+                else:
+                    outputs, step = await self._send(payload)
+            except InputError:
+                await self._run_apart(group)
                 return
             out_leaves, out_def = tree.flatten(outputs)
             for leaf in out_leaves:
@@ -169,7 +199,7 @@ class ForwardBatcher:
             start = 0
             for call in group:
                 part = [leaf[start:start + call.n] for leaf in out_leaves]
-                _settle(call.future, (out_def.unflatten(part), step))
+                _settle(call.future, (out_def.unflatten(part), step_of[call.tag] if tagged else step))
                 start += call.n
         except BaseException as err:  # fail every caller, never leave a future hanging
             for call in group:
@@ -181,7 +211,6 @@ class ForwardBatcher:
             self._inflight -= 1
             self._kick()
 
-
     async def _run_apart(self, group: list[_Call]) -> None:
         """Send each call of a refused group on its own: the server names the bad one(s)."""
         self.splits += 1
@@ -189,7 +218,7 @@ class ForwardBatcher:
 
         async def one(call: _Call) -> None:
             try:
-                _settle(call.future, await self._send(call.payload))
+                _settle(call.future, await self._send_one(call.payload, call.n, call.tag))
             except Exception as err:
                 if not call.future.done():
                     call.future.set_exception(err)

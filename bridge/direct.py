@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from bray import wire
 from bray.bridge.transport import Transport, TransportStats, Watermark
-from bray.errors import NotServedError
+from bray.errors import BatchMismatchError, NotServedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.batching import ForwardBatcher
     from bray.bridge.registration import Registration
-    from bray.torchserve.inference import InferenceClient
+    from bray.torchserve.inference import InferenceClient, Reply
 
 __all__ = ["DirectTransport"]
 
@@ -56,6 +56,7 @@ class DirectTransport(Transport):
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._client: InferenceClient | None = None
+        self._root = self  # siblings share the client of the transport they came from
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ForwardBatcher] = \
             weakref.WeakKeyDictionary()
         #: Every batcher made so far (one per event loop used), for their counters.
@@ -69,13 +70,13 @@ class DirectTransport(Transport):
         other = DirectTransport(self.registration, inference_urls=self.inference_urls,
                                 max_batch_samples=self.max_batch_samples, max_inflight=self.max_inflight,
                                 timeout_s=self.timeout_s, watermark=Watermark(), weight_set=weight_set)
-        other._client = self._client
+        other._root = self._root
         return other
 
     @property
     def client(self) -> InferenceClient | None:
         """The HTTP client (``None`` before the first call): its ``stats`` count requests by node."""
-        return self._client
+        return self._root._client
 
     def batcher(self) -> ForwardBatcher:
         """The client-side batcher of the running event loop (made on first use)."""
@@ -88,13 +89,14 @@ class DirectTransport(Transport):
             from bray.bridge.batching import ForwardBatcher
             from bray.torchserve.inference import InferenceClient
 
-            if self._client is None:
-                self._client = InferenceClient(self.inference_urls, auth=self.registration.inference_auth(),
+            root = self._root
+            if root._client is None:
+                root._client = InferenceClient(self.inference_urls, auth=self.registration.inference_auth(),
                                                timeout_s=self.timeout_s, session_factory=loop_session)
             batcher = self._batchers.get(loop)
             if batcher is None:
                 batcher = ForwardBatcher(self._send, max_batch_samples=self.max_batch_samples,
-                                         max_inflight=self.max_inflight)
+                                         max_inflight=self.max_inflight, send_tagged=self.send_segments)
                 self._batchers[loop] = batcher
                 self.batchers.append(batcher)
         return batcher
@@ -112,23 +114,57 @@ class DirectTransport(Transport):
 
     async def _send(self, payload: Any) -> tuple[Any, int]:
         """One coalesced request (the batcher's sender)."""
-        assert self._client is not None
-        body = wire.encode(payload)
+        reply = await self._predict(wire.encode(payload), weights=self.weight_set, min_step=self.watermark.value)
+        self.watermark.advance(reply.step)  # monotonic reads across workers, for every caller here
+        return wire.decode(bytearray(reply.body)), reply.step
+
+    async def send_segments(self, payload: Any,
+                            segments: list[tuple["DirectTransport | None", int]]) -> tuple[Any, list[int]]:
+        """One request whose consecutive rows are answered segment by segment (``X-Bray-Segments``).
+
+        Each segment is ``(transport, rows)``: a :meth:`sibling` of this transport (its
+        weight set answers those rows) or ``None`` for this one. Each segment's caller's
+        step advances its own transport's watermark. The batcher's ``send_tagged``.
+
+        Returns:
+            The outputs of every row, and each segment's step.
+
+        Raises:
+            InputError: 424 when a segment failed (unknown or unloadable weight set): the
+                batcher then sends its calls apart, each to its own answer or error.
+        """
+        transports = [t or self for t, _ in segments]
+        if len(segments) == 1:
+            outputs, step = await transports[0]._send(payload)
+            return outputs, [step]
+        header = wire.encode_segments([wire.Segment(rows, t.watermark.value, t.weight_set)
+                                       for t, (_, rows) in zip(transports, segments)])
+        reply = await self._predict(wire.encode(payload), segments=header)
+        if len(reply.steps) != len(segments):
+            raise BatchMismatchError(f"{len(segments)} segments sent, {len(reply.steps)} steps in the answer "
+                                     f"({wire.STEPS_HEADER}): is the server's handler older than this client?")
+        for transport, step in zip(transports, reply.steps):
+            transport.watermark.advance(step)
+        return wire.decode(bytearray(reply.body)), list(reply.steps)
+
+    async def _predict(self, body: bytes, *, weights: str | None = None, min_step: int = -1,
+                       segments: str | None = None) -> Reply:
+        """POST ``body``: after the registration's workers are up, registered again on a 404."""
+        client = self.client
+        assert client is not None
         registration = self.registration
         if not registration.idle.is_set():  # its workers are not up yet: 503s otherwise
             await asyncio.get_running_loop().run_in_executor(None, registration.idle.wait, self.timeout_s * 10)
         seen = registration.count
         name, version = registration.name, registration.version
         try:
-            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value,
-                                               weights=self.weight_set)
+            return await client.predict(name, body, version=version, min_step=min_step, weights=weights,
+                                        segments=segments)
         except NotServedError:
             # A restarted TorchServe has forgotten its models: register ours again, then retry once.
             await asyncio.get_running_loop().run_in_executor(None, registration.again, seen)
-            reply = await self._client.predict(name, body, version=version, min_step=self.watermark.value,
-                                               weights=self.weight_set)
-        self.watermark.advance(reply.step)  # monotonic reads across workers, for every caller here
-        return wire.decode(bytearray(reply.body)), reply.step
+            return await client.predict(name, body, version=version, min_step=min_step, weights=weights,
+                                        segments=segments)
 
     def stats(self) -> TransportStats:
         return TransportStats(calls=sum(b.calls for b in self.batchers),

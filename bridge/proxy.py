@@ -133,11 +133,13 @@ class NodeProxy:
         self._idle_since = time.monotonic()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._batcher: Any = None  # the model's batcher on the serving loop
-        # Weight sets (clones served by the model's workers) called through this proxy:
-        # a direct transport each, sharing the model's HTTP client; None is the model's own.
+        # One batcher on the serving loop for the model and every weight set: calls of a
+        # round for the learner and its opponents leave in one request, in segments.
+        self._batcher: Any = None
+        # Weight sets (clones served by the model's workers) called through this proxy: a
+        # sibling transport each (its weight set's name and watermark, the model's HTTP
+        # client), the batch's segment tags; None is the model's own.
         self._sets: dict[str | None, DirectTransport] = {None: transport} if transport is not None else {}
-        self._batchers: dict[str | None, Any] = {}
         #: Called with ``(samples, seconds, error)`` after every call answered (``error``
         #: is ``None`` on success): the place to count the proxy's calls (metrics).
         self.on_call: Callable[[int, float, BaseException | None], None] | None = None
@@ -155,6 +157,7 @@ class NodeProxy:
         client = transport.client if transport is not None else None
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
                 "calls": self.calls, "samples": self.samples, "requests": requests, "call_s": round(self.call_s, 6),
+                "mixed_requests": self._batcher.mixed if self._batcher is not None else 0,
                 "requests_by_url": dict(client.stats.by_url) if client is not None else {},
                 "weight_sets": sorted(name for name in self._sets if name is not None),
                 "cpu_s": round(time.process_time(), 3),
@@ -166,7 +169,8 @@ class NodeProxy:
         self._stop = asyncio.Event()
         loop.add_reader(self.listener.fileno(), self._accept)
         if self.transport is not None:
-            self._batcher = self._batcher_for(None)
+            self._batcher = self.transport.batcher()
+            self._batcher.more_coming, self._batcher.max_wait_s = self._more_coming, _WAIT_S
         idle_exit_s = _FAILED_LINGER_S if self.failure is not None else self.idle_exit_s
         try:
             while not self._stop.is_set():
@@ -185,11 +189,8 @@ class NodeProxy:
                 await asyncio.sleep(0.01)
             for conn in list(self._conns):
                 self._drop(conn)
-            closed: set[int] = set()
-            for transport in self._sets.values():  # weight sets share the model's client
-                if id(transport.client) not in closed:
-                    closed.add(id(transport.client))
-                    await transport.aclose()
+            if self.transport is not None:  # weight sets share the model's client
+                await self.transport.aclose()
 
     def _more_coming(self) -> bool:
         """Whether a caller answered a moment ago has not called again yet."""
@@ -293,18 +294,6 @@ class NodeProxy:
         conn.slot = Slot(fd, size)
         self._send(conn, HEADER.pack(ST_SLOT, 0, -1, 0, size))
 
-    def _batcher_for(self, weight_set: str | None) -> Any:
-        """The batcher of the model's own weights, or of one weight set (made on its first caller)."""
-        batcher = self._batchers.get(weight_set)
-        if batcher is None:
-            assert self.transport is not None
-            transport = self._sets.get(weight_set)
-            if transport is None:
-                transport = self._sets[weight_set] = self.transport.sibling(weight_set)
-            batcher = self._batchers[weight_set] = transport.batcher()
-            batcher.more_coming, batcher.max_wait_s = self._more_coming, _WAIT_S
-        return batcher
-
     def _request(self, conn: _CallerConn, op: int, n: int, step: int, nbytes: int, size: int) -> None:
         if op == OP_CALL:
             if conn.slot is None or conn.busy or self.transport is None:
@@ -328,9 +317,12 @@ class NodeProxy:
         """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
         try:
-            batcher = self._batcher if conn.weight_set is None else self._batcher_for(conn.weight_set)
-            self._sets[conn.weight_set].watermark.advance(min_step)  # a step the caller was answered with elsewhere
-            future = batcher.enqueue(payload, n)
+            transport = self._sets.get(conn.weight_set)
+            if transport is None:
+                assert self.transport is not None
+                transport = self._sets[conn.weight_set] = self.transport.sibling(conn.weight_set)
+            transport.watermark.advance(min_step)  # a step the caller was answered with elsewhere
+            future = self._batcher.enqueue(payload, n, None if conn.weight_set is None else transport)
         except Exception as err:
             assert self._loop is not None
             future = self._loop.create_future()

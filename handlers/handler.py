@@ -42,6 +42,7 @@ from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
+from bray.handlers.request import Parsed
 from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log, throttle_prediction_time
 from bray.handlers.weight_sets import WeightSets
 from bray.store import CheckpointStore
@@ -51,7 +52,7 @@ __all__ = ["EngineHandler"]
 log = logging.getLogger(__name__)
 
 STEP_HEADER, WORKER_HEADER, MIN_STEP_HEADER = wire.STEP_HEADER, wire.WORKER_HEADER, wire.MIN_STEP_HEADER
-WEIGHTS_HEADER = wire.WEIGHTS_HEADER
+WEIGHTS_HEADER, SEGMENTS_HEADER, STEPS_HEADER = wire.WEIGHTS_HEADER, wire.SEGMENTS_HEADER, wire.STEPS_HEADER
 # How long a worker waits to catch up to a step its caller has already seen elsewhere.
 MIN_STEP_WAIT_S = 1.0
 # Counters are summed and reported once per period (a report is a line the frontend parses).
@@ -181,68 +182,129 @@ class EngineHandler(BaseHandler):
         """Answer every request of the batch: outputs, or a 4xx/5xx of its own.
 
         Requests naming a weight set (``X-Bray-Weights``: a clone of this model) run in one
-        forward per set, with that set's newest step; the others with the model's own.
+        forward per set, with that set's newest step; the others with the model's own. A
+        request in segments (``X-Bray-Segments``: the node proxy's round of a league) has its
+        rows answered by several weight sets, each segment joining its set's forward.
         """
         assert self.config is not None and self.follower is not None and self.pipeline is not None
         pipeline = self.pipeline
-        sets = [self._header(context, idx, WEIGHTS_HEADER) or None for idx in range(len(data))]
-        self.follower.catch_up(self._min_step(len(data), context, sets), timeout_s=MIN_STEP_WAIT_S)
-        step = pipeline.swap()
         results: list[Any] = [None] * len(data)
-        steps = [step] * len(data)
-        good: dict[str | None, list[tuple[int, Any]]] = {}
+        # What one forward answers, keyed by weight set (None: the model's own): a whole
+        # request (key idx) or one segment of one (key (idx, k)).
+        good: dict[str | None, list[tuple[Any, Any]]] = {}
+        min_steps: dict[str | None, int] = {}
         oip: dict[int, OipRequest] = {}
+        decoded: dict[int, tuple[Parsed, list[wire.Segment] | None]] = {}
         for idx, request in enumerate(data):
             try:
-                body = _body(request)
-                header_length = self._header_length(context, idx)
-                if is_oip(body, header_length):
-                    oip[idx] = parse_oip(body, self.spec, header_length=header_length,
-                                         reject_nonfinite=self.config.options.reject_nonfinite)
-                    good.setdefault(sets[idx], []).append((idx, oip[idx].parsed))
-                else:
-                    good.setdefault(sets[idx], []).append((idx, pipeline.decode(body)))
+                decoded[idx] = self._decode(context, idx, request, good, min_steps, oip)
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, err.status, err)
+        self.follower.catch_up(min_steps.get(None, -1), timeout_s=MIN_STEP_WAIT_S)
+        step = pipeline.swap()
+        steps: dict[Any, int] = {}
+        answers: dict[Any, Any] = {}  # key -> output leaves, or (status, error)
         for name, group in good.items():
-            weights = None
+            weights, set_step = None, step
             if name is not None:  # one load at most per set, and only when it is new or newer
                 assert self.weight_sets is not None
                 try:
-                    set_step, weights = self.weight_sets.get(name, min_step=max(
-                        self._int_header(context, idx, MIN_STEP_HEADER) for idx, _ in group))
+                    set_step, weights = self.weight_sets.get(name, min_step=min_steps.get(name, -1))
                 except BrayError as err:  # those rows fail alone: the set is unknown or cannot load
                     status = err.status if isinstance(err, InputError) else 503
-                    for idx, _ in group:
-                        results[idx] = self._error(context, idx, status, err)
+                    answers.update((key, (status, err)) for key, _ in group)
                     continue
-                for idx, _ in group:
-                    steps[idx] = set_step
-            self._forward_group(context, group, oip, results, steps, weights)
+            steps.update((key, set_step) for key, _ in group)
+            try:
+                outputs = pipeline.forward([p for _, p in group], weights=weights)
+                answers.update((key, leaves) for (key, _), leaves in zip(group, outputs))
+            except Exception as err:  # an engine failure fails these requests, not the worker
+                log.exception("bray: forward failed for a batch of %d request(s)", len(group))
+                answers.update((key, (500, err)) for key, _ in group)
+        for idx in range(len(data)):
+            if idx not in decoded:  # refused at decoding
+                context.set_response_header(idx, STEP_HEADER, str(step))
+                continue
+            parsed, segments = decoded[idx]
+            if segments is not None:
+                results[idx] = self._segmented_answer(context, idx, parsed, segments, answers, steps)
+            else:
+                results[idx] = self._answer(context, idx, parsed, answers[idx], oip, steps.get(idx, step))
+            context.set_response_header(idx, WORKER_HEADER, str(self._pid))
         self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
                            forwarded=bool(good))
-        for idx in range(len(data)):
-            context.set_response_header(idx, STEP_HEADER, str(steps[idx]))
-            context.set_response_header(idx, WORKER_HEADER, str(self._pid))
         return results
 
-    def _forward_group(self, context: Any, group: list[tuple[int, Any]], oip: dict[int, OipRequest],
-                       results: list[Any], steps: list[int], weights: Any) -> None:
-        """One forward for the requests of one weight set (``weights`` ``None``: the model's own)."""
+    def _decode(self, context: Any, idx: int, request: dict[str, Any], good: dict[str | None, list[tuple[Any, Any]]],
+                min_steps: dict[str | None, int], oip: dict[int, OipRequest]) -> tuple[Parsed, list[wire.Segment] | None]:
+        """Decode request ``idx`` into the forward groups ``good`` (whole, or one entry per segment).
+
+        Returns:
+            The request, and its segments (``None``: answered whole).
+
+        Raises:
+            InputError / WireError: the request is refused alone.
+        """
+        assert self.config is not None and self.pipeline is not None
+        body = _body(request)
+        weight_set = self._header(context, idx, WEIGHTS_HEADER) or None
+        segments_value = self._header(context, idx, SEGMENTS_HEADER)
+        header_length = self._header_length(context, idx)
+        if is_oip(body, header_length):
+            if segments_value:
+                raise InputError(f"{SEGMENTS_HEADER} is for bray.wire bodies, not Open Inference Protocol ones")
+            oip[idx] = parse_oip(body, self.spec, header_length=header_length,
+                                 reject_nonfinite=self.config.options.reject_nonfinite)
+            parsed = oip[idx].parsed
+        else:
+            parsed = self.pipeline.decode(body)
+        if not segments_value:
+            good.setdefault(weight_set, []).append((idx, parsed))
+            hint = self._int_header(context, idx, MIN_STEP_HEADER)
+            min_steps[weight_set] = max(min_steps.get(weight_set, -1), hint)
+            return parsed, None
+        if weight_set is not None:
+            raise InputError(f"a request names its weight sets in {SEGMENTS_HEADER} or in {WEIGHTS_HEADER}, not both")
+        segments = wire.parse_segments(segments_value, rows=parsed.batch)
+        start = 0
+        for k, segment in enumerate(segments):
+            part = Parsed([leaf[start:start + segment.rows] for leaf in parsed.leaves], segment.rows, parsed.binary)
+            start += segment.rows
+            good.setdefault(segment.weight_set, []).append(((idx, k), part))
+            min_steps[segment.weight_set] = max(min_steps.get(segment.weight_set, -1), segment.min_step)
+        return parsed, segments
+
+    def _answer(self, context: Any, idx: int, parsed: Parsed, answer: Any, oip: dict[int, OipRequest],
+                step: int) -> Any:
+        """One whole request's reply: its outputs in the form it came in, or its error."""
         assert self.pipeline is not None
-        pipeline = self.pipeline
-        try:
-            outputs = pipeline.forward([p for _, p in group], weights=weights)
-            for (idx, parsed), leaves in zip(group, outputs):
-                if idx in oip:
-                    results[idx] = self._oip_answer(context, idx, leaves, oip[idx], steps[idx])
-                    continue
-                results[idx] = pipeline.encode(leaves, parsed)
-                context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
-        except Exception as err:  # an engine failure fails these requests, not the worker
-            log.exception("bray: forward failed for a batch of %d request(s)", len(group))
-            for idx, _ in group:
-                results[idx] = self._error(context, idx, 500, err)
+        context.set_response_header(idx, STEP_HEADER, str(step))
+        if isinstance(answer, tuple):
+            return self._error(context, idx, *answer)
+        if idx in oip:
+            return self._oip_answer(context, idx, answer, oip[idx], step)
+        context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
+        return self.pipeline.encode(answer, parsed)
+
+    def _segmented_answer(self, context: Any, idx: int, parsed: Parsed, segments: list[wire.Segment],
+                          answers: dict[Any, Any], steps: dict[Any, int]) -> Any:
+        """A request in segments: every segment's rows in order, or, when a segment failed,
+        424 naming it (the proxy then sends the segments apart, so each caller gets its own
+        answer or error)."""
+        assert self.pipeline is not None
+        parts = [answers[(idx, k)] for k in range(len(segments))]
+        failed = [(segment, part) for segment, part in zip(segments, parts) if isinstance(part, tuple)]
+        if failed:
+            context.set_response_header(idx, STEP_HEADER, "-1")
+            why = "; ".join(f"weight set {s.weight_set or '(the model)'!r}: {err}" for s, (_, err) in failed)
+            return self._error(context, idx, 424, InputError(
+                f"{len(failed)} of {len(segments)} segments failed ({why}); send those rows apart"))
+        seg_steps = [steps[(idx, k)] for k in range(len(segments))]
+        context.set_response_header(idx, STEP_HEADER, str(seg_steps[0]))
+        context.set_response_header(idx, STEPS_HEADER, ",".join(map(str, seg_steps)))
+        leaves = parts[0] if len(parts) == 1 else [np.concatenate(col) for col in zip(*parts)]
+        context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")
+        return self.pipeline.encode(leaves, parsed)
 
     @staticmethod
     def _header(context: Any, idx: int, key: str) -> str | None:
@@ -282,12 +344,6 @@ class EngineHandler(BaseHandler):
         if reply.header_length is not None:
             context.set_response_header(idx, HEADER_LENGTH, str(reply.header_length))
         return reply.body
-
-    @classmethod
-    def _min_step(cls, n: int, context: Any, sets: list[str | None]) -> int:
-        """The highest step any request for the model's own weights says its caller has seen (-1: none)."""
-        return max((cls._int_header(context, idx, MIN_STEP_HEADER) for idx in range(n) if sets[idx] is None),
-                   default=-1)
 
     @staticmethod
     def _error(context: Any, idx: int, status: int, err: Exception) -> str:

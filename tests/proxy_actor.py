@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--until-file", help="keep calling until this file exists (after --calls)")
     parser.add_argument("--weights", type=float, help="every weight, when not the step (a model published by hand)")
+    parser.add_argument("--opponents", default="",
+                        help="play a league: each round calls NAME, then the next of these clones (comma-separated), "
+                             "the i-th's weights at its step s being every one 1000 * (i + 1) + s")
     parser.add_argument("--nan", action="store_true", help="send NaN inputs (a bad input for a strict model)")
     parser.add_argument("--die-mid-call", action="store_true",
                         help="send one call to the proxy and SIGKILL this process before the answer")
@@ -42,6 +45,8 @@ def main() -> int:
         conn.sock.sendall(HEADER.pack(OP_CALL, 1, -1, nbytes, conn.slot.size))
         print(json.dumps({"sent": True}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    opponents = [bray.RemoteModel(clone, node_proxy=True) for clone in args.opponents.split(",") if clone]
+    last_of = [-1] * len(opponents)
     answers, wrong, backwards, last = 0, 0, 0, -1
     first: int | None = None
     errors: list[str] = []
@@ -60,11 +65,24 @@ def main() -> int:
         if step < last:
             backwards += 1
         last = max(last, step)
+        if opponents:  # the round's opponent, with weights that say which clone and which step answered
+            i = done % len(opponents)
+            try:
+                out, step = opponents[i](x, batch=True, return_step=True)
+            except bray.BrayError as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+            answers += 1
+            wrong += not np.allclose(out, (1000 * (i + 1) + step) * (x.sum() + 1))
+            backwards += step < last_of[i]
+            last_of[i] = max(last_of[i], step)
     stats = rm.proxy_stats()
     print(json.dumps({"answers": answers, "errors": errors[:5], "n_errors": len(errors), "wrong": wrong,
                       "backwards": backwards, "fallbacks": rm.proxy_fallbacks, "steps": [first, last],
-                      "proxy_pid": stats["pid"] if stats else None}), flush=True)
-    rm.close()
+                      "proxy_pid": stats["pid"] if stats else None,
+                      "mixed_requests": stats["mixed_requests"] if stats else None}), flush=True)
+    for model in (rm, *opponents):
+        model.close()
     return 0
 
 

@@ -224,7 +224,7 @@ def answer_error(status: int, data: bytes | str, *, api: Api, url: str, method: 
 
     Returns:
         :class:`AuthError` for a refused key (whichever the API); for inference
-        :class:`NotServedError` (404), :class:`InputError` (400, 413, 422) or
+        :class:`NotServedError` (404), :class:`InputError` (400, 413, 422, 424) or
         :class:`ServerError`; for management :class:`ModelNotFoundError` (404),
         :class:`VersionExistsError` (409), :class:`ModelApiDisabledError` (405) or
         :class:`ManagementError` (a refused archive URL, the default version, the rest).
@@ -247,7 +247,7 @@ def answer_error(status: int, data: bytes | str, *, api: Api, url: str, method: 
             return InputError(f"the server refused the request ({status}): {message}", status=status)
         if status == 404:
             return NotServedError(f"{path} is not served at {url}: {message}", status=status, url=url)
-        if status in (400, 413, 422):
+        if status in (400, 413, 422, 424):  # 424: a segment of a request in segments failed (the handler's)
             return InputError(f"the server refused the request ({status}): {message}", status=status)
         return ServerError(f"{path} failed at {url} with {status}: {message}", status=status)
     ts_type = error_type(data)

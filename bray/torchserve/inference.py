@@ -63,6 +63,8 @@ class Reply:
     step: int
     url: str
     content_type: str
+    #: Each segment's step, in order (``X-Bray-Steps``), for a request sent in segments.
+    steps: tuple[int, ...] = ()
 
 
 @dataclass
@@ -174,12 +176,14 @@ class InferenceClient:
 
     async def predict(self, model: str, body: bytes, *, version: str | None = None,
                       content_type: str = "application/octet-stream", min_step: int | None = None,
-                      weights: str | None = None) -> Reply:
+                      weights: str | None = None, segments: str | None = None) -> Reply:
         """POST ``body`` to ``/predictions/<model>[/<version>]`` on the least busy node.
 
         ``min_step`` (the newest step this client has been answered with) asks a worker
         that lags behind it to catch up first, so a caller never sees its step go back.
-        ``weights`` names a weight set of the model (a clone served by its workers).
+        ``weights`` names a weight set of the model (a clone served by its workers);
+        ``segments`` (an ``X-Bray-Segments`` value, :func:`bray.wire.encode_segments`) has
+        several weight sets answer consecutive rows of the body.
 
         Raises:
             InputError: the server answered 400 (its message says what was wrong).
@@ -215,6 +219,8 @@ class InferenceClient:
                 headers[wire.MIN_STEP_HEADER] = str(min_step)
             if weights:
                 headers[wire.WEIGHTS_HEADER] = weights
+            if segments:
+                headers[wire.SEGMENTS_HEADER] = segments
             auth = self._auth_by_url[url]
             try:
                 key_headers = auth.headers("inference") if auth is not None else {}
@@ -234,6 +240,7 @@ class InferenceClient:
                     data = await resp.read()
                     status = resp.status
                     step = resp.headers.get(wire.STEP_HEADER)
+                    seg_steps = resp.headers.get(wire.STEPS_HEADER) if segments else None
                     ctype = resp.headers.get("Content-Type", "")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
                 self.stats.connection_errors += 1
@@ -254,7 +261,8 @@ class InferenceClient:
             first_down = None
             self._refusals[url] = 0  # it answered: back to its full share
             if status == 200:
-                return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype)
+                return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype,
+                             steps=tuple(int(s) for s in seg_steps.split(",")) if seg_steps else ())
             if key_refused(status, data) and auth is not None and url not in refreshed:
                 refreshed.add(url)
                 self.stats.auth_refreshes += 1

@@ -308,3 +308,46 @@ def test_a_killed_proxy_loses_no_opponents_call_and_answers_each_with_its_weight
     finally:
         learner.close()
         opponent.close()
+
+
+def test_a_league_round_goes_out_in_one_request_and_every_row_gets_its_own_weight_sets_answer(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """Four actor processes play the learner and three weight-set opponents through one proxy while the
+    learner and every opponent are published: calls of different weight sets share TorchServe requests
+    (in segments), and every answer's value says which weight set and which step produced it."""
+    learner = bray.RemoteModel(NAME, node_proxy=False)
+    opponents = [learner.clone(step=0, name=f"league{i}", node_proxy=False) for i in range(3)]
+    stop = tmp_path / "stop"
+    actors: list[subprocess.Popen[str]] = []
+    try:
+        def publish(model: bray.RemoteModel, code: int, skip: int = 0) -> Any:  # weights naming (set, step)
+            step = model.step + 1 + skip
+            return model.publish_weights(probe_weights(code + step), step=step)
+
+        publish(learner, 0).wait(timeout_s=60)
+        for i, opp in enumerate(opponents):  # steps apart from the learner's and each other's
+            publish(opp, 1000 * (i + 1), skip=100 * (i + 1)).wait(timeout_s=60)
+        names = ",".join(o.name for o in opponents)
+        actors = [start_actor(env, "--value", str(0.1 * (a + 1)), "--calls", "40", "--until-file", str(stop),
+                              "--opponents", names) for a in range(4)]
+        for _ in range(6):  # published while the actors play
+            publish(learner, 0)
+            for i, opp in enumerate(opponents):
+                publish(opp, 1000 * (i + 1))
+            time.sleep(0.3)
+        stop.touch()
+        results = [result(proc) for proc in actors]
+        for got in results:
+            assert got["n_errors"] == 0, got["errors"]
+            assert got["wrong"] == 0 and got["backwards"] == 0, got
+            assert got["answers"] >= 80, got
+        # As the actors' proxy last counted them: requests that held several weight sets.
+        assert max(got["mixed_requests"] or 0 for got in results) >= 1, results
+    finally:
+        stop.touch()
+        for proc in actors:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for model in (learner, *opponents):
+            model.close()

@@ -105,3 +105,57 @@ def test_a_request_that_left_early_does_not_leave_the_next_one_without_a_bound()
         assert sizes == [2, 1]
 
     asyncio.run(main())
+
+
+def test_calls_of_several_weight_sets_leave_in_one_request_in_segments_each_with_its_step() -> None:
+    """The node proxy's league round: tagged calls share a request, one segment per tag, rows in tag order."""
+    sent: list[list[tuple[Any, int]]] = []
+
+    async def send(payload: Any) -> tuple[Any, int]:  # a request of untagged calls only
+        sent.append([(None, len(payload["args"][0]))])
+        return {"out": payload["args"][0] * 2}, 1
+
+    async def send_tagged(payload: Any, segments: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
+        sent.append(segments)
+        await asyncio.sleep(0)
+        return {"out": payload["args"][0] * 2}, [{None: 1, "a": 20, "b": 300}[tag] for tag, _ in segments]
+
+    async def main() -> None:
+        batcher = ForwardBatcher(send, max_batch_samples=64, max_inflight=1, send_tagged=send_tagged)
+        tags = [None, "a", "b", "a", None, "b", "a"]
+        first = batcher.enqueue(_row(99), 1, None)  # goes alone: the rest wait for its slot
+        futures = [batcher.enqueue(_row(i), 1, tag) for i, tag in enumerate(tags)]
+        await first
+        answers = await asyncio.gather(*futures)
+        for i, (tag, (out, step)) in enumerate(zip(tags, answers)):
+            np.testing.assert_array_equal(out["out"], np.full((1, 3), 2 * i, np.float32))
+            assert step == {None: 1, "a": 20, "b": 300}[tag]
+        assert sent == [[(None, 1)], [(None, 2), ("a", 3), ("b", 2)]]
+        assert batcher.mixed == 1 and batcher.requests_sent == 2
+
+    asyncio.run(main())
+
+
+def test_a_refused_request_in_segments_is_sent_again_call_by_call() -> None:
+    """A segment that fails (424: its weight set is unknown) fails its own callers only."""
+    from bray.errors import InputError
+
+    async def send(payload: Any) -> tuple[Any, int]:  # a request of untagged calls only
+        return {"out": payload["args"][0]}, 5
+
+    async def send_tagged(payload: Any, segments: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
+        if any(tag == "gone" for tag, _ in segments):
+            raise InputError("no weight set 'gone'", status=424 if len(segments) > 1 else 404)
+        return {"out": payload["args"][0]}, [5] * len(segments)
+
+    async def main() -> None:
+        batcher = ForwardBatcher(send, max_batch_samples=64, max_inflight=1, send_tagged=send_tagged)
+        first = batcher.enqueue(_row(0), 1, None)
+        rest = [batcher.enqueue(_row(i), 1, tag) for i, tag in enumerate(["a", "gone", None], 1)]
+        await first
+        got = await asyncio.gather(*rest, return_exceptions=True)
+        assert isinstance(got[1], InputError) and "gone" in str(got[1])
+        assert [g[1] for g in (got[0], got[2])] == [5, 5]  # type: ignore[index]
+        assert batcher.splits == 1
+
+    asyncio.run(main())

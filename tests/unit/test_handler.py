@@ -340,6 +340,37 @@ def test_one_batch_answers_each_request_with_its_own_weight_set(probe_store: Che
     assert probe_store.serving("probe-clone-step-1-a") == {}  # withdrawn when the worker stops
 
 
+def test_a_request_in_segments_answers_each_segments_rows_with_its_weight_set(probe_store: CheckpointStore,
+                                                                              tmp_path: Path) -> None:
+    """The node proxy's league round as one request: rows of the learner and two clones, each segment
+    with its set's weights and step; with a whole request beside it; a failed segment is a 424 naming it."""
+    _clone(probe_store, "probe-clone-step-1-a", "probe", 1, weights_step=5)
+    _clone(probe_store, "probe-clone-step-1-b", "probe", 1, weights_step=7)
+    probe_store.publish("probe-clone-step-1-b", probe_weights(8))  # b at its step 3
+    handler, ctx = probe_handler(probe_store, tmp_path)
+    x = np.arange(6 * 4, dtype=np.float32).reshape(6, 4) / 10
+    body = bytearray(wire.encode({"args": [x]}))
+    S = "X-Bray-Segments"
+    try:
+        mixed = {S: "2:-1:probe-clone-step-1-b;1:-1:;3:2:probe-clone-step-1-a"}
+        answers = run_with(handler, ctx, [(mixed, body), ({"X-Bray-Weights": "probe-clone-step-1-a"}, body)])
+        (status, headers, value), whole = answers
+        assert status == 200 and headers["X-Bray-Steps"] == "3,1,2"
+        np.testing.assert_allclose(value, np.concatenate([expected_probe(8, x[:2]), expected_probe(1, x[2:3]),
+                                                          expected_probe(5, x[3:])]))
+        np.testing.assert_allclose(whole[2], expected_probe(5, x))
+        assert handler.weight_sets is not None and handler.weight_sets.loads == 2  # a's rows shared one load
+
+        (failed,) = run_with(handler, ctx, [({S: "3:-1:probe-clone-step-1-a;3:-1:nope"}, body)])
+        assert failed[0] == 424 and "'nope'" in failed[2]["message"] and "send those rows apart" in failed[2]["message"]
+        for headers_, says in (({S: "2:-1:;3:-1:probe-clone-step-1-a"}, "covers 5 rows, the body holds 6"),
+                               ({S: "6:-1:", "X-Bray-Weights": "probe-clone-step-1-a"}, "not both")):
+            (refused,) = run_with(handler, ctx, [(headers_, body)])
+            assert refused[0] == 400 and says in refused[2]["message"]
+    finally:
+        handler.close()
+
+
 def test_weight_sets_stay_within_their_budget_least_recently_used_out(probe_store: CheckpointStore,
                                                                      tmp_path: Path) -> None:
     for i in range(4):

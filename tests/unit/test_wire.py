@@ -489,3 +489,18 @@ def test_public_names() -> None:
         "Sequence", "TypeAlias", "Union", "ConfigError", "WireError",
     }
     assert public == set(wire.__all__)
+
+
+def test_segments_header_round_trips_and_refuses_what_does_not_add_up() -> None:
+    from bray.wire import Segment, encode_segments, parse_segments
+
+    segments = [Segment(3, 7, None), Segment(1, -1, "policy-clone-step-4-a"), Segment(2, 12, "x:y")]
+    value = encode_segments(segments)
+    assert value == "3:7:;1:-1:policy-clone-step-4-a;2:12:x:y"
+    assert parse_segments(value, rows=6) == segments
+    with pytest.raises(WireError, match="covers 6 rows, the body holds 5"):
+        parse_segments(value, rows=5)
+    with pytest.raises(WireError, match="rows:min_step:weight_set"):
+        parse_segments("3:x:", rows=3)
+    with pytest.raises(WireError, match="at least one"):
+        parse_segments("0:1:a;3:1:", rows=3)
