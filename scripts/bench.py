@@ -23,7 +23,15 @@ reason where this checkout has none): forwards/s, median and p99 call time, samp
 TorchServe request. Writes ``results/bench_procs.md``, ``.json`` and ``.png``
 (``scripts/bench_procs.py`` holds the actors and the table).
 
-    .venv/bin/python scripts/bench.py [--quick] [--tables single,procs] [--duration-s 5] [--out results]
+The league table (``--tables league``, issue 23): 8 actor processes, each game step calling
+the learner and then one of K opponents (0, 8, 64, 256) round robin, one observation a
+call: bray-serve's clones as weight sets with default settings (node proxy) and with
+``node_proxy=False``, bray's dedicated clones at K=8, and stock TorchServe with a version
+per opponent up to K=8 or an 8 GB cap: forwards/s, TorchServe's memory and processes, an
+opponent's creation to its first answer. Writes ``results/bench_league.md``, ``.json`` and
+``.png`` (``scripts/bench_league.py`` holds the opponents, the memory reading and the table).
+
+    .venv/bin/python scripts/bench.py [--quick] [--tables single,procs,league] [--duration-s 5] [--out results]
 """
 
 from __future__ import annotations
@@ -145,9 +153,33 @@ class Stock:
     def deploy(self, state_dict: Any) -> float:
         """torch.save -> torch-model-archiver CLI -> POST /models -> set-default -> answered. Seconds."""
         import requests
-        import torch
 
         t0 = time.perf_counter()
+        version = self.register(state_dict)
+        mgmt, headers = self.server.management_url, self.server.headers("management")
+        requests.put(f"{mgmt}/models/{self.name}/{version}/set-default", headers=headers).raise_for_status()
+        r = requests.post(f"{self.server.inference_url}/predictions/{self.name}", json=self.obs, headers=self.server.headers("inference"))
+        r.raise_for_status()
+        took = time.perf_counter() - t0
+        if self.version > 1:  # not timed: free the old version's workers
+            requests.delete(f"{mgmt}/models/{self.name}/{self.version - 1}", headers=headers)
+        return took
+
+    def add_version(self, state_dict: Any) -> tuple[str, float]:
+        """A league opponent: a new version beside the others (its own workers), not the default.
+        Its URL, and the seconds from torch.save to its first answer."""
+        import requests
+
+        t0 = time.perf_counter()
+        url = f"{self.server.inference_url}/predictions/{self.name}/{self.register(state_dict)}"
+        requests.post(url, json=self.obs, headers=self.server.headers("inference")).raise_for_status()
+        return url, time.perf_counter() - t0
+
+    def register(self, state_dict: Any) -> str:
+        """torch.save -> torch-model-archiver CLI -> POST /models (synchronous); the new version."""
+        import requests
+        import torch
+
         self.version += 1
         weights = self.work / "weights.pt"
         torch.save(state_dict, weights)
@@ -159,17 +191,10 @@ class Stock:
         )
         mar = f"{self.name}-v{self.version}.mar"
         (self.server.model_store / f"{self.name}.mar").rename(self.server.model_store / mar)
-        mgmt, headers = self.server.management_url, self.server.headers("management")
-        r = requests.post(f"{mgmt}/models", headers=headers, params={
+        r = requests.post(f"{self.server.management_url}/models", headers=self.server.headers("management"), params={
             "url": mar, "initial_workers": WORKERS, "batch_size": BATCH, "max_batch_delay": self.delay_ms, "synchronous": "true"})
         r.raise_for_status()
-        requests.put(f"{mgmt}/models/{self.name}/{self.version}/set-default", headers=headers).raise_for_status()
-        r = requests.post(f"{self.server.inference_url}/predictions/{self.name}", json=self.obs, headers=self.server.headers("inference"))
-        r.raise_for_status()
-        took = time.perf_counter() - t0
-        if self.version > 1:  # not timed: free the old version's workers
-            requests.delete(f"{mgmt}/models/{self.name}/{self.version - 1}", headers=headers)
-        return took
+        return str(self.version)
 
     async def forward(self) -> Any:
         import aiohttp
@@ -298,10 +323,113 @@ def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any,
     return res
 
 
+LEAGUE_MODEL = "policy_league"
+
+
+def league_table(args: argparse.Namespace, work: Path, model: Any) -> dict[str, Any]:
+    """The league table (issue 23): actor processes playing the learner and K opponents.
+
+    bray-serve on one TorchServe (weight-set clones at every K, default and direct
+    interleaved, then dedicated clones at small K), then stock TorchServe on a fresh one
+    (a version per opponent, up to ``--league-stock-max-k`` or the memory cap), so each
+    system's memory is its own. See ``scripts/bench_league.py``.
+    """
+    import torch
+
+    import bench_league
+    import bench_procs
+    import bray
+    from bray.torchserve.launcher import start_torchserve
+    from bray.torchserve.management import ManagementClient
+
+    res: dict[str, Any] = {"ks": list(args.league_ks), "actors": args.league_actors, "duration_s": args.league_duration_s,
+                           "cap_mb": args.league_cap_mb, "points": [], "notes": []}
+
+    def measure(systems: list[dict[str, Any]], server: Any) -> dict[str, Any]:
+        return bench_procs.measure(systems, procs=(args.league_actors,), rows=(1,), duration_s=args.league_duration_s,
+                                   warmup_s=0.5 if args.quick else 3.0, metrics_url=server.metrics_url)
+
+    def record(k: int, measured: dict[str, Any], made_s: list[float], server: Any, store: Path) -> None:
+        new = bench_league.points(measured, k=k, made_s=made_s, mem=bench_league.memory(server.pid, store))
+        res["points"] += new
+        for p in new:
+            print(f"bench: league K={k}, {p['system']}: " + (p.get("skipped") or
+                  f"{p['forwards_per_s']:.0f} forwards/s, {p['torchserve_mb']} MB in {p['processes']} processes, "
+                  f"{p['errors']} errors"), flush=True)
+
+    store = work / "league-store"
+    server = start_torchserve(workdir=work / "league-server", model_store=work / "league-model_store")
+    try:
+        bray.init(store=store, model_store=server.model_store, inference_url=server.inference_url,
+                  management_url=server.management_url, key_file=server.key_file)
+        print("bench: league: the learner and its kept steps", flush=True)
+        learner = bray.RemoteModel(LEAGUE_MODEL, model=model, forward_args=(torch.zeros(BATCH, OBS),), max_batch_size=BATCH,
+                                   num_workers=WORKERS, checkpoint_interval=1)
+        for i in range(16):
+            learner.publish_weights({k: v + 1e-2 * (i + 1) for k, v in model.state_dict().items()}).wait(timeout_s=60)
+        steps = learner.store.checkpoint_steps(LEAGUE_MODEL)
+        locations = dict(store=str(store), model_store=str(server.model_store), inference_url=server.inference_url,
+                         management_url=server.management_url, key_file=str(server.key_file))
+        base = {"kind": "bray", "model": LEAGUE_MODEL, "name": LEAGUE_MODEL, "locations": locations}
+        for system, dedicated, ks in ((None, False, args.league_ks), (bench_league.DEDICATED, True, args.league_dedicated_ks)):
+            opponents: list[str] = []
+            make = bench_league.bray_opponent(learner, steps, dedicated=dedicated, prefix="d" if dedicated else "o")
+            for k in ks:
+                made_s, stopped = bench_league.grow(opponents, k, make, server_pid=server.pid, cap_mb=args.league_cap_mb)
+                if stopped:
+                    res["notes"].append(f"{system or 'bray weight sets'}: {stopped}.")
+                    break
+                if dedicated:
+                    systems = [{**base, "label": system, "opponents": list(opponents)}]
+                else:
+                    systems = [{**base, "label": bench_league.DEFAULT, "opponents": list(opponents)},
+                               {**base, "label": bench_league.DIRECT, "opponents": list(opponents),
+                                "options": {"node_proxy": False}}]
+                record(k, measure(systems, server), made_s, server, store)
+            if dedicated and opponents:
+                with ManagementClient(server.management_url, key_file=server.key_file, timeout_s=120) as client:
+                    for name in opponents:
+                        client.unregister(name)
+        learner.close()
+    finally:
+        server.stop()
+        for proxy in bench_league.node_proxies(store):  # ours: they serve this run's store
+            proxy.terminate()
+
+    print("bench: league: stock TorchServe on a fresh server", flush=True)
+    server = start_torchserve(workdir=work / "league-stock-server", model_store=work / "league-stock-model_store")
+    try:
+        (work / "league-stock").mkdir()
+        # Delay 0: each version has a queue of its own, which a few sync actors never fill;
+        # a delay would only hold their lone requests.
+        stock = Stock(server, work / "league-stock", model, name="policy_stock_league", max_batch_delay_ms=0)
+        system = {"kind": "stock", "label": bench_league.STOCK, "model": stock.name, "headers": server.headers("inference"),
+                  "url": f"{server.inference_url}/predictions/{stock.name}"}
+        urls: list[str] = []
+
+        def make(i: int) -> tuple[str, float]:
+            return stock.add_version({k: v + 1e-2 * (i + 1) for k, v in model.state_dict().items()})
+
+        for k in [k for k in args.league_ks if k <= args.league_stock_max_k]:
+            made_s, stopped = bench_league.grow(urls, k, make, server_pid=server.pid, cap_mb=args.league_cap_mb)
+            if stopped:
+                res["notes"].append(f"{bench_league.STOCK}: {stopped}.")
+                if urls and made_s:
+                    record(len(urls), measure([{**system, "opponents": list(urls)}], server), made_s, server, store)
+                break
+            record(k, measure([{**system, "opponents": list(urls)}], server), made_s, server, store)
+        else:
+            res["notes"].append(f"{bench_league.STOCK}: measured at K <= {args.league_stock_max_k} "
+                                "(--league-stock-max-k) only.")
+    finally:
+        server.stop()
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", default="single,procs", help="which tables: single (coroutine callers, publish, "
-                   "local mode), procs (actor processes), or both, comma separated")
+                   "local mode), procs (actor processes), league (actor processes against K opponents), comma separated")
     p.add_argument("--quick", action="store_true", help="a short run: 1.5 s points, P 1 and 16 with 1 observation")
     p.add_argument("--duration-s", type=float, default=5.0, help="seconds per throughput point (single table)")
     p.add_argument("--latency-n", type=int, default=300, help="sequential forwards for the latency median")
@@ -310,19 +438,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", default="1,4,16,64", help="actor process counts (procs table)")
     p.add_argument("--obs-per-call", default="1,16", help="observations per call (procs table)")
     p.add_argument("--procs-duration-s", type=float, default=4.0, help="seconds per point (procs table)")
+    p.add_argument("--league-ks", default="0,8,64,256", help="opponent counts K (league table)")
+    p.add_argument("--league-dedicated-ks", default="8", help="K for bray's dedicated clones, '' for none (league table)")
+    p.add_argument("--league-stock-max-k", type=int, default=8, help="largest K for stock TorchServe (league table)")
+    p.add_argument("--league-cap-mb", type=float, default=8000, help="stop adding opponents of a system before "
+                   "TorchServe's RSS would pass this (league table)")
+    p.add_argument("--league-actors", type=int, default=8, help="actor processes (league table)")
+    p.add_argument("--league-duration-s", type=float, default=6.0, help="seconds per point (league table)")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     tables = {t.strip() for t in args.tables.split(",") if t.strip()}
-    if not tables or tables - {"single", "procs"}:
-        p.error(f"--tables takes single, procs or both, got {args.tables!r}")
+    if not tables or tables - {"single", "procs", "league"}:
+        p.error(f"--tables takes single, procs, league or several, comma separated, got {args.tables!r}")
     try:
         args.procs = tuple(int(x) for x in args.procs.split(","))
         args.obs_per_call = tuple(int(x) for x in args.obs_per_call.split(","))
+        args.league_ks = tuple(int(x) for x in args.league_ks.split(",") if x.strip())
+        args.league_dedicated_ks = tuple(int(x) for x in args.league_dedicated_ks.split(",") if x.strip())
     except ValueError:
-        p.error(f"--procs and --obs-per-call take comma-separated integers, got {args.procs!r}, {args.obs_per_call!r}")
+        p.error(f"--procs, --obs-per-call, --league-ks and --league-dedicated-ks take comma-separated integers, got "
+                f"{args.procs!r}, {args.obs_per_call!r}, {args.league_ks!r}, {args.league_dedicated_ks!r}")
     if args.quick:
         args.duration_s, args.latency_n, args.publishes, args.stock_publishes = 1.5, 100, 5, 1
         args.procs, args.obs_per_call, args.procs_duration_s = (1, 16), (1,), 1.5
+        args.league_ks, args.league_dedicated_ks, args.league_stock_max_k = (0, 2), (2,), 2
+        args.league_actors, args.league_duration_s = 4, 1.5
 
     import torch
 
@@ -332,22 +472,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = policy()
     work = Path(tempfile.mkdtemp(prefix="bray-bench-"))
-    server = start_torchserve(workdir=work / "server", model_store=work / "model_store")
-    try:
-        bray.init(store=work / "store", model_store=server.model_store, inference_url=server.inference_url,
-                  management_url=server.management_url, key_file=server.key_file)
-        print("bench: deploying stock TorchServe (docs way)", flush=True)
-        stock = Stock(server, work, model)
-        single = single_process(args, server, work, model, stock) if "single" in tables else None
-        procs = multi_process(args, server, work, model, stock) if "procs" in tables else None
-    finally:
-        server.stop()
+    single = procs = None
+    if tables & {"single", "procs"}:
+        server = start_torchserve(workdir=work / "server", model_store=work / "model_store")
+        try:
+            bray.init(store=work / "store", model_store=server.model_store, inference_url=server.inference_url,
+                      management_url=server.management_url, key_file=server.key_file)
+            print("bench: deploying stock TorchServe (docs way)", flush=True)
+            stock = Stock(server, work, model)
+            single = single_process(args, server, work, model, stock) if "single" in tables else None
+            procs = multi_process(args, server, work, model, stock) if "procs" in tables else None
+        finally:
+            server.stop()
     if single is not None:
         write(single, args.out)
     if procs is not None:
         import bench_procs
 
         print(bench_procs.write(procs, head(), procs["stock_labels"], args.out))
+    if "league" in tables:  # its own servers, after the other tables are written
+        import bench_league
+
+        print(bench_league.write(league_table(args, work, model), head(), args.out))
     return 0
 
 

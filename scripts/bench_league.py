@@ -1,172 +1,230 @@
-"""A league on one TorchServe: K opponents as weight sets (the default) against K dedicated clones.
+"""``scripts/bench.py``'s league table (issue 23): opponents, TorchServe's memory, and the writer.
 
-One real TorchServe started from the bundled config; the learner is the policy MLP
-(64-256-256-16) with 2 workers and TorchServe batch 32. For each K, opponents are cloned
-from kept checkpoints with ``rm.clone(step)`` (weight sets of the learner's workers), or
-with ``dedicated=True`` (a TorchServe model with the learner's 2 workers each, what every
-clone was before) for the K that fit in memory. Then G coroutine "games" play for a few
-seconds: each game step calls the learner and then one of the K opponents, round robin,
-one observation a call, all in one process (client batching coalesces a round's calls).
-Measured per point: forwards/s, TorchServe's memory (RSS of the frontend and every
-worker), its processes, and ``clone()`` to the clone's first answer (median).
+The workload: actor *processes* (``bench_procs.py``'s, 8 by default) play a league on one
+TorchServe: each game step calls the learner and then one of K opponents round robin, one
+observation a call (``bench_procs._client`` with ``opponents``). The systems, each at every
+K it fits:
 
-    .venv/bin/python scripts/bench_league.py [--ks 0,8,64] [--dedicated-ks 0,4] [--games 8] [--seconds 4]
+- bray-serve with default settings: opponents cloned with ``rm.clone(step)``, weight sets
+  of the learner's workers, called through the node proxy;
+- the same clones with ``node_proxy=False`` (direct HTTP from every actor);
+- bray-serve dedicated clones (``clone(..., dedicated=True)``: a TorchServe model with
+  the learner's workers each), at small K;
+- stock TorchServe with a registered version per opponent (``torch-model-archiver`` +
+  ``POST /models``, each version with workers of its own), called at
+  ``/predictions/<name>/<version>``, as far as its memory allows.
 
-Writes ``results/bench_league.{md,json,png}``. One process of games is not the 8 actor
-processes of the issue's table: compare the columns within a run.
+Per point: forwards/s, TorchServe's memory (RSS of the frontend and every worker) and
+process count, the node proxies' memory, and an opponent's creation to its first answer
+(median). ``bench.py``'s ``league_table`` drives it; this module holds what it needs.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+DEFAULT = "bray default (weight sets, node proxy)"
+DIRECT = "bray direct (weight sets, node_proxy=False)"
+DEDICATED = "bray dedicated clones (node proxy)"
+STOCK = "stock TorchServe (a version per opponent)"
+SYSTEMS = (DEFAULT, DIRECT, DEDICATED, STOCK)
 
-import bray  # noqa: E402
-from bray.torchserve.launcher import start_torchserve  # noqa: E402
-from bray.torchserve.management import ManagementClient  # noqa: E402
-from tests.models import PolicyMLP  # noqa: E402
+#: An opponent made: its handle for the actors (a bray model name or a stock URL), and the
+#: seconds from asking for it to its first answer.
+Made = tuple[str, float]
 
 
 def server_memory(pid: int) -> tuple[float, int]:
-    """(RSS in MB of the frontend and all its descendants, how many processes)."""
+    """(RSS in MB of the TorchServe frontend ``pid`` and all its descendants, how many processes)."""
     root = psutil.Process(pid)
     procs = [root, *root.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs) / 2**20, len(procs)
-
-
-async def play(learner: bray.RemoteModel, opponents: list[bray.RemoteModel], *, games: int,
-               seconds: float) -> float:
-    obs = np.zeros(64, np.float32)
-    done = 0
-    stop = time.monotonic() + seconds
-
-    async def game(i: int) -> None:
-        nonlocal done
-        turn = i
-        while time.monotonic() < stop:
-            await learner.forward(obs)
-            if opponents:
-                await opponents[turn % len(opponents)].forward(obs)
-                turn += 1
-                done += 1
-            done += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(game(i) for i in range(games)))
-    return done / (time.monotonic() - started)
-
-
-def point(learner: bray.RemoteModel, steps: list[int], k: int, *, dedicated: bool, server_pid: int,
-          games: int, seconds: float) -> dict:
-    opponents, clone_s = [], []
-    for i in range(k):
-        started = time.perf_counter()
-        opp = learner.clone(step=steps[i % len(steps)], name=f"{'d' if dedicated else 'w'}{k}x{i}", dedicated=dedicated)
-        opp(np.zeros((1, 64), np.float32))
-        clone_s.append(time.perf_counter() - started)
-        opponents.append(opp)
-    asyncio.run(play(learner, opponents, games=games, seconds=1.0))  # warm
-    rate = asyncio.run(play(learner, opponents, games=games, seconds=seconds))
-    mb, procs = server_memory(server_pid)
-    for opp in opponents:
-        opp.close()
-    return {"k": k, "dedicated": dedicated, "forwards_per_s": round(rate), "torchserve_mb": round(mb),
-            "processes": procs, "clone_to_answer_ms": round(statistics.median(clone_s) * 1e3, 1) if clone_s else None}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ks", default="0,8,64")
-    parser.add_argument("--dedicated-ks", default="4")
-    parser.add_argument("--games", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--out", default="results")
-    args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bray-league-") as tmp:
-        root = Path(tmp)
-        server = start_torchserve(workdir=root / "ts", model_store=root / "model_store")
+    total = 0
+    for p in procs:
         try:
-            bray.init(store=root / "store", model_store=server.model_store, inference_url=server.inference_url,
-                      management_url=server.management_url, key_file=server.key_file)
-            import torch
-
-            learner = bray.RemoteModel("league", model=PolicyMLP(), forward_args=(torch.zeros(2, 64),),
-                                       max_batch_size=32, num_workers=2, checkpoint_interval=1)
-            net = PolicyMLP()
-            for _ in range(16):
-                learner.publish_weights({k: v + 0.01 for k, v in net.state_dict().items()}).wait(timeout_s=60)
-            steps = learner.store.checkpoint_steps(learner.name)
-            for k in [int(x) for x in args.ks.split(",") if x]:
-                rows.append(point(learner, steps, k, dedicated=False, server_pid=server.pid, games=args.games,
-                                  seconds=args.seconds))
-                print(json.dumps(rows[-1]), flush=True)
-            for k in [int(x) for x in args.dedicated_ks.split(",") if x]:
-                rows.append(point(learner, steps, k, dedicated=True, server_pid=server.pid, games=args.games,
-                                  seconds=args.seconds))
-                print(json.dumps(rows[-1]), flush=True)
-                with ManagementClient(server.management_url, key_file=server.key_file, timeout_s=120) as client:
-                    for name in client.list_models():
-                        if name != "league":
-                            client.unregister(name)
-            learner.close()
-        finally:
-            server.stop()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_league.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| K opponents | served as | forwards/s | TorchServe memory (RSS) | processes | clone() to first answer |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['k']} | {'dedicated models' if r['dedicated'] else 'weight sets'} | {r['forwards_per_s']:,} "
-                     f"| {r['torchserve_mb']:,} MB | {r['processes']} | "
-                     f"{'' if r['clone_to_answer_ms'] is None else str(r['clone_to_answer_ms']) + ' ms'} |")
-    (out / "bench_league.md").write_text(
-        f"_{time.strftime('%Y-%m-%d')}, scripts/bench_league.py --ks {args.ks} --dedicated-ks {args.dedicated_ks} "
-        f"--games {args.games} --seconds {args.seconds}: one TorchServe, learner 2 workers, batch 32; G games in one "
-        "process, each step the learner then one opponent round robin_\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(rows, out / "bench_league.png")
-    return 0
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:  # a worker gone between the listing and the reading
+            pass
+    return total / 2**20, len(procs)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Forwards/s and TorchServe's memory against K, weight sets and dedicated clones."""
+def node_proxies(store_root: Path) -> list[psutil.Process]:
+    """The node proxies serving models of the store ``store_root`` (started by this benchmark's processes)."""
+    root = str(Path(store_root).resolve())
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "bray.bridge.proxy" in (p.info["cmdline"] or []) and p.environ().get("BRAY_STORE", "").startswith(root):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def memory(server_pid: int, store_root: Path) -> dict[str, Any]:
+    """TorchServe's memory and processes, and the node proxies' (outside TorchServe, counted apart)."""
+    mb, procs = server_memory(server_pid)
+    proxy_mb = 0.0
+    proxies = node_proxies(store_root)
+    for p in proxies:
+        try:
+            proxy_mb += p.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return {"torchserve_mb": round(mb), "processes": procs, "proxy_mb": round(proxy_mb), "proxies": len(proxies)}
+
+
+def grow(opponents: list[str], k: int, make: Callable[[int], Made], *, server_pid: int,
+         cap_mb: float) -> tuple[list[float], str]:
+    """Make opponents until there are ``k``, unless the next would take TorchServe past ``cap_mb``.
+
+    The next opponent's cost is guessed as the largest growth one has caused so far (none
+    before the first). Returns the seconds each new opponent took to its first answer, and
+    why it stopped short (``""`` when it did not).
+    """
+    took: list[float] = []
+    growth = 0.0
+    while len(opponents) < k:
+        before, _ = server_memory(server_pid)
+        if before + growth > cap_mb:
+            return took, (f"stopped at {len(opponents)} opponents: TorchServe held {before:,.0f} MB and the next "
+                          f"would add about {growth:,.0f} MB, past the {cap_mb:,.0f} MB cap")
+        handle, seconds = make(len(opponents))
+        opponents.append(handle)
+        took.append(seconds)
+        growth = max(growth, server_memory(server_pid)[0] - before)
+    return took, ""
+
+
+def bray_opponent(learner: Any, steps: list[int], *, dedicated: bool, prefix: str) -> Callable[[int], Made]:
+    """Opponent ``i``: ``learner.clone(step, name=...)`` from the kept ``steps`` round robin, called once."""
+
+    def make(i: int) -> Made:
+        started = time.perf_counter()
+        opp = learner.clone(step=steps[i % len(steps)], name=f"{prefix}{i}", dedicated=dedicated)
+        opp(np.zeros((1, 64), np.float32))
+        seconds = time.perf_counter() - started
+        opp.close()  # the actors attach by name; the server keeps serving it
+        return opp.name, seconds
+
+    return make
+
+
+def points(measured: dict[str, Any], *, k: int, made_s: list[float], mem: dict[str, Any]) -> list[dict[str, Any]]:
+    """``bench_procs.measure``'s points at one K, with the memory read after them and the opponents' creation."""
+    out = []
+    for p in measured["points"]:
+        via = p["proxy"]["calls"] / p["calls"] if p.get("proxy") and p["calls"] else None
+        out.append({"k": k, "system": p["system"], "actors": p["procs"], "forwards_per_s": p["forwards_per_s"],
+                    "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "errors": p["errors"], "first_error": p["first_error"],
+                    "samples_per_request": p["samples_per_request"], "calls_via_proxy": via,
+                    "made": len(made_s),
+                    "clone_to_answer_ms": statistics.median(made_s) * 1e3 if made_s else None,
+                    "loadavg_1min": p["loadavg_1min"], **mem})
+    for label, why in measured["skipped"].items():
+        out.append({"k": k, "system": label, "skipped": why})
+    return out
+
+
+def _at(res: dict[str, Any], system: str, k: int) -> dict[str, Any] | None:
+    return next((p for p in res["points"] if p["system"] == system and p["k"] == k and "skipped" not in p), None)
+
+
+def goals(res: dict[str, Any]) -> list[str]:
+    """Issue 23's goals, read from the default system's points (reported, not asserted)."""
+    base, at64 = _at(res, DEFAULT, 0), _at(res, DEFAULT, 64)
+    lines = []
+    if base and at64:
+        fps, mem = at64["forwards_per_s"] / base["forwards_per_s"], at64["torchserve_mb"] / base["torchserve_mb"]
+        lines.append(f"- 64 opponents, forwards/s at least 0.9x the learner alone: {fps:.2f}x "
+                     f"({'met' if fps >= 0.9 else 'not met'}).")
+        lines.append(f"- 64 opponents, TorchServe memory at most 1.5x the learner alone: {mem:.2f}x "
+                     f"({'met' if mem <= 1.5 else 'not met'}).")
+    else:
+        lines.append("- 64 opponents against the learner alone: not measured in this run (K=0 and K=64 needed).")
+    clones = [p["clone_to_answer_ms"] for p in res["points"]
+              if p["system"] == DEFAULT and p.get("clone_to_answer_ms") is not None]
+    if clones:
+        worst = max(clones)
+        lines.append(f"- a clone answering within 50 ms of `clone()`: medians {', '.join(f'{c:.1f}' for c in clones)} ms "
+                     f"({'met' if worst <= 50 else 'not met'}).")
+    return lines
+
+
+def markdown(res: dict[str, Any], head: str) -> str:
+    """The table (one row per K and system, ratios to the same system's K=0), the goals, the notes."""
+    lines = [f"_{head}_", "",
+             f"{res['actors']} actor processes, each game step the learner then one of K opponents round robin, one "
+             f"observation a call, sync, for {res['duration_s']:g} s a point after an untimed warm-up. Forwards/s: "
+             "every answer (learner's and opponents'), all actors together. TorchServe memory: RSS of its frontend and "
+             "every worker, read after the point; processes: TorchServe's (frontend + workers); node proxies: the "
+             "proxy processes of this store, outside TorchServe, counted apart. Opponent to first answer: median, from "
+             "`clone()` (or stock's archive + register) to the new opponent's first answer, over the opponents added "
+             "for that K. Calls via proxy: the learner's node proxy's own count of calls answered over the calls made (weight-set "
+             "clones share it; dedicated clones have proxies of their own, so there it is the learner's half). Default "
+             "and direct call the same clones on the same server, interleaved.", "",
+             "| K | system | forwards/s | vs K=0 | TorchServe RSS | vs K=0 | processes | node proxies | "
+             "opponent to first answer | median call ms | calls via proxy | errors |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for system in SYSTEMS:
+        base = _at(res, system, 0) or (_at(res, DEFAULT, 0) if system == DEDICATED else None)
+        for p in sorted((p for p in res["points"] if p["system"] == system), key=lambda p: p["k"]):
+            if "skipped" in p:
+                lines.append(f"| {p['k']} | {system} | skipped: {p['skipped']} |" + " |" * 9)
+                continue
+            fps_ratio = f"{p['forwards_per_s'] / base['forwards_per_s']:.2f}x" if base and p["k"] else ""
+            mem_ratio = f"{p['torchserve_mb'] / base['torchserve_mb']:.2f}x" if base and p["k"] else ""
+            made = f"{p['clone_to_answer_ms']:,.1f} ms ({p['made']})" if p.get("clone_to_answer_ms") is not None else ""
+            via = f"{min(1.0, p['calls_via_proxy']):.0%}" if p.get("calls_via_proxy") is not None else "-"
+            lines.append(f"| {p['k']} | {system} | {p['forwards_per_s']:,.0f} | {fps_ratio} | {p['torchserve_mb']:,} MB "
+                         f"| {mem_ratio} | {p['processes']} | {p['proxies']}, {p['proxy_mb']:,} MB | {made} | "
+                         f"{p['p50_ms']:.2f} | {via} | {p['errors']} |")
+    lines += ["", "Goals (issue 23; on the default system):", *goals(res)]
+    for note in res["notes"]:
+        lines.append(f"\n{note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Forwards/s and TorchServe's memory against K, one line per system."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench_league: matplotlib missing; no plot (pip install 'bray-serve[bench]')")
+        print("bench: matplotlib missing; no plot (pip install 'bray-serve[bench]')")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for dedicated, style, label in ((False, "o-", "weight sets (default)"), (True, "s--", "dedicated models")):
-        pts = sorted((r["k"], r["forwards_per_s"], r["torchserve_mb"]) for r in rows if r["dedicated"] == dedicated
-                     or (r["k"] == 0 and not r["dedicated"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for system, style in zip(SYSTEMS, ("o-", "^-", "s--", "D:")):
+        pts = sorted(((p["k"], p["forwards_per_s"], p["torchserve_mb"]) for p in res["points"]
+                      if p["system"] == system and "skipped" not in p))
         if pts:
-            left.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-            right.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
-    left.set(xlabel="opponents K", ylabel="forwards/s", title="league throughput")
-    right.set(xlabel="opponents K", ylabel="TorchServe RSS (MB)", title="TorchServe memory")
+            left.plot([p[0] for p in pts], [p[1] for p in pts], style, label=system)
+            right.plot([p[0] for p in pts], [p[2] for p in pts], style, label=system)
+    left.set(xlabel="opponents K", ylabel="forwards/s", title=f"league, {res['actors']} actor processes")
+    right.set(xlabel="opponents K", ylabel="TorchServe RSS (MB)", title="TorchServe memory (frontend + workers)")
     for ax in (left, right):
         ax.set_xscale("symlog", linthresh=1)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
+    fig.suptitle("A league on one TorchServe: policy MLP, learner 2 workers, batch 32; one run on 2 shared cores",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def write(res: dict[str, Any], head: str, out: Path) -> str:
+    """``bench_league.md``, ``.json`` and ``.png`` in ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(res, head)
+    (out / "bench_league.md").write_text(md)
+    (out / "bench_league.json").write_text(json.dumps({"meta": head, **res}, indent=1))
+    plot(res, out / "bench_league.png")
+    return md

@@ -45,25 +45,48 @@ WARMUP_PROCS = 4
 Stats = Callable[[], "dict[str, Any] | None"]
 
 
-def _client(system: dict[str, Any]) -> tuple[Callable[[np.ndarray], Any], Stats]:
-    """The system's call, and its node proxy's counters (``None`` without one)."""
+def _client(system: dict[str, Any], index: int = 0) -> tuple[Callable[[np.ndarray], Any], Stats]:
+    """The system's call, and its node proxy's counters (``None`` without one).
+
+    A league system (``opponents``: stock URLs or bray model names) alternates, one
+    forward a call: the learner, then the next opponent round robin, starting from the
+    actor's ``index`` so that the actors spread over the opponents (bench.py's league table).
+    """
     if system["kind"] == "stock":
         session = requests.Session()
-        url, headers = system["url"], system["headers"]
+        headers = system["headers"]
 
-        def stock(obs: np.ndarray) -> Any:
-            # json= as TorchServe's examples post; it sends the body as bytes in the same write as
-            # the headers (a str body goes in a second write and can wait on a delayed ACK).
-            r = session.post(url, json=obs.tolist(), headers=headers, timeout=60)
-            r.raise_for_status()
-            return np.asarray(r.json(), np.float32)
+        def stock_call(url: str) -> Callable[[np.ndarray], Any]:
+            def stock(obs: np.ndarray) -> Any:
+                # json= as TorchServe's examples post; it sends the body as bytes in the same write as
+                # the headers (a str body goes in a second write and can wait on a delayed ACK).
+                r = session.post(url, json=obs.tolist(), headers=headers, timeout=60)
+                r.raise_for_status()
+                return np.asarray(r.json(), np.float32)
 
-        return stock, lambda: None
-    bray.init(**system["locations"])
-    rm = bray.RemoteModel(system["name"], **system.get("options", {}))
-    stats = getattr(rm, "proxy_stats", lambda: None)
-    # batch=True explicitly: the observations carry their batch dimension (rows x 64).
-    return (lambda obs: rm(obs, batch=True)), stats
+            return stock
+
+        learner, stats = stock_call(system["url"]), lambda: None
+        opponents = [stock_call(url) for url in system.get("opponents", ())]
+    else:
+        bray.init(**system["locations"])
+        options = system.get("options", {})
+        rm = bray.RemoteModel(system["name"], **options)
+        stats = getattr(rm, "proxy_stats", lambda: None)
+        # batch=True explicitly: the observations carry their batch dimension (rows x 64).
+        learner = lambda obs: rm(obs, batch=True)  # noqa: E731
+        opponents = [(lambda obs, m=bray.RemoteModel(name, **options): m(obs, batch=True))
+                     for name in system.get("opponents", ())]
+    if not opponents:
+        return learner, stats
+    turn = 2 * index
+
+    def game(obs: np.ndarray) -> Any:
+        nonlocal turn
+        turn += 1
+        return learner(obs) if turn % 2 else opponents[(turn // 2) % len(opponents)](obs)
+
+    return game, stats
 
 
 def actor_main(conn: Any, index: int) -> None:
@@ -81,7 +104,7 @@ def actor_main(conn: Any, index: int) -> None:
             _, system, rows = msg
             try:
                 if system["label"] not in clients:
-                    clients[system["label"]] = _client(system)
+                    clients[system["label"]] = _client(system, index)
                 call, stats = clients[system["label"]]
                 obs = rng.standard_normal((rows, OBS), dtype=np.float32)
                 for _ in range(3):

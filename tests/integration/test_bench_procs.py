@@ -1,11 +1,12 @@
-"""scripts/bench_procs.py (bench.py's multi-process table) against a real TorchServe.
+"""scripts/bench_procs.py and bench_league.py (bench.py's multi-process and league tables) against a real TorchServe.
 
 Real actor processes call the policy MLP through ``RemoteModel`` direct and through the
 node proxy. What the table reports must be what happened: direct sends exactly one
 TorchServe request per call (so samples per request equals the observations per call,
 read from TorchServe's own request counter), the proxy's own counters saw the calls, no
 call failed, and a system that cannot run is listed with its reason, not measured.
-Nothing is timed.
+A league actor alternates the learner and its opponents round robin, and the opponents
+(weight-set clones) are answered by the learner's workers. Nothing is timed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def bench_procs() -> Any:
         yield bench_procs
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(scope="module")
+def bench_league(bench_procs: Any) -> Any:
+    import bench_league
+
+    return bench_league
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +100,42 @@ def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, 
     md = bench_procs.write(res, "test run", [], tmp_path)
     assert "Not measured: absent: not built here." in md
     assert (tmp_path / "bench_procs.json").is_file()
+
+
+def test_the_league_table_reports_what_happened(bench_procs: Any, bench_league: Any, locations: dict[str, str],
+                                                torchserve: TorchServeProcess, tmp_path: Path) -> None:
+    learner = bray.RemoteModel(NAME, node_proxy=False)
+    opponents: list[str] = []
+    made_s, stopped = bench_league.grow(opponents, 2, bench_league.bray_opponent(
+        learner, [learner.step], dedicated=False, prefix="bench-test-"), server_pid=torchserve.pid, cap_mb=1e9)
+    assert stopped == "" and len(made_s) == 2 == len(opponents)
+    assert bench_league.grow([], 1, lambda i: pytest.fail("made past the cap"), server_pid=torchserve.pid,
+                             cap_mb=0)[1].startswith("stopped at 0 opponents")
+    net = PolicyMLP()
+    learner.publish_weights({k: v + 1.0 for k, v in net.state_dict().items()}).wait(timeout_s=30)
+    base = {"kind": "bray", "model": NAME, "name": NAME, "locations": locations, "opponents": opponents}
+
+    # One actor's calls: the learner, then the opponents round robin from its index.
+    game, _ = bench_procs._client({**base, "options": {"node_proxy": False}}, 1)
+    obs = torch.randn(1, 64).numpy()
+    alone = {name: bray.RemoteModel(name, node_proxy=False)(obs, batch=True) for name in [NAME, *opponents]}
+    assert not torch.allclose(torch.as_tensor(alone[NAME]), torch.as_tensor(alone[opponents[0]]))
+    for expected in [NAME, opponents[0], NAME, opponents[1], NAME, opponents[0]]:
+        assert torch.allclose(torch.as_tensor(game(obs)), torch.as_tensor(alone[expected]), atol=1e-5), expected
+
+    systems = [{**base, "label": bench_league.DEFAULT},
+               {**base, "label": bench_league.DIRECT, "options": {"node_proxy": False}}]
+    measured = bench_procs.measure(systems, procs=(2,), rows=(1,), duration_s=0.5, warmup_s=0.3,
+                                   metrics_url=torchserve.metrics_url, log=lambda line: None)
+    points = bench_league.points(measured, k=2, made_s=made_s,
+                                 mem=bench_league.memory(torchserve.pid, Path(locations["store"])))
+    assert {p["system"] for p in points} == {bench_league.DEFAULT, bench_league.DIRECT}
+    for p in points:
+        assert p["errors"] == 0, p["first_error"]
+        assert p["torchserve_mb"] > 0 and p["processes"] >= 2 and p["made"] == 2
+    direct = next(p for p in points if p["system"] == bench_league.DIRECT)
+    # The opponents' calls reached the learner's model: one TorchServe request per call, all counted under it.
+    assert direct["samples_per_request"] == pytest.approx(1)
+    res = {"ks": [2], "actors": 2, "duration_s": 0.5, "cap_mb": 1e9, "points": points, "notes": ["a note."]}
+    md = bench_league.write(res, "test run", tmp_path)
+    assert "a note." in md and (tmp_path / "bench_league.json").is_file()
