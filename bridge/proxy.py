@@ -129,7 +129,9 @@ class NodeProxy:
         self._conns: set[_CallerConn] = set()
         # Callers answered and not called again yet, by answer time (oldest first): what
         # _more_coming asks on every call, in amortized O(1) instead of a walk over all.
-        self._expected: dict[_CallerConn, float] = {}
+        # By process, not connection: an actor playing a league calls the learner and K
+        # opponents on K + 1 connections, and comes back on another one than it was answered on.
+        self._expected: dict[int, float] = {}
         self._idle_since = time.monotonic()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,15 +195,15 @@ class NodeProxy:
                 await self.transport.aclose()
 
     def _more_coming(self) -> bool:
-        """Whether a caller answered a moment ago has not called again yet."""
+        """Whether a caller process answered a moment ago has not called again yet."""
         assert self._loop is not None
         recent = self._loop.time() - _RECENT_S
         expected = self._expected
         while expected:
-            conn, answered_at = next(iter(expected.items()))
+            pid, answered_at = next(iter(expected.items()))
             if answered_at > recent:
                 return True
-            del expected[conn]  # gone quiet: not waited for any more
+            del expected[pid]  # gone quiet: not waited for any more
         return False
 
     # --- connections -------------------------------------------------------------------
@@ -233,7 +235,7 @@ class NodeProxy:
         if conn.closed:
             return
         conn.closed = True
-        self._expected.pop(conn, None)
+        self._expected.pop(conn.pid, None)
         assert self._loop is not None
         self._loop.remove_reader(conn.sock.fileno())
         conn.sock.close()
@@ -305,7 +307,7 @@ class NodeProxy:
                 self._send_error(conn, err)
                 return
             conn.busy = True
-            self._expected.pop(conn, None)
+            self._expected.pop(conn.pid, None)
             self._call(conn, payload, n, step)
         elif op == OP_STATS:
             body = json.dumps(self.stats()).encode()
@@ -359,7 +361,8 @@ class NodeProxy:
             conn.release()  # the caller died while its call was in flight
         elif reply:
             if self._loop is not None:
-                self._expected[conn] = self._loop.time()
+                self._expected.pop(conn.pid, None)  # to the end: the dict stays oldest first
+                self._expected[conn.pid] = self._loop.time()
             self._send(conn, reply)
 
     def _send_error(self, conn: _CallerConn, err: BaseException) -> None:

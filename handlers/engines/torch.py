@@ -74,15 +74,46 @@ class TorchEngine(Engine):
 
     def forward_with(self, inputs: Sequence[np.ndarray], prepared: dict[str, Any]) -> list[np.ndarray]:
         """A weight set's forward: the same module with ``prepared`` in place of its parameters
-        for this call only (``torch.func.functional_call``), nothing copied."""
+        and buffers for this call only, nothing copied.
+
+        The tensors are put in the submodules' parameter and buffer tables and the module's
+        own put back after the call, even when it fails: what ``torch.func.functional_call``
+        does without its per-call re-parametrization (``nn.utils.stateless``). Policy MLP,
+        batch 1, one loaded run each: functional_call 130-165 µs against 82 µs for the
+        plain forward; this 47-49 µs against 46 µs. Calls are never concurrent (the
+        handler's one thread, local mode's lock).
+        """
         torch = self._torch
         from torch.utils import _pytree as pytree
 
         tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self._device) for a in inputs]
         args, kwargs = self.spec.build_inputs(tensors)
-        with torch.inference_mode():
-            out = torch.func.functional_call(self._module, prepared, tuple(args), kwargs, strict=True)
+        tables = self._tables()
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for key, tensor in prepared.items():
+                table, attr = tables[key]
+                saved.append((table, attr, table[attr]))
+                table[attr] = tensor
+            with torch.inference_mode():
+                out = self._module(*args, **kwargs)
+        finally:
+            for table, attr, own in saved:
+                table[attr] = own
         return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out)]
+
+    def _tables(self) -> dict[str, tuple[dict[str, Any], str]]:
+        """Each state-dict key's (parameter or buffer table of its submodule, name in it), made once."""
+        tables = getattr(self, "_weight_tables", None)
+        if tables is None:
+            tables = {}
+            for prefix, sub in self._module.named_modules(remove_duplicate=False):
+                for table in (sub._parameters, sub._buffers):
+                    for attr, value in table.items():
+                        if value is not None:
+                            tables[f"{prefix}.{attr}" if prefix else attr] = (table, attr)
+            self._weight_tables = tables
+        return tables
 
     def close(self) -> None:
         self._module = None  # type: ignore[assignment]

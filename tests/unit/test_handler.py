@@ -401,3 +401,19 @@ def test_an_engine_that_cannot_run_weight_sets_says_so_and_serves_the_rest(probe
         np.testing.assert_allclose(own[2], expected_probe(1, x))
     finally:
         handler.close()
+
+
+def test_a_weight_sets_forward_that_fails_puts_the_models_own_weights_back(probe_store: CheckpointStore,
+                                                                          tmp_path: Path) -> None:
+    """The torch engine swaps a set's tensors into the module for one call: also when that call raises."""
+    handler, _ = probe_handler(probe_store, tmp_path)
+    engine = handler.engine
+    try:
+        prepared = engine.prepare_weights({k: v.numpy() for k, v in probe_weights(5).items()})
+        x = np.ones((1, 4), dtype=np.float32)
+        np.testing.assert_allclose(engine.forward_with([x], prepared)[0], expected_probe(5, x))
+        with pytest.raises((RuntimeError, AssertionError)):  # the exported graph's guard refuses the width
+            engine.forward_with([np.ones((1, 3), dtype=np.float32)], prepared)
+        np.testing.assert_allclose(engine.forward([x])[0], expected_probe(1, x))  # step 1's own weights
+    finally:
+        handler.close()
