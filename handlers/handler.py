@@ -132,7 +132,8 @@ class EngineHandler(BaseHandler):
                                  limits=wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes),
                                  reject_nonfinite=cfg.options.reject_nonfinite)
         self.weight_sets = WeightSets(self._store, cfg.name, self.engine, budget_bytes=cfg.options.weight_sets_bytes,
-                                      on_load=self.metrics.weight_set_loaded)
+                                      on_load=self.metrics.weight_set_loaded,
+                                      poll_interval_s=cfg.options.poll_interval_ms / 1e3 if cfg.options.poll_interval_ms else None)
         log.info("bray: serving %s step %d on %s (%s) in %.0f ms", cfg.name, step, cfg.options.engine,
                  options.device, (time.perf_counter() - started) * 1e3)
         self.metrics.start(step=step, max_batch_requests=int(props.get("batch_size") or 1))

@@ -7,10 +7,12 @@ header (``curl -H 'X-Bray-Weights: policy-clone-step-120' ...``), and every work
 model keeps the weight sets it has been asked for, within a memory budget
 (``ServingOptions.weight_sets_mb``), least recently used out first.
 
-Freshness without a watcher per set: before a batch uses a weight set the worker reads
-the clone's ``LATEST`` pointer (a small file read) and, when a newer step is there, loads
-and prepares it then. So a step published to a clone is served by every answer that
-comes after the publish returned, on every worker; a miss delays the batch by one load
+Freshness without a watcher per set: before a batch uses a weight set the worker checks
+the clone's ``LATEST`` pointer (one ``stat``, :meth:`CheckpointStore.latest_stamp`; a read
+of it when that changed, and at least every poll interval where the archive polls, as on a
+shared volume whose client may cache a ``stat``) and, when a newer step is there, loads and
+prepares it then. So on a local disk a step published to a clone is served by every answer
+that comes after the publish returned, on every worker; a miss delays the batch by one load
 of that set, and only when it is new or newer. A clone of a clone is a weight set of the
 same model (its family's root). Engines run a set without copying the module where they
 can (:meth:`~bray.handlers.engines.base.Engine.forward_with`); one that cannot refuses
@@ -23,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -73,6 +76,8 @@ class _Held:
     step: int
     prepared: Any
     nbytes: int
+    stamp: tuple[int, int, int] | None = None  # the clone's LATEST when this step was read from it
+    read_at: float = 0.0  # monotonic time of that read
 
 
 class WeightSets:
@@ -87,11 +92,16 @@ class WeightSets:
         announce: write each held set's step into its serving announcements.
         on_load: told of every load: ``miss`` (the set was not held), ``evicted`` (sets
             dropped to fit), ``held`` and ``nbytes`` after it (the handler's metrics).
+        poll_interval_s: read each held set's ``LATEST`` at least this often even when its
+            ``stat`` says it is unchanged (the archive's poll interval, for stores on a
+            network file system); ``None``: trust the ``stat`` (a local disk).
     """
 
     def __init__(self, store: CheckpointStore, root: str, engine: Engine, *, budget_bytes: int,
-                 announce: bool = True, on_load: Callable[..., None] | None = None) -> None:
+                 announce: bool = True, on_load: Callable[..., None] | None = None,
+                 poll_interval_s: float | None = None) -> None:
         self.on_load = on_load
+        self.poll_interval_s = poll_interval_s
         self.store = store
         self.root = root
         self.engine = engine
@@ -126,11 +136,21 @@ class WeightSets:
         self._check_family(name)
         if not self._supported:
             self.engine.forward_with([], None)  # raises the engine's own "cannot serve weight sets"
-        latest = self.store.latest(name)
+        stamp = self.store.latest_stamp(name)
+        now = time.monotonic()
         with self._lock:
             held = self._held.get(name)
-            if held is not None and (latest is None or held.step >= latest) and held.step >= min_step:
-                self._held.move_to_end(name)
+        if held is not None and held.step >= min_step:
+            fresh = stamp == held.stamp and (self.poll_interval_s is None or now - held.read_at < self.poll_interval_s)
+            if not fresh:
+                latest = self.store.latest(name)
+                fresh = latest is None or held.step >= latest
+                if fresh:  # nothing newer: remember what was read, for the next batches
+                    held.stamp, held.read_at = stamp, now
+            if fresh:
+                with self._lock:
+                    if name in self._held:
+                        self._held.move_to_end(name)
                 return held.step, held.prepared
         if held is None:
             self.misses += 1
@@ -139,7 +159,7 @@ class WeightSets:
         nbytes = sum(int(v.nbytes) for v in prepared.values()) if isinstance(prepared, dict) else ckpt.meta.nbytes
         with self._lock:
             self.loads += 1
-            self._held[name] = _Held(ckpt.step, prepared, nbytes)
+            self._held[name] = _Held(ckpt.step, prepared, nbytes, stamp, now)
             self._held.move_to_end(name)
             evicted = self._evict(keep=name)
             count, used = len(self._held), sum(h.nbytes for h in self._held.values())

@@ -119,6 +119,7 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
                 f"got {checkpoint_interval_s!r}"
             )
         self.root = Path(root).expanduser()
+        self._root_str = str(self.root)  # for the os.path calls on the hot path
         self.keep_last = keep_last
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_interval_s = float(checkpoint_interval_s)
@@ -214,6 +215,26 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
             return pointed
         kept = self._listing(name)
         return kept[-1] if kept else None
+
+    def latest_stamp(self, name: str) -> tuple[int, int, int] | None:
+        """What changes whenever ``name``'s ``LATEST`` is replaced: its inode, size and
+        modification time, from one ``stat`` (``None``: no ``LATEST``).
+
+        For a reader that asks often whether there is a newer step (a worker's weight
+        sets, before every batch) and calls :meth:`latest` only when this changed: a publish
+        renames a new ``LATEST`` into place, so the inode changes. On a network file system
+        the client may answer a ``stat`` from its attribute cache; such a reader also calls
+        :meth:`latest` at its poll interval (an ``open`` revalidates).
+
+        Raises:
+            ConfigError: ``name`` is not a valid model name.
+        """
+        check_name(name)
+        try:
+            st = os.stat(os.path.join(self._root_str, name, LATEST_FILE))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def steps(self, name: str) -> list[int]:
         """The kept steps of ``name`` up to the latest, ascending (empty when none).
