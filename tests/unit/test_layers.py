@@ -64,8 +64,11 @@ def test_the_check_sees_lazy_imports() -> None:
 
 
 # Private attributes of other libraries the code must touch: torch's module hooks (export's
-# partial-graph print), argparse's action list (the CLI's help walk).
-_FOREIGN_PRIVATE = {"_forward_pre_hooks", "_ArgumentGroup", "_actions", "_SubParsersAction"}
+# partial-graph print) and its modules' parameter and buffer tables (the torch engine's
+# weight-set forward swaps tensors in them, as torch.func.functional_call does), argparse's
+# action list (the CLI's help walk).
+_FOREIGN_PRIVATE = {"_forward_pre_hooks", "_parameters", "_buffers", "_ArgumentGroup", "_actions",
+                    "_SubParsersAction"}
 
 
 def _defined_here(tree: ast.AST) -> set[str]:
