@@ -621,7 +621,9 @@ class RemoteModel:
             StepNotFoundError: no kept step at or below ``step``.
         """
         real = self.store.resolve(self.name, step if self._pinned is None or step != -1 else self._pinned)
-        dedicated = dedicated or self.engine_name != "torch" or self.local_mode  # only torch shares workers
+        # torch and ONNX Runtime run weight sets in the model's workers; TensorRT (an engine
+        # built per weight set) and local mode get a model of their own.
+        dedicated = dedicated or self.engine_name not in ("torch", "onnx") or self.local_mode
         clone_name = f"{self.name}-clone-step-{real}" + (f"-{name}" if name else "")
         self.store.model_dir(clone_name)  # a name TorchServe and the store accept, or ConfigError
         origin = self.store.clone_origin(clone_name)

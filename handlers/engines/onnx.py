@@ -180,17 +180,31 @@ class OnnxEngine(Engine):
             self._session, self._keepalive = prepared
 
     def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if self._session is None:
+        if self._mode == "inputs":
+            return self._run(self._session, inputs, self._weights)
+        return self._run(self._session, inputs, None)
+
+    def forward_with(self, inputs: Sequence[np.ndarray], prepared: Any) -> list[np.ndarray]:
+        """A weight set's forward, the installed weights untouched: with weights as graph
+        inputs, the set's arrays are fed instead of the installed ones (the same session);
+        otherwise the set was prepared as a step is, a session of its own over its arrays,
+        which runs instead (its memory is the session's, more than the arrays the weight-set
+        budget counts)."""
+        if self._mode == "inputs":
+            return self._run(self._session, inputs, prepared)
+        session, _ = prepared
+        return self._run(session, inputs, None)
+
+    def _run(self, session: Any, inputs: Sequence[np.ndarray], weights: Mapping[str, Any] | None) -> list[np.ndarray]:
+        if session is None or (self._mode == "inputs" and not weights):
             raise EngineError("no weights installed yet; call set_weights first")
         feeds: dict[str, Any] = {
             name: (a if a.dtype == dt else a.astype(dt)) for name, a, dt in zip(self._input_names, inputs, self._dtypes)
         }
-        if self._mode == "inputs":
-            if not self._weights:
-                raise EngineError("no weights installed yet; call set_weights first")
-            feeds.update(self._weights)
+        if weights is not None:
+            feeds.update(weights)
         try:
-            return list(self._session.run(self._output_names, feeds))
+            return list(session.run(self._output_names, feeds))
         except Exception as err:
             raise EngineError(f"ONNX Runtime failed to run the batch: {err}") from err
 

@@ -126,6 +126,15 @@ def test_bray_values_use_onnx_train_and_local_mode_proxy(make: Make) -> None:
     assert rm.options == ServingOptions(engine="onnx", onnx_weights="inputs", batch_size=8)
     assert read_archive_config(Path(str(rm.locations.model_store)) / desc.url).options == rm.options
     assert (desc.batch_size, desc.max_batch_delay_ms, desc.workers) == (8, 0, 1)
+    # an ONNX model's clone is a weight set of its workers too: its weights fed as graph inputs
+    opponent = rm.clone(step=3, name="ws")
+    try:
+        assert not rm.store.clone_dedicated(opponent.name)
+        opponent.publish_weights(probe_weights(9)).wait(timeout_s=30)
+        np.testing.assert_allclose(opponent(X), expected(9))
+        np.testing.assert_allclose(rm(X), expected(3))
+    finally:
+        opponent.close()
 
 
 def test_batch_true_and_false_shapes(make: Make) -> None:

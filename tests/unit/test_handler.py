@@ -302,12 +302,15 @@ def run_with(handler: EngineHandler, ctx: Context, calls: list[tuple[dict[str, s
     return answers
 
 
-def test_one_batch_answers_each_request_with_its_own_weight_set(probe_store: CheckpointStore, tmp_path: Path) -> None:
-    """The learner, two clones and a clone of a clone in one batch: one forward per set, each row its own weights."""
+@pytest.mark.parametrize("cfg", ENGINES)
+def test_one_batch_answers_each_request_with_its_own_weight_set(probe_store: CheckpointStore, tmp_path: Path,
+                                                                cfg: dict) -> None:
+    """The learner, two clones and a clone of a clone in one batch: one forward per set, each row its own
+    weights, on every engine that runs weight sets (ONNX: weights fed as inputs, or a session per set)."""
     _clone(probe_store, "probe-clone-step-1-a", "probe", 1, weights_step=5)
     _clone(probe_store, "probe-clone-step-1-b", "probe", 1, weights_step=7)
     _clone(probe_store, "probe-clone-step-2-a-c", "probe-clone-step-1-a", 2)  # a's step 2: weights 5
-    handler, ctx = probe_handler(probe_store, tmp_path)
+    handler, ctx = probe_handler(probe_store, tmp_path, **cfg)
     x = np.ones((2, 4), dtype=np.float32)
     body = bytearray(wire.encode({"args": [x]}))
     W = "X-Bray-Weights"
@@ -391,8 +394,20 @@ def test_weight_sets_stay_within_their_budget_least_recently_used_out(probe_stor
 
 def test_an_engine_that_cannot_run_weight_sets_says_so_and_serves_the_rest(probe_store: CheckpointStore,
                                                                          tmp_path: Path) -> None:
+    """An engine without forward_with (TensorRT: an engine is built per weight set) refuses a set's rows
+    with 503 naming dedicated=True, and answers the model's own rows: here ONNX Runtime with the base
+    Engine's forward_with, as TensorRT has (its own test needs a GPU)."""
+    from bray.handlers.engines.base import Engine
+    from bray.handlers.engines.onnx import OnnxEngine
+    from bray.handlers.weight_sets import WeightSets
+
+    class NoWeightSets(OnnxEngine):
+        forward_with = Engine.forward_with
+
     _clone(probe_store, "probe-clone-step-1-a", "probe", 1, weights_step=5)
     handler, ctx = probe_handler(probe_store, tmp_path, engine="onnx")
+    handler.engine.__class__ = NoWeightSets
+    handler.weight_sets = WeightSets(probe_store, "probe", handler.engine, budget_bytes=1 << 20)
     x = np.ones((1, 4), dtype=np.float32)
     body = bytearray(wire.encode({"args": [x]}))
     try:
