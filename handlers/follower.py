@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from bray.errors import BrayError, StepNotFoundError
 from bray.handlers.engines.base import Engine
-from bray.store import CheckpointStore
+from bray.store import HEARTBEAT_S, CheckpointStore
 
 __all__ = ["StepFollower"]
 
@@ -62,6 +62,8 @@ class StepFollower:
         self._on_refuse = on_refuse
         self._poll_interval_s = poll_interval_s
         self._worker = f"{socket.gethostname()}-{os.getpid()}" if announce else None
+        self._heartbeat: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def start(self, initial: tuple[int, Any] | None = None) -> int:
         """Install the first weights and, unless pinned, start watching. Returns the step.
@@ -91,6 +93,9 @@ class StepFollower:
         self.step = self.staged_step = step
         if not self.pinned:
             self._announce(step)
+            if self._worker is not None:
+                self._heartbeat = threading.Thread(target=self._beat, name="bray-heartbeat", daemon=True)
+                self._heartbeat.start()
             self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
             latest = self.store.latest(self.name)
             if latest is not None and latest > step:  # published while we were starting
@@ -174,8 +179,15 @@ class StepFollower:
             time.sleep(0.002)
         return True
 
+    def _beat(self) -> None:
+        """Rewrite the announcement every HEARTBEAT_S: where no management API lists the
+        workers, a fresh announcement is how the trainer knows this worker is alive."""
+        while not self._closed.wait(HEARTBEAT_S):
+            with self._load_lock:  # never re-announce an older step over a newer one
+                self._announce(self.staged_step)
+
     def _announce(self, step: int) -> None:
-        if self._worker is None:
+        if self._worker is None or self._closed.is_set():
             return
         try:
             self.store.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
@@ -185,6 +197,7 @@ class StepFollower:
 
     def close(self) -> None:
         """Stop watching and withdraw this worker's serving announcement."""
+        self._closed.set()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None

@@ -1,7 +1,12 @@
 """Serving announcements: each worker says which step of a model it serves (advisory).
 
 ``<root>/<name>/serving/<host>-<pid>.json`` holds ``{"step", "pid", "host", "time"}``;
-a publisher reads them to tell when every worker serves a step (``wait()``).
+a publisher reads them to tell when every worker serves a step (``wait()``). A worker
+rewrites its file every :data:`HEARTBEAT_S` (a heartbeat), so where no management API
+lists the workers (another machine's loopback, a KServe pod) the fresh announcements are
+the workers, and a killed worker's file, which nobody removes, stops counting after
+:data:`HEARTBEAT_STALE_S`. ``time`` is the worker's wall clock: the machines' clocks
+must agree to well within that bound (NTP does).
 """
 
 from __future__ import annotations
@@ -12,7 +17,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["ServingAnnouncements"]
+__all__ = ["HEARTBEAT_S", "HEARTBEAT_STALE_S", "ServingAnnouncements"]
+
+#: How often a serving worker rewrites its announcement.
+HEARTBEAT_S = 1.0
+#: An announcement older than this is a worker gone (killed, its node down or cut off).
+HEARTBEAT_STALE_S = 5.0
 
 
 class ServingAnnouncements:
