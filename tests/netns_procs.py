@@ -70,6 +70,7 @@ def actor(args: argparse.Namespace) -> int:
     last = -1
     first = None
     slowest = 0.0
+    per_second: dict[int, int] = {}  # wall-clock second -> calls answered in it (the test knows when it cut what)
     started = time.monotonic()
     while not stop.exists():
         t0 = time.monotonic()
@@ -80,6 +81,8 @@ def actor(args: argparse.Namespace) -> int:
             continue
         slowest = max(slowest, time.monotonic() - t0)
         calls += 1
+        second = int(time.time())
+        per_second[second] = per_second.get(second, 0) + 1
         first = step if first is None else first
         if not np.allclose(y, step * (args.n * args.value + 1), rtol=1e-4):
             wrong += 1
@@ -88,13 +91,13 @@ def actor(args: argparse.Namespace) -> int:
         last = max(last, step)
     elapsed = time.monotonic() - started
     try:
-        proxy = rm.proxy_stats()
+        proxy = rm.proxy_stats() or {}
     except Exception as err:  # the proxy may be the one a test killed
         proxy = {"error": repr(err)}
     record = {"pid": os.getpid(), "calls": calls, "errors": len(errors), "error_messages": errors[:10],
               "wrong": wrong, "backwards": backwards, "first_step": first, "last_step": last,
               "seconds": round(elapsed, 3), "slowest_s": round(slowest, 3), "fallbacks": rm.proxy_fallbacks,
-              "proxy": proxy}
+              "proxy": proxy, "per_second": per_second}
     Path(args.out).write_text(json.dumps(record))
     rm.close()
     return 0
