@@ -17,6 +17,8 @@ variable                      meaning                                  default
 ``BRAY_METRICS_PORT``         client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
 ``BRAY_PROXY_METRICS_PORT``   the node proxy's own exporter            off; as ``BRAY_METRICS_PORT``
 ``BRAY_NODE_PROXY``           ``RemoteModel``'s default ``node_proxy`` on (``0`` turns it off)
+``BRAY_NODE_CACHE``           a server node's weight cache (workers    off; see :func:`node_cache`
+                              read steps from there)
 ============================  =======================================  ===========================
 """
 
@@ -29,7 +31,8 @@ from typing import Any, Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "node_proxy_default", "server_dir"]
+__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "node_cache", "node_proxy_default",
+           "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -277,6 +280,18 @@ class Locations:
 
 
 NODE_PROXY_ENV_VAR = "BRAY_NODE_PROXY"
+NODE_CACHE_ENV_VAR = "BRAY_NODE_CACHE"
+
+
+def node_cache(env: Mapping[str, str] | None = None) -> Path | None:
+    """The node's weight cache that TorchServe workers follow instead of the store (``BRAY_NODE_CACHE``).
+
+    Written by the node's one weight loader (``python -m bray.store.node_loader``), in
+    shared memory; ``None`` (unset): every worker reads the store itself.
+    """
+    env = os.environ if env is None else env
+    value = str(env.get(NODE_CACHE_ENV_VAR, "")).strip()
+    return Path(value) if value else None
 
 
 def node_proxy_default(env: Mapping[str, str] | None = None) -> bool:

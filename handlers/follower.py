@@ -40,13 +40,17 @@ class StepFollower:
         on_refuse: called as ``on_refuse(step)`` on the watcher thread for a refused step.
         poll_interval_s: read the store's ``LATEST`` this often instead of inotify
             (shared file systems); ``None``: inotify.
+        node_cache: the node's weight cache (:mod:`bray.store.node_loader`), followed
+            with inotify and mapped instead of the store read; a step not in it yet is
+            read from the store. ``None``: the store itself.
     """
 
     def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
                  announce: bool = False, on_swap: Callable[[int, float, float], None] | None = None,
                  on_refuse: Callable[[int], None] | None = None,
-                 poll_interval_s: float | None = None) -> None:
+                 poll_interval_s: float | None = None, node_cache: CheckpointStore | None = None) -> None:
         self.store = store
+        self.node_cache = node_cache
         self.name = name
         self.engine = engine
         self.pinned = step >= 0
@@ -83,7 +87,7 @@ class StepFollower:
             step, weights = ckpt.step, ckpt.weights
         else:
             try:
-                ckpt = self.store.load(self.name, -1)
+                ckpt = self._load(-1)
                 step, weights = ckpt.step, ckpt.weights
             except StepNotFoundError:
                 log.warning("bray: no step of %s published yet; serving the export's own weights", self.name)
@@ -96,7 +100,10 @@ class StepFollower:
             if self._worker is not None:
                 self._heartbeat = threading.Thread(target=self._beat, name="bray-heartbeat", daemon=True)
                 self._heartbeat.start()
-            self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
+            if self.node_cache is not None:  # a local tmpfs: inotify sees the loader's writes
+                self._watch = self.node_cache.watch(self.name, self.on_step, poll_interval_s=None)
+            else:
+                self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
             latest = self.store.latest(self.name)
             if latest is not None and latest > step:  # published while we were starting
                 self.on_step(latest)
@@ -110,7 +117,7 @@ class StepFollower:
             started = time.perf_counter()
             withdrawn = None
             try:
-                ckpt = self.store.load(self.name, step)
+                ckpt = self._load(step)
                 if self.engine.reuses_prepared:
                     # Preparing rewrites the storage of a step staged but not swapped in yet
                     # (TensorRT refits its standby engine): refuse a bad step before that,
@@ -135,6 +142,20 @@ class StepFollower:
             self.staged_step = ckpt.step
             self._announce(ckpt.step)
             log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.name, load_ms)
+
+    def _load(self, step: int) -> Any:
+        """``step`` (``-1``: the store's latest) from the node cache, mapped (the loader verified it), else from the store."""
+        if self.node_cache is not None:
+            want = self.store.latest(self.name) if step < 0 else step
+            if want is not None:
+                try:
+                    ckpt = self.node_cache.load(self.name, want, verify=False, mapped=True)
+                except StepNotFoundError:
+                    pass
+                else:
+                    if ckpt.step == want:  # not snapped down to an older cached step
+                        return ckpt
+        return self.store.load(self.name, step)
 
     def _refuse(self, step: int) -> None:
         self.refused.add(step)

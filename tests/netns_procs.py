@@ -3,7 +3,8 @@
 - ``server``: TorchServe as a server node runs it (inference on the node's address,
   management and metrics on the node's own loopback), the live version registered from
   the shared store with ``bray-archive publish --live`` through that loopback, workers
-  polling the store; prints ``ready`` and serves until SIGTERM.
+  polling the store, or with ``--cache`` the node's one weight loader polling it and the
+  workers following its cache in ``/dev/shm``; prints ``ready`` and serves until SIGTERM.
 - ``actor``: calls the StepProbe model (``y = step * (sum(x) + 1)``) through
   ``RemoteModel`` attached from a node that reaches no management API
   (``BRAY_MANAGEMENT_URL=none``), until a stop file appears; writes one JSON record:
@@ -33,9 +34,20 @@ def server(args: argparse.Namespace) -> int:
     from bray.torchserve.launcher import start_torchserve
 
     workdir = Path(args.workdir)
+    loader = None
+    if args.cache:  # the node's one weight loader, started before the workers it feeds
+        loader = subprocess.Popen([sys.executable, "-m", "bray.store.node_loader", "--store", args.store, "--cache",
+                                   args.cache, "--name", args.name, "--poll-interval-ms", str(args.poll_interval_ms)],
+                                  stdout=open(workdir / "loader.log", "ab"), stderr=subprocess.STDOUT)
+        while b"node loader:" not in (workdir / "loader.log").read_bytes():
+            if loader.poll() is not None:
+                print("the node loader exited:", (workdir / "loader.log").read_text(), flush=True)
+                return 1
+            time.sleep(0.05)
     ts = start_torchserve(workdir=workdir, model_store=workdir / "model_store", inference_port=8080,
                           management_port=8081, metrics_port=8082, grpc_ports=(7070, 7071),
-                          properties={"inference_address": f"http://{args.address}:8080"}, timeout_s=180)
+                          properties={"inference_address": f"http://{args.address}:8080"}, timeout_s=180,
+                          extra_env={"BRAY_NODE_CACHE": args.cache} if args.cache else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -54,6 +66,9 @@ def server(args: argparse.Namespace) -> int:
         return 0
     finally:
         ts.stop()
+        if loader is not None:
+            loader.terminate()
+            loader.wait(timeout=20)
 
 
 def actor(args: argparse.Namespace) -> int:
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--poll-interval-ms", type=int, default=50)
+    p.add_argument("--cache", help="run the node's weight loader into this /dev/shm folder")
     p.set_defaults(run=server)
     p = sub.add_parser("actor")
     p.add_argument("--name", required=True)

@@ -10,6 +10,7 @@ heartbeating announcements).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -46,13 +47,17 @@ class ServerNode:
 
     def worker_pids(self) -> list[int]:
         """Its TorchServe workers' pids (processes of the node running ts.model_service_worker)."""
+        return self.pids_running(b"model_service_worker")
+
+    def pids_running(self, what: bytes) -> list[int]:
+        """The node's processes whose command line holds ``what``."""
         out = []
         for pid in self.node.pids():
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"model_service_worker" in cmd:
+            if what in cmd:
                 out.append(pid)
         return out
 
@@ -99,6 +104,7 @@ class Cluster:
             self.fabric.close()
             raise
         self.servers: list[ServerNode] = []
+        self.caches: list[Path] = []  # the nodes' weight caches in /dev/shm, removed at close
         self.relay_proc: subprocess.Popen[bytes] | None = None
         self._actor_runs = 0
 
@@ -113,6 +119,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pass
         self.fabric.close()
+        for cache in self.caches:
+            shutil.rmtree(cache, ignore_errors=True)
 
     # --- the trainer ------------------------------------------------------------------
 
@@ -133,14 +141,22 @@ class Cluster:
 
     # --- server nodes -----------------------------------------------------------------
 
-    def start_servers(self, *, workers: int, poll_interval_ms: int, timeout_s: float = 300) -> list[ServerNode]:
-        """TorchServe on every server node, the live version registered there; waits until each says ready."""
+    def start_servers(self, *, workers: int, poll_interval_ms: int, loader: bool = False,
+                      timeout_s: float = 300) -> list[ServerNode]:
+        """TorchServe on every server node, the live version registered there; waits until each says ready.
+
+        ``loader``: each node runs its one weight loader, into a cache in ``/dev/shm``.
+        """
         def start(node: NetnsNode) -> ServerNode:
             workdir = self.root / node.name
             workdir.mkdir(parents=True, exist_ok=True)
+            cache = []
+            if loader:
+                self.caches.append(Path(f"/dev/shm/{node.netns}"))
+                cache = ["--cache", str(self.caches[-1])]
             proc = node.popen([PY, "-m", "tests.netns_procs", "server", "--workdir", str(workdir),
                                "--address", node.address, "--store", str(self.store), "--name", self.name,
-                               "--workers", str(workers), "--poll-interval-ms", str(poll_interval_ms)],
+                               "--workers", str(workers), "--poll-interval-ms", str(poll_interval_ms), *cache],
                               log=workdir / "node.log", cwd=REPO)
             server = ServerNode(node, workdir, proc)
             self.servers.append(server)

@@ -1,8 +1,9 @@
 """Several machines for real: server and actor nodes in network namespaces (``tests/netns.py``).
 
 One cluster for the module: 2 server nodes (TorchServe on the node's address, 2 workers
-each, management on the node's own loopback, workers polling the shared store every
-50 ms), 3 actor nodes (each its own host name and node proxy), a relay node (2 ms per
+each, management on the node's own loopback; the node's one weight loader polls the
+shared store every 50 ms and its workers map the steps from its cache in /dev/shm),
+3 actor nodes (each its own host name and node proxy), a relay node (2 ms per
 chunk, 1% of connections dropped) in front of server 2. The trainer is this process: it
 reaches no node, and ``wait()`` counts the workers' heartbeating announcements.
 
@@ -35,7 +36,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     made = Cluster(tmp_path_factory.mktemp("nodes"), servers=2, actor_nodes=3, relay=True)
     try:
         made.trainer = made.init_trainer(workers=WORKERS, poll_interval_ms=POLL_MS)  # type: ignore[attr-defined]
-        made.start_servers(workers=WORKERS, poll_interval_ms=POLL_MS)
+        made.start_servers(workers=WORKERS, poll_interval_ms=POLL_MS, loader=True)
         publish(made, timeout_s=120)  # every worker of both nodes up and serving
         yield made
     finally:
