@@ -23,6 +23,7 @@ worker's own: a step counts as served when the worker has it, not when the loade
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from bray.store._layout import LATEST_FILE, META_FILE, STEPS_DIR, TMP_DIR, WEIGH
 from bray.store._meta import parse_meta
 from bray.store._store import CheckpointStore
 from bray.store._weights import read_all, verify_weights
+from bray.store.watch import StoreWatch
 
 __all__ = ["NodeLoader", "main"]
 
@@ -66,7 +68,7 @@ class NodeLoader:
         self.keep = keep
         self.copied = 0
         self._lock = threading.Lock()
-        self._watches: list[object] = []
+        self._watches: list[StoreWatch] = []
 
     def start(self) -> None:
         """Copy each model's latest step now, then follow the store."""
@@ -75,7 +77,7 @@ class NodeLoader:
             latest = self.store.latest(name)
             if latest is not None:
                 self.copy(name, latest)
-            self._watches.append(self.store.watch(name, lambda step, name=name: self.copy(name, step),
+            self._watches.append(self.store.watch(name, functools.partial(self.copy, name),
                                                   poll_interval_s=self.poll_interval_s))
 
     def copy(self, name: str, step: int) -> None:
@@ -112,7 +114,7 @@ class NodeLoader:
 
     def stop(self) -> None:
         for watch in self._watches:
-            watch.stop()  # type: ignore[attr-defined]
+            watch.stop()
         self._watches.clear()
 
 
