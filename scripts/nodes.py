@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--period-ms", type=float, default=200.0, help="the trainer publishes this often")
     parser.add_argument("--poll-interval-ms", type=int, default=50)
     parser.add_argument("--probe-n", type=int, default=4096, help="StepProbe width: weights of 2 x (n + 1) floats")
+    parser.add_argument("--loader", action="store_true",
+                        help="one weight loader per server node (bray.store.node_loader), workers map its cache")
     parser.add_argument("--relay", action="store_true", help="reach the last server through a 2 ms, 1%%-drop relay")
     parser.add_argument("--quiet-publishes", type=int, default=10, help="publishes with no actor calling, for bytes")
     parser.add_argument("--hold", action="store_true", help="keep the nodes up until Ctrl-C")
@@ -75,19 +77,24 @@ def main(argv: list[str] | None = None) -> int:
                       probe_n=args.probe_n)
     try:
         rm = cluster.init_trainer(workers=args.workers, poll_interval_ms=args.poll_interval_ms)
-        servers = cluster.start_servers(workers=args.workers, poll_interval_ms=args.poll_interval_ms)
+        servers = cluster.start_servers(workers=args.workers, poll_interval_ms=args.poll_interval_ms,
+                                        loader=args.loader)
         publish_for(rm, 0.0, 0.0, n=args.probe_n, timeout_s=120)  # step 1: every worker of every node is up and serving
         steps = cluster.store / cluster.name / "steps"
         weights_bytes = next(steps.glob("*/weights.safetensors")).stat().st_size
-        before = {s.node.name: read_bytes(s.worker_pids()) for s in servers}
+        # What the node's workers (and its loader) read: rchar, every read() of the store, of the
+        # cache and of LATEST polls (not the mapped pages), over publishes with no call in between.
+        readers = {s.node.name: s.worker_pids() + s.pids_running(b"bray.store.node_loader") for s in servers}
+        before = {name: read_bytes(pids) for name, pids in readers.items()}
         quiet = publish_for(rm, args.quiet_publishes * args.period_ms / 1e3, args.period_ms / 1e3, n=args.probe_n)
-        per_publish = {s.node.name: (read_bytes(s.worker_pids()) - before[s.node.name]) // len(quiet) for s in servers}
+        per_publish = {name: (read_bytes(pids) - before[name]) // len(quiet) for name, pids in readers.items()}
         urls = [s.url for s in servers]
         if args.relay:
             urls[-1] = cluster.start_relay(servers[-1], delay_ms=2.0, drop=0.01)
         report: dict[str, object] = {"servers": args.servers, "workers_per_server": args.workers,
                                      "actor_nodes": args.actor_nodes, "actors_per_node": args.actors,
-                                     "poll_interval_ms": args.poll_interval_ms, "weights_file_bytes": weights_bytes,
+                                     "poll_interval_ms": args.poll_interval_ms, "loader": args.loader,
+                                     "weights_file_bytes": weights_bytes,
                                      "bytes_read_per_publish_per_node": per_publish,
                                      "quiet_publish_wait_ms": summary(quiet)}
         if args.hold:
