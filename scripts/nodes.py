@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader", action="store_true",
                         help="one weight loader per server node (bray.store.node_loader), workers map its cache")
     parser.add_argument("--relay", action="store_true", help="reach the last server through a 2 ms, 1%%-drop relay")
+    parser.add_argument("--cut-s", type=float, default=0.0,
+                        help="pull the last server node's cable this long, from the middle of the actors' run")
     parser.add_argument("--quiet-publishes", type=int, default=10, help="publishes with no actor calling, for bytes")
     parser.add_argument("--hold", action="store_true", help="keep the nodes up until Ctrl-C")
     parser.add_argument("--root", type=Path, help="where the store and logs go (default a temporary directory)")
@@ -108,11 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.actor_nodes and args.actors:
             actors = cluster.start_actors(args.actors, urls=urls)
             time.sleep(5)  # actors attach, proxies start
-            waits = publish_for(rm, args.seconds, args.period_ms / 1e3, n=args.probe_n)
+            if args.cut_s > 0:
+                waits = publish_for(rm, args.seconds / 2, args.period_ms / 1e3, n=args.probe_n)
+                servers[-1].node.link(up=False)
+                try:
+                    waits += publish_for(rm, args.cut_s, args.period_ms / 1e3, n=args.probe_n)
+                finally:
+                    servers[-1].node.link(up=True)
+                waits += publish_for(rm, args.seconds / 2, args.period_ms / 1e3, n=args.probe_n)
+            else:
+                waits = publish_for(rm, args.seconds, args.period_ms / 1e3, n=args.probe_n)
             records = actors.stop()
             calls = sum(r["calls"] for r in records)
             seconds = max(r["seconds"] for r in records)
-            report.update(publish_wait_ms=summary(waits), calls=calls,
+            report.update(publish_wait_ms=summary(waits), calls=calls, cut_s=args.cut_s,
                           forwards_per_s=round(calls / seconds, 1) if seconds else 0.0,
                           errors=sum(r["errors"] for r in records), backwards=sum(r["backwards"] for r in records),
                           wrong=sum(r["wrong"] for r in records), slowest_call_s=max(r["slowest_s"] for r in records),

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ class Cluster:
                                "--workers", str(workers), "--poll-interval-ms", str(poll_interval_ms), *cache],
                               log=workdir / "node.log", cwd=REPO)
             server = ServerNode(node, workdir, proc)
-            self.servers.append(server)
+            with lock:
+                starting.append(server)  # stopped at close even if another node's start fails
             deadline = time.monotonic() + timeout_s
             while b"ready" not in server.log.read_bytes():
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -167,8 +169,18 @@ class Cluster:
                 time.sleep(0.25)
             return server
 
-        with ThreadPoolExecutor(len(self.server_nodes)) as pool:
-            return list(pool.map(start, self.server_nodes))
+        lock = threading.Lock()
+        starting: list[ServerNode] = []
+        try:
+            with ThreadPoolExecutor(len(self.server_nodes)) as pool:
+                started = list(pool.map(start, self.server_nodes))
+        except BaseException:
+            self.servers = starting
+            raise
+        # In node order: the key files handed to actors are matched to the URLs by position
+        # (the order the threads got to append in swapped them now and then: every key refused).
+        self.servers = started
+        return started
 
     def start_relay(self, target: ServerNode, *, delay_ms: float, drop: float) -> str:
         """The lossy relay in front of ``target``, on the relay node; returns its address (an inference URL)."""
