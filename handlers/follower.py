@@ -219,6 +219,9 @@ class StepFollower:
     def close(self) -> None:
         """Stop watching and withdraw this worker's serving announcement."""
         self._closed.set()
+        if self._heartbeat is not None:  # so no beat lands after the withdrawal below
+            self._heartbeat.join(timeout=5)
+            self._heartbeat = None
         if self._watch is not None:
             self._watch.stop()
             self._watch = None

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot make nodes here: {reason}", file=sys.stderr)
         return 2
     root = args.root or Path(tempfile.mkdtemp(prefix="bray-nodes-"))
+    print(f"store, logs and the actors' records: {root} (kept)", file=sys.stderr, flush=True)
     cluster = Cluster(root, servers=args.servers, actor_nodes=args.actor_nodes, relay=args.relay,
                       probe_n=args.probe_n)
     try:
