@@ -30,21 +30,18 @@ PY = sys.executable
 
 @dataclass
 class ServerNode:
+    """A server node: its TorchServe's inference address, key file (written at its start) and log."""
+
     node: NetnsNode
     workdir: Path
     proc: subprocess.Popen[bytes]
+    url: str = field(init=False)
+    key_file: Path = field(init=False)
+    log: Path = field(init=False)
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.node.address}:8080"
-
-    @property
-    def key_file(self) -> Path:
-        return self.workdir / "key_file.json"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "node.log"
+    def __post_init__(self) -> None:
+        self.url = f"http://{self.node.address}:8080"
+        self.key_file, self.log = self.workdir / "key_file.json", self.workdir / "node.log"
 
     def worker_pids(self) -> list[int]:
         """Its TorchServe workers' pids (processes of the node running ts.model_service_worker)."""
