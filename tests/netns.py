@@ -15,13 +15,15 @@ so traffic between nodes never leaves these namespaces. The names carry a per-ru
 (``b25-<pid>-<random>``), so runs side by side do not collide. :meth:`Fabric.close` kills
 every process of every node, deletes the namespaces (which deletes their veths and the
 bridge) and is safe to call twice; the fixtures call it in their finalizers, the script at
-exit. Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN): :func:`unavailable` says why not.
+exit; a run killed before it could (SIGKILL) is swept by the next one. Needs root (or
+CAP_NET_ADMIN and CAP_SYS_ADMIN): :func:`unavailable` says why not.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["Fabric", "NetnsNode", "unavailable"]
+__all__ = ["Fabric", "NetnsNode", "sweep_orphans", "unavailable"]
 
 IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "ip"
 SUBNET = "10.225.0"  # per fabric: each fabric's switch is its own namespace, so runs never share it
@@ -122,10 +124,47 @@ class NetnsNode:
         _ip("-n", self.fabric.switch, "link", "set", self.switch_port, "up" if up else "down")
 
 
+def sweep_orphans() -> list[str]:
+    """Delete what runs whose process died without closing left (SIGKILLed pytest): returns the namespaces.
+
+    Names carry their creator's pid (``b25-<pid>-...``); those of live processes are left
+    alone, so runs side by side never sweep each other.
+    """
+    swept = []
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "b25" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its creator still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", name, check=False)
+        swept.append(name)
+    for cache in Path("/dev/shm").glob("b25-*"):
+        parts = cache.name.split("-")
+        if len(parts) >= 3 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(cache, ignore_errors=True)
+    return swept
+
+
 class Fabric:
-    """A switch and the nodes on it; a context manager that always tears everything down."""
+    """A switch and the nodes on it; a context manager that always tears everything down.
+
+    Made, it first sweeps what dead runs left (:func:`sweep_orphans`).
+    """
 
     def __init__(self, *, run_id: str | None = None) -> None:
+        sweep_orphans()
         self.prefix = f"b25-{run_id or f'{os.getpid()}-{secrets.token_hex(2)}'}"
         self.switch = f"{self.prefix}-sw"
         self.nodes: list[NetnsNode] = []
