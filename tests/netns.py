@@ -124,6 +124,16 @@ class NetnsNode:
         _ip("-n", self.fabric.switch, "link", "set", self.switch_port, "up" if up else "down")
 
 
+def _delete(netns: str) -> None:
+    """SIGKILL whatever still runs in ``netns``, then delete it (its veths, and a bridge in it, go with it)."""
+    for pid in _ip("netns", "pids", netns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    _ip("netns", "del", netns, check=False)
+
+
 def sweep_orphans() -> list[str]:
     """Delete what runs whose process died without closing left (SIGKILLed pytest): returns the namespaces.
 
@@ -143,12 +153,7 @@ def sweep_orphans() -> list[str]:
             pass
         except PermissionError:
             continue
-        for pid in _ip("netns", "pids", name, check=False).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        _ip("netns", "del", name, check=False)
+        _delete(name)
         swept.append(name)
     for cache in Path("/dev/shm").glob("b25-*"):
         parts = cache.name.split("-")
@@ -220,10 +225,5 @@ class Fabric:
                 node.holder.kill()
                 node.holder.wait(timeout=10)
         for netns in reversed(self._made):
-            for pid in _ip("netns", "pids", netns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("netns", "del", netns, check=False)
+            _delete(netns)
         self._made.clear()
