@@ -42,7 +42,8 @@ class StepFollower:
             (shared file systems); ``None``: inotify.
         node_cache: the node's weight cache (:mod:`bray.store.node_loader`), followed
             with inotify and mapped instead of the store read; a step not in it yet is
-            read from the store. ``None``: the store itself.
+            read from the store. The announcements go there too, for the loader to relay
+            (one file per node in the store). ``None``: the store itself.
     """
 
     def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
@@ -51,6 +52,9 @@ class StepFollower:
                  poll_interval_s: float | None = None, node_cache: CheckpointStore | None = None) -> None:
         self.store = store
         self.node_cache = node_cache
+        # With a node loader the announcements (and their heartbeats) stay in the node's
+        # shared memory, and the loader relays them to the store as one file per node.
+        self._announced = node_cache if node_cache is not None else store
         self.name = name
         self.engine = engine
         self.pinned = step >= 0
@@ -211,10 +215,10 @@ class StepFollower:
         if self._worker is None or self._closed.is_set():
             return
         try:
-            self.store.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
+            self._announced.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
         except OSError as err:  # advisory only; serving goes on
             log.warning("bray: cannot announce step %d of %s in %s: %s", step, self.name,
-                        self.store.serving_dir(self.name), err)
+                        self._announced.serving_dir(self.name), err)
 
     def close(self) -> None:
         """Stop watching and withdraw this worker's serving announcement."""
@@ -226,4 +230,4 @@ class StepFollower:
             self._watch.stop()
             self._watch = None
         if self._worker is not None:
-            self.store.withdraw_serving(self.name, self._worker)
+            self._announced.withdraw_serving(self.name, self._worker)

@@ -16,8 +16,14 @@ store as before, so the cache only ever saves reads, never withholds a step.
     python -m bray.store.node_loader --store /mnt/bray-store --cache /dev/shm/bray-node --name policy
 
 Only the newest ``keep`` steps stay in the cache (a worker's mapping of a removed file
-stays valid until it lets go). The announcements that ``wait()`` counts are still each
-worker's own: a step counts as served when the worker has it, not when the loader does.
+stays valid until it lets go).
+
+The workers announce the step they have staged into the cache too (``.serving/``, with
+their heartbeats: shared memory, no writes to the store), and the loader relays them as one
+``<host>.node.json`` per model, rewritten when a worker's step changes (looked at every
+:data:`RELAY_S`) and at least every heartbeat: one write per node instead of one per
+worker. A worker whose process is gone, or whose own heartbeat stopped, is left out. A
+step still counts as served when the worker has it, not when the loader does.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -37,13 +45,17 @@ from typing import Sequence
 from bray.errors import BrayError, StepNotFoundError
 from bray.store._layout import LATEST_FILE, META_FILE, STEPS_DIR, TMP_DIR, WEIGHTS_FILE, step_str
 from bray.store._meta import parse_meta
+from bray.store._serving import HEARTBEAT_S, HEARTBEAT_STALE_S
 from bray.store._store import CheckpointStore
 from bray.store._weights import read_all, verify_weights
 from bray.store.watch import StoreWatch
 
-__all__ = ["NodeLoader", "main"]
+__all__ = ["RELAY_S", "NodeLoader", "main"]
 
 log = logging.getLogger(__name__)
+
+#: How often the loader looks at its workers' announcements in the cache.
+RELAY_S = 0.01
 
 
 class NodeLoader:
@@ -69,6 +81,9 @@ class NodeLoader:
         self.copied = 0
         self._lock = threading.Lock()
         self._watches: list[StoreWatch] = []
+        self._stop = threading.Event()
+        self._relay: threading.Thread | None = None
+        self._cache_store = CheckpointStore(self.cache)  # the workers' announcements, as they wrote them
 
     def start(self) -> None:
         """Copy each model's latest step now, then follow the store."""
@@ -79,6 +94,35 @@ class NodeLoader:
                 self.copy(name, latest)
             self._watches.append(self.store.watch(name, functools.partial(self.copy, name),
                                                   poll_interval_s=self.poll_interval_s))
+        self._relay = threading.Thread(target=self._relay_announcements, name="bray-loader-relay", daemon=True)
+        self._relay.start()
+
+    def workers(self, name: str, *, now: float | None = None) -> dict[int, int]:
+        """``{pid: step}`` of this node's live workers of ``name``, from their announcements in the cache."""
+        now = time.time() if now is None else now
+        out = {}
+        for info in self._cache_store.serving(name).values():
+            try:
+                pid, step, stamp = int(info["pid"]), int(info["step"]), float(info["time"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if now - stamp <= HEARTBEAT_STALE_S and _alive(pid):
+                out[pid] = step
+        return out
+
+    def _relay_announcements(self) -> None:
+        host = socket.gethostname()
+        sent: dict[str, tuple[dict[int, int], float]] = {}
+        while not self._stop.wait(RELAY_S):
+            for name in self.names:
+                try:
+                    workers = self.workers(name)
+                    last, at = sent.get(name, ({}, 0.0))
+                    if workers != last or time.monotonic() - at >= HEARTBEAT_S:
+                        self.store.announce_node(name, host, workers)
+                        sent[name] = (workers, time.monotonic())
+                except OSError as err:  # advisory, as a worker's own announcement is
+                    log.warning("bray loader: cannot relay the announcements of %s: %s", name, err)
 
     def copy(self, name: str, step: int) -> None:
         """Read ``step`` of ``name`` once, check it, and make it the cache's latest (no-op when there)."""
@@ -113,9 +157,23 @@ class NodeLoader:
                 shutil.rmtree(old, ignore_errors=True)
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._relay is not None:
+            self._relay.join(timeout=5)
+            self._relay = None
         for watch in self._watches:
             watch.stop()
         self._watches.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,9 @@ def test_publish_reaches_every_worker_of_every_node_over_a_slow_lossy_link(clust
     announced = fresh_workers(cluster)
     assert sorted(w.rsplit("-", 1)[0] for w in announced) == ["server1"] * WORKERS + ["server2"] * WORKERS
     assert set(announced.values()) == {steps[-1]}
+    # Through each node's loader: one announcement file per node in the store, none per worker.
+    files = sorted(p.name for p in (cluster.store / cluster.name / ".serving").glob("*.json"))
+    assert files == ["server1.node.json", "server2.node.json"], files
     # The relay carried traffic and dropped some of it: the loss was real, and was retried.
     assert relay["connections"] > 0 and relay["dropped"] > 0, relay
     by_url: dict[str, int] = {}

@@ -77,3 +77,34 @@ def test_a_follower_with_a_node_cache_maps_it_and_reads_the_store_only_for_steps
 def test_keep_must_be_positive(tmp_path: Path, keep: int) -> None:
     with pytest.raises(ValueError, match="keep must be >= 1"):
         NodeLoader(CheckpointStore(tmp_path), tmp_path / "shm", ["m"], poll_interval_s=None, keep=keep)
+
+
+def test_the_loader_relays_its_workers_announcements_as_one_file_per_node(tmp_path: Path) -> None:
+    """Workers announce into the cache (shared memory); the store gets one file for the node, listing
+    the live ones: a dead worker's file, left in the cache, is not relayed."""
+    import os
+    import socket
+    import subprocess
+
+    from bray.store import HEARTBEAT_STALE_S
+
+    store = CheckpointStore(tmp_path / "store")
+    store.publish("m", _w(0.0))
+    loader = NodeLoader(store, tmp_path / "shm", ["m"], poll_interval_s=None)
+    loader.start()
+    try:
+        cache = CheckpointStore(tmp_path / "shm")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        host = socket.gethostname()
+        cache.announce_serving("m", f"{host}-{os.getpid()}", 0, pid=os.getpid(), host=host)
+        cache.announce_serving("m", f"{host}-{dead.pid}", 0, pid=dead.pid, host=host)
+        _until(lambda: set(store.serving("m")) == {f"{host}-{os.getpid()}"})
+        (info,) = store.serving("m").values()
+        assert info["step"] == 0 and info["pid"] == os.getpid() and info["host"] == host
+        assert [p.name for p in store.serving_dir("m").iterdir()] == [f"{host}.node.json"]
+        cache.announce_serving("m", f"{host}-{os.getpid()}", 1, pid=os.getpid(), host=host)
+        _until(lambda: next(iter(store.serving("m").values()))["step"] == 1)  # relayed within a few RELAY_S
+        assert loader.workers("m", now=time.time() + HEARTBEAT_STALE_S + 1) == {}  # its heartbeat stopped: gone
+    finally:
+        loader.stop()
