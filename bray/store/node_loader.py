@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bray.errors import BrayError, StepNotFoundError
+from bray.store._durable import pid_alive
 from bray.store._layout import LATEST_FILE, META_FILE, STEPS_DIR, TMP_DIR, WEIGHTS_FILE, step_str
 from bray.store._meta import parse_meta
 from bray.store._serving import HEARTBEAT_S, HEARTBEAT_STALE_S
@@ -106,7 +107,7 @@ class NodeLoader:
                 pid, step, stamp = int(info["pid"]), int(info["step"]), float(info["time"])
             except (KeyError, TypeError, ValueError):
                 continue
-            if now - stamp <= HEARTBEAT_STALE_S and _alive(pid):
+            if now - stamp <= HEARTBEAT_STALE_S and pid_alive(pid):
                 out[pid] = step
         return out
 
@@ -165,15 +166,6 @@ class NodeLoader:
             watch.stop()
         self._watches.clear()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
