@@ -10,12 +10,15 @@ variable                      meaning                                  default
 ``BRAY_STORE``                checkpoint store root                    ``~/.bray/store``
 ``BRAY_MODEL_STORE``          TorchServe model store (``.mar`` files)  ``~/.bray/model_store``
 ``BRAY_INFERENCE_URL``        one address, or several, comma-separated ``http://127.0.0.1:8080``
-``BRAY_MANAGEMENT_URL``       management API address                   ``http://127.0.0.1:8081``
+``BRAY_MANAGEMENT_URL``       management API address (``none``: not   ``http://127.0.0.1:8081``
+                              reachable from here)
 ``BRAY_KEY_FILE``             TorchServe's ``key_file.json``           see :func:`find_key_file`
 ``BRAY_SERVER_DIR``           ``bray-archive server``'s working dir    ``~/.bray/server``
 ``BRAY_METRICS_PORT``         client metrics exporter ``[host:]port``  off; see :func:`metrics_address`
 ``BRAY_PROXY_METRICS_PORT``   the node proxy's own exporter            off; as ``BRAY_METRICS_PORT``
 ``BRAY_NODE_PROXY``           ``RemoteModel``'s default ``node_proxy`` on (``0`` turns it off)
+``BRAY_NODE_CACHE``           a server node's weight cache (workers    off; see :func:`node_cache`
+                              read steps from there)
 ============================  =======================================  ===========================
 """
 
@@ -28,10 +31,13 @@ from typing import Any, Mapping
 
 from bray.errors import ConfigError
 
-__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "node_proxy_default", "server_dir"]
+__all__ = ["Locations", "Node", "check_url", "find_key_file", "metrics_address", "node_cache", "node_proxy_default",
+           "server_dir"]
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+#: ``BRAY_MANAGEMENT_URL``'s entry for a node whose management API cannot be reached from here.
+NO_MANAGEMENT = "none"
 METRICS_ENV_VAR = "BRAY_METRICS_PORT"
 PROXY_METRICS_ENV_VAR = "BRAY_PROXY_METRICS_PORT"
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -116,14 +122,17 @@ class Node:
 
     Attributes:
         inference_url: its inference API (``http://host:8080``).
-        management_url: its management API (several nodes may share one).
+        management_url: its management API (several nodes may share one); ``None`` where it
+            cannot be reached from here (a KServe pod, or a machine whose management API
+            stays on its own loopback): the node registers its models itself, and its
+            workers are known by their heartbeating announcements in the store.
         key_file: its ``key_file.json`` (each TorchServe writes its own keys), ``None``
             with token authorization off.
         model_store: its model store directory (``.mar`` files), as this machine sees it.
     """
 
     inference_url: str
-    management_url: str
+    management_url: str | None
     key_file: Path | None
     model_store: Path
 
@@ -159,8 +168,21 @@ class Locations:
 
     @property
     def management_url(self) -> str:
-        """The first node's management address (the CLI talks to one node)."""
-        return self.nodes[0].management_url
+        """The first managed node's management address (the CLI talks to one node).
+
+        Raises:
+            ConfigError: no node's management API can be reached from here.
+        """
+        managed = self.managed_nodes()
+        if not managed:
+            raise ConfigError("no management API can be reached from here (BRAY_MANAGEMENT_URL is 'none' for every "
+                              "node); run this on a server node, with BRAY_MANAGEMENT_URL=http://127.0.0.1:8081")
+        return managed[0].management_url  # type: ignore[return-value]
+
+    @property
+    def unmanaged_nodes(self) -> tuple[Node, ...]:
+        """The nodes whose management API cannot be reached from here (``BRAY_MANAGEMENT_URL=none``)."""
+        return tuple(node for node in self.nodes if node.management_url is None)
 
     @property
     def key_file(self) -> Path | None:
@@ -173,10 +195,14 @@ class Locations:
         return self.nodes[0].model_store
 
     def managed_nodes(self) -> tuple[Node, ...]:
-        """One node per management address (the first with it): where models are registered."""
+        """One node per management address (the first with it): where models are registered.
+
+        Nodes without a reachable management API are left out: they register their models themselves.
+        """
         seen: dict[str, Node] = {}
         for node in self.nodes:
-            seen.setdefault(node.management_url, node)
+            if node.management_url is not None:
+                seen.setdefault(node.management_url, node)
         return tuple(seen.values())
 
     def to_env(self, *, store: Path | None = None) -> dict[str, str]:
@@ -188,7 +214,7 @@ class Locations:
         """
         env = {"BRAY_STORE": str(Path(store or self.store).resolve()),
                "BRAY_INFERENCE_URL": ",".join(self.inference_urls),
-               "BRAY_MANAGEMENT_URL": ",".join(n.management_url for n in self.nodes),
+               "BRAY_MANAGEMENT_URL": ",".join(n.management_url or NO_MANAGEMENT for n in self.nodes),
                "BRAY_MODEL_STORE": ",".join(os.path.abspath(n.model_store) for n in self.nodes)}
         if all(n.key_file is not None for n in self.nodes):
             env["BRAY_KEY_FILE"] = ",".join(os.path.abspath(str(n.key_file)) for n in self.nodes)
@@ -200,7 +226,8 @@ class Locations:
 
         Several nodes: ``BRAY_INFERENCE_URL`` lists one address per node, comma-separated;
         ``BRAY_MANAGEMENT_URL``, ``BRAY_KEY_FILE`` and ``BRAY_MODEL_STORE`` give either
-        one value shared by every node or one per node in the same order.
+        one value shared by every node or one per node in the same order; a management
+        address ``none`` says that node's management API cannot be reached from here.
 
         Args:
             env: the environment to read (``os.environ`` when ``None``).
@@ -231,8 +258,13 @@ class Locations:
         if not urls:
             raise ConfigError("no inference address given; set BRAY_INFERENCE_URL")
         n = len(urls)
-        mgmt = _split_urls(listed(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL),
-                           what="management address", var="BRAY_MANAGEMENT_URL", example="http://127.0.0.1:8081")
+        mgmt_listed = listed(o.get("management_url") or env.get("BRAY_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL)
+        mgmt: list[str | None] = [None if u.strip().lower() == NO_MANAGEMENT else u.strip().rstrip("/")
+                                  for u in mgmt_listed.split(",") if u.strip()]
+        for url in mgmt:
+            if url is not None:
+                check_url(url, what="management address", var="BRAY_MANAGEMENT_URL",
+                          example="http://127.0.0.1:8081 (or none)")
         if not mgmt:
             raise ConfigError("no management address given; set BRAY_MANAGEMENT_URL")
         stores = [Path(p.strip()).expanduser() for p in listed(
@@ -248,6 +280,18 @@ class Locations:
 
 
 NODE_PROXY_ENV_VAR = "BRAY_NODE_PROXY"
+NODE_CACHE_ENV_VAR = "BRAY_NODE_CACHE"
+
+
+def node_cache(env: Mapping[str, str] | None = None) -> Path | None:
+    """The node's weight cache that TorchServe workers follow instead of the store (``BRAY_NODE_CACHE``).
+
+    Written by the node's one weight loader (``python -m bray.store.node_loader``), in
+    shared memory; ``None`` (unset): every worker reads the store itself.
+    """
+    env = os.environ if env is None else env
+    value = str(env.get(NODE_CACHE_ENV_VAR, "")).strip()
+    return Path(value) if value else None
 
 
 def node_proxy_default(env: Mapping[str, str] | None = None) -> bool:

@@ -132,11 +132,13 @@ class Registration:
         from bray.torchserve.auth import TokenAuth
 
         nodes = self.locations.nodes
+        # A node without a reachable management API: its key file is re-read, never refreshed here.
         if len({(node.key_file, node.management_url) for node in nodes}) == 1:
-            return TokenAuth(nodes[0].key_file, management_url=nodes[0].management_url)
+            return TokenAuth(nodes[0].key_file, management_url=nodes[0].management_url or "")
         # Each TorchServe generates its own keys at start: one TokenAuth per node, refreshed
         # through that node's management API.
-        return {node.inference_url: TokenAuth(node.key_file, management_url=node.management_url) for node in nodes}
+        return {node.inference_url: TokenAuth(node.key_file, management_url=node.management_url or "")
+                for node in nodes}
 
     def ensure(self, *, override: bool) -> Any:
         """Make sure every node serves the version, registering it where it is missing.
@@ -232,11 +234,51 @@ class Registration:
         self._workers = tuple(nodes)
         return self._workers
 
+    def unmanaged_late(self, step: int, serving: Mapping[str, Mapping[str, Any]], *,
+                       now: float | None = None) -> tuple[dict[str, int | None], str]:
+        """The nodes without a reachable management API: their workers not yet serving ``step``.
+
+        Their workers are known by their announcements alone (``docs/scale.md`` section 5):
+        those refreshed within :data:`~bray.store.HEARTBEAT_STALE_S` count, from hosts other
+        than the managed nodes' (this machine's, when one is on loopback). Each such node
+        runs the version's ``workers`` (:attr:`options`), so the wait needs that many per
+        node, every one of them at ``step`` or later: a node that is down, or whose
+        workers have not announced yet, keeps it waiting.
+
+        Returns:
+            ``({"<host>-<pid>": step}`` of the fresh workers behind, a reason when fewer
+            fresh workers than expected announce (``""`` otherwise)).
+        """
+        from bray.store import HEARTBEAT_STALE_S
+
+        unmanaged = self.locations.unmanaged_nodes
+        if not unmanaged:
+            return {}, ""
+        now = time.time() if now is None else now
+        managed_hosts = {host for host, _ in self._workers if host is not None}
+        fresh = {}
+        for worker, info in serving.items():
+            try:
+                host, stamp, seen = str(info["host"]), float(info["time"]), int(info["step"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if host not in managed_hosts and now - stamp <= HEARTBEAT_STALE_S:
+                fresh[worker] = seen
+        late: dict[str, int | None] = {w: s for w, s in fresh.items() if s < step}
+        expected = len(unmanaged) * max(self.options.workers, 1)
+        short = ""
+        if len(fresh) < expected:
+            short = (f"{len(fresh)} of the {expected} workers expected on the {len(unmanaged)} node(s) without a "
+                     f"management API here ({self.options.workers} each) announce within {HEARTBEAT_STALE_S:g} s "
+                     "(a node down, or its workers not started?)")
+        return late, short
+
     def wait_served(self, step: int, *, timeout_s: float) -> float:
         """Block until every READY worker of every node announces ``step`` (or a later one).
 
         Workers are ``(host, pid)``: two nodes whose workers share a pid never stand
-        in for each other.
+        in for each other. Nodes without a reachable management API are waited for
+        through their workers' heartbeating announcements (:meth:`unmanaged_late`).
 
         Returns:
             Seconds waited.
@@ -247,16 +289,21 @@ class Registration:
         started = time.monotonic()
         deadline = started + timeout_s
         next_refresh = started + 0.5
+        managed = bool(self.locations.managed_nodes())
         while True:
-            nodes = self._workers or self.workers()
-            announced = announcements(self.store.serving(self.name))
-            late = behind(nodes, announced, step)
-            if nodes and all(pids for _, pids in nodes) and not late:
+            nodes = (self._workers or self.workers()) if managed else ()
+            serving = self.store.serving(self.name)
+            late = behind(nodes, announcements(serving), step)
+            far, short = self.unmanaged_late(step, serving)
+            late.update(far)
+            listed = not managed or (nodes and all(pids for _, pids in nodes))
+            if listed and not late and not short:
                 return time.monotonic() - started
             if time.monotonic() > deadline:
                 raise BrayTimeoutError(f"step {step} of {self.name!r} not served by every worker within {timeout_s} s; "
-                                       f"workers behind (host-pid: step): {late or 'no READY worker'}")
-            if any(step_ is None for step_ in late.values()) or time.monotonic() > next_refresh:
+                                       f"workers behind (host-pid: step): {late or short or 'no READY worker'}"
+                                       + (f"; {short}" if late and short else ""))
+            if managed and (any(step_ is None for step_ in late.values()) or time.monotonic() > next_refresh):
                 # A restarted worker has a new pid; a SIGKILLed one leaves its announcement
                 # behind, so a behind worker is looked up again now and then too.
                 self.workers()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from bray.errors import BrayError, StepNotFoundError
 from bray.handlers.engines.base import Engine
-from bray.store import CheckpointStore
+from bray.store import HEARTBEAT_S, CheckpointStore
 
 __all__ = ["StepFollower"]
 
@@ -40,13 +40,21 @@ class StepFollower:
         on_refuse: called as ``on_refuse(step)`` on the watcher thread for a refused step.
         poll_interval_s: read the store's ``LATEST`` this often instead of inotify
             (shared file systems); ``None``: inotify.
+        node_cache: the node's weight cache (:mod:`bray.store.node_loader`), followed
+            with inotify and mapped instead of the store read; a step not in it yet is
+            read from the store. The announcements go there too, for the loader to relay
+            (one file per node in the store). ``None``: the store itself.
     """
 
     def __init__(self, store: CheckpointStore, name: str, engine: Engine, *, step: int = -1,
                  announce: bool = False, on_swap: Callable[[int, float, float], None] | None = None,
                  on_refuse: Callable[[int], None] | None = None,
-                 poll_interval_s: float | None = None) -> None:
+                 poll_interval_s: float | None = None, node_cache: CheckpointStore | None = None) -> None:
         self.store = store
+        self.node_cache = node_cache
+        # With a node loader the announcements (and their heartbeats) stay in the node's
+        # shared memory, and the loader relays them to the store as one file per node.
+        self._announced = node_cache if node_cache is not None else store
         self.name = name
         self.engine = engine
         self.pinned = step >= 0
@@ -62,6 +70,8 @@ class StepFollower:
         self._on_refuse = on_refuse
         self._poll_interval_s = poll_interval_s
         self._worker = f"{socket.gethostname()}-{os.getpid()}" if announce else None
+        self._heartbeat: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def start(self, initial: tuple[int, Any] | None = None) -> int:
         """Install the first weights and, unless pinned, start watching. Returns the step.
@@ -81,7 +91,7 @@ class StepFollower:
             step, weights = ckpt.step, ckpt.weights
         else:
             try:
-                ckpt = self.store.load(self.name, -1)
+                ckpt = self._load(-1)
                 step, weights = ckpt.step, ckpt.weights
             except StepNotFoundError:
                 log.warning("bray: no step of %s published yet; serving the export's own weights", self.name)
@@ -91,7 +101,13 @@ class StepFollower:
         self.step = self.staged_step = step
         if not self.pinned:
             self._announce(step)
-            self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
+            if self._worker is not None:
+                self._heartbeat = threading.Thread(target=self._beat, name="bray-heartbeat", daemon=True)
+                self._heartbeat.start()
+            if self.node_cache is not None:  # a local tmpfs: inotify sees the loader's writes
+                self._watch = self.node_cache.watch(self.name, self.on_step, poll_interval_s=None)
+            else:
+                self._watch = self.store.watch(self.name, self.on_step, poll_interval_s=self._poll_interval_s)
             latest = self.store.latest(self.name)
             if latest is not None and latest > step:  # published while we were starting
                 self.on_step(latest)
@@ -105,7 +121,7 @@ class StepFollower:
             started = time.perf_counter()
             withdrawn = None
             try:
-                ckpt = self.store.load(self.name, step)
+                ckpt = self._load(step)
                 if self.engine.reuses_prepared:
                     # Preparing rewrites the storage of a step staged but not swapped in yet
                     # (TensorRT refits its standby engine): refuse a bad step before that,
@@ -130,6 +146,20 @@ class StepFollower:
             self.staged_step = ckpt.step
             self._announce(ckpt.step)
             log.info("bray: staged step %d of %s in %.1f ms", ckpt.step, self.name, load_ms)
+
+    def _load(self, step: int) -> Any:
+        """``step`` (``-1``: the store's latest) from the node cache, mapped (the loader verified it), else from the store."""
+        if self.node_cache is not None:
+            want = self.store.latest(self.name) if step < 0 else step
+            if want is not None:
+                try:
+                    ckpt = self.node_cache.load(self.name, want, verify=False, mapped=True)
+                except StepNotFoundError:
+                    pass
+                else:
+                    if ckpt.step == want:  # not snapped down to an older cached step
+                        return ckpt
+        return self.store.load(self.name, step)
 
     def _refuse(self, step: int) -> None:
         self.refused.add(step)
@@ -174,19 +204,30 @@ class StepFollower:
             time.sleep(0.002)
         return True
 
+    def _beat(self) -> None:
+        """Rewrite the announcement every HEARTBEAT_S: where no management API lists the
+        workers, a fresh announcement is how the trainer knows this worker is alive."""
+        while not self._closed.wait(HEARTBEAT_S):
+            with self._load_lock:  # never re-announce an older step over a newer one
+                self._announce(self.staged_step)
+
     def _announce(self, step: int) -> None:
-        if self._worker is None:
+        if self._worker is None or self._closed.is_set():
             return
         try:
-            self.store.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
+            self._announced.announce_serving(self.name, self._worker, step, pid=os.getpid(), host=socket.gethostname())
         except OSError as err:  # advisory only; serving goes on
             log.warning("bray: cannot announce step %d of %s in %s: %s", step, self.name,
-                        self.store.serving_dir(self.name), err)
+                        self._announced.serving_dir(self.name), err)
 
     def close(self) -> None:
         """Stop watching and withdraw this worker's serving announcement."""
+        self._closed.set()
+        if self._heartbeat is not None:  # so no beat lands after the withdrawal below
+            self._heartbeat.join(timeout=5)
+            self._heartbeat = None
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
         if self._worker is not None:
-            self.store.withdraw_serving(self.name, self._worker)
+            self._announced.withdraw_serving(self.name, self._worker)

@@ -37,6 +37,7 @@ from bray import wire
 from bray.errors import BrayError, InputError, WireError
 from bray.export import EXPORT_DIRNAME, SPEC_FILE, load_spec
 from bray.handlers.options import ARCHIVE_WEIGHTS_FILE, ServingConfig
+from bray.locations import node_cache
 from bray.handlers.engines import get_engine
 from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
@@ -123,10 +124,13 @@ class EngineHandler(BaseHandler):
         options = cfg.options.engine_options(device=self._device(cfg, props.get("gpu_id")), extra=cfg.extra)
         self.engine = get_engine(cfg.options.engine).load(export_dir, self.spec, options)
         started = time.perf_counter()
+        # A node's weight loader (bray.store.node_loader) hands steps over in shared memory.
+        cache = node_cache()
         self.follower = StepFollower(self._store, cfg.name, self.engine, step=cfg.step,
                                      announce=not cfg.pinned, on_swap=self._on_swap,
                                      on_refuse=self.metrics.refused,
-                                     poll_interval_s=cfg.options.poll_interval_ms / 1e3 if cfg.options.poll_interval_ms else None)
+                                     poll_interval_s=cfg.options.poll_interval_ms / 1e3 if cfg.options.poll_interval_ms else None,
+                                     node_cache=CheckpointStore(cache) if cache and not cfg.pinned else None)
         step = self.follower.start(initial=self._packed_weights(model_dir, cfg))
         self.pipeline = Pipeline(self.spec, self.engine, self.follower, fixed_batch_size=cfg.options.fixed_batch_size,
                                  limits=wire.WireLimits(max_total_bytes=cfg.options.max_request_bytes),

@@ -12,7 +12,8 @@ A store is a directory. Each model name gets its own sub-directory::
         export/                        the exported model definition (written by
                                        :mod:`bray.export`; retention never touches it)
             spec.json                  its input/output structure and engine files
-        .serving/<host>-<pid>.json     the step each serving worker has staged
+        .serving/<host>-<pid>.json     the step each serving worker has staged, rewritten
+                                       every second (a heartbeat)
                                        (:meth:`CheckpointStore.announce_serving`, called by
                                        the handler's follower; read by ``wait()``)
         clone.json                     a clone's origin: source model and step (written once;
@@ -51,7 +52,8 @@ from bray.store._layout import (
     TMP_DIR,
     WEIGHTS_FILE,
 )
+from bray.store._serving import HEARTBEAT_S, HEARTBEAT_STALE_S
 from bray.store._store import Checkpoint, CheckpointStore, StepMeta
 from bray.store.watch import StoreWatch
 
-__all__ = ["Checkpoint", "CheckpointStore", "StepMeta", "StoreWatch"]
+__all__ = ["Checkpoint", "CheckpointStore", "HEARTBEAT_S", "HEARTBEAT_STALE_S", "StepMeta", "StoreWatch"]

@@ -329,6 +329,7 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
         framework: str = "numpy",
         device: str = "cpu",
         verify: bool = True,
+        mapped: bool = False,
     ) -> Checkpoint:
         """Read one step's weights.
 
@@ -343,6 +344,9 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
                 dtypes numpy lacks, such as bfloat16).
             device: torch device for ``framework="pt"``; must be ``"cpu"`` for numpy.
             verify: check the file's size and sha256 against its metadata.
+            mapped: map the file (private, copy-on-write) instead of reading it: for a
+                node's weight cache in shared memory (:mod:`bray.store.node_loader`),
+                where a read would be one more copy of what the loader already verified.
 
         Returns:
             The :class:`Checkpoint`; arrays are writable views of one buffer.
@@ -365,7 +369,7 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
             try:
                 with open(folder / WEIGHTS_FILE, "rb", buffering=0) as wf:
                     raw_meta = (folder / META_FILE).read_bytes()
-                    data = read_all(wf)
+                    data = _map(wf) if mapped else read_all(wf)
             except FileNotFoundError:
                 continue  # retention took it between resolve and open; snap again
             meta = parse_meta(raw_meta, name, resolved)
@@ -549,6 +553,15 @@ class CheckpointStore(RetentionRules, CloneRecords, ServingAnnouncements, HoldRe
         if listing:
             candidates.append(listing[-1])
         return max(candidates) if candidates else None
+
+
+def _map(f: Any) -> Any:
+    """A private writable mapping of the whole file (what ``read_all`` returns, without the reads)."""
+    import mmap
+
+    if os.fstat(f.fileno()).st_size == 0:
+        return bytearray()
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def _write_latest(mdir: Path, step: int) -> None:

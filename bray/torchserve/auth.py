@@ -145,7 +145,8 @@ class TokenAuth:
 
         Raises:
             ServerUnreachableError: the management API does not answer.
-            AuthError: no key file, or the server refused the API key.
+            AuthError: no key file, the server refused the API key, or there is no
+                management API to ask (``management_url`` empty).
         """
         if kind not in _KINDS:
             raise ConfigError(f"key kind must be 'inference' or 'management', got {kind!r}")
@@ -160,6 +161,16 @@ class TokenAuth:
                 )
             if stale_key is not None and self._keys.get(kind) != stale_key:
                 return
+            if not self.management_url:
+                # Another machine's node (BRAY_MANAGEMENT_URL=none): looping on a refused key
+                # would only end at the caller's timeout, with no word of the key.
+                raise AuthError(
+                    f"TorchServe refused the {kind} key from {self._path}, and no management API is "
+                    "reachable from here to regenerate it (BRAY_MANAGEMENT_URL is 'none' for this node); "
+                    "check that BRAY_KEY_FILE names each node's own key_file.json in BRAY_INFERENCE_URL's "
+                    "order, or regenerate an expired key on the server node",
+                    status=None, key_file=str(self._path),
+                )
             url = f"{self.management_url}/token"
             if self._session is None:
                 self._session = requests.Session()

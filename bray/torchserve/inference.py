@@ -3,8 +3,9 @@
 - one pooled ``aiohttp`` session (keep-alive) per event loop, made by an injectable
   session factory;
 - least-outstanding-requests load balancing over the inference addresses;
-- a node that refuses connections is set aside (0.5 s, doubling on each further refusal
-  up to 8 s) and the request goes to another; once the pause is over the node gets one
+- a node that refuses connections, or does not accept one within ``connect_timeout_s``
+  (its link cut, its machine gone: no answer at all), is set aside (0.5 s, doubling on
+  each further refusal up to 8 s) and the request goes to another; once the pause is over the node gets one
   probe request at a time until it answers again, so a burst of concurrent calls does
   not all go back to a node that is still down; when every node is down the client
   keeps trying, with backoff, for ``reconnect_timeout_s`` (a TorchServe restart), then
@@ -87,6 +88,9 @@ class InferenceClient:
             node, or a mapping ``{url: TokenAuth | None}`` when each node has its own key
             file (TorchServe generates every instance's keys at its start).
         timeout_s: per-request limit (TorchServe's queue wait included).
+        connect_timeout_s: limit for opening a connection; past it the node is set aside
+            as if it had refused (a partitioned node answers nothing, so without this
+            limit a new connection to it would take all of ``timeout_s``).
         max_retries: retries of one request after 5xx answers or dropped connections.
         reconnect_timeout_s: how long to keep trying while no node accepts connections.
         max_connections: connection pool size per node.
@@ -96,8 +100,9 @@ class InferenceClient:
     """
 
     def __init__(self, urls: Sequence[str], *, auth: "TokenAuth | Mapping[str, TokenAuth | None] | None" = None,
-                 timeout_s: float = 60.0, max_retries: int = 5, reconnect_timeout_s: float = 60.0,
-                 max_connections: int = 64, session_factory: SessionFactory | None = None) -> None:
+                 timeout_s: float = 60.0, connect_timeout_s: float = 2.0, max_retries: int = 5,
+                 reconnect_timeout_s: float = 60.0, max_connections: int = 64,
+                 session_factory: SessionFactory | None = None) -> None:
         if not urls:
             raise ConfigError("InferenceClient needs at least one inference address")
         if max_retries < 0:
@@ -113,6 +118,7 @@ class InferenceClient:
         else:
             self._auth_by_url = {u: auth for u in self.urls}
         self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.max_retries = max_retries
         self.reconnect_timeout_s = reconnect_timeout_s
         self.max_connections = max_connections
@@ -142,7 +148,8 @@ class InferenceClient:
                                          ttl_dns_cache=300, enable_cleanup_closed=True)
         # TorchServe hands every request header to the worker, which reads each one (4
         # fields apiece): headers it ignores (it never compresses) are left out.
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s,
+                                                                              sock_connect=self.connect_timeout_s),
                                         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
         if close_with_loop:
             # asyncio.run() cancels every task left when its main coroutine ends: this
@@ -245,7 +252,8 @@ class InferenceClient:
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
                 self.stats.connection_errors += 1
                 why[url] = connection_failure(err)
-                refused = isinstance(err, aiohttp.ClientConnectorError)
+                # Refused, or no answer to the connect (a cut link): never reached the server.
+                refused = isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
                 if refused:
                     self._set_aside(url)
                     tried.add(url)

@@ -106,3 +106,29 @@ def test_a_step_refused_by_its_shape_leaves_the_pending_step_alone(tmp_path: Pat
     follower.on_step(2)  # refused before any buffer is touched
     assert 2 in follower.refused and follower.staged_step == 1
     assert follower.swap_if_pending() == 1 and engine.forward([])[0].tolist() == [1.0] * 4
+
+
+def test_an_announcing_follower_heartbeats_until_closed(tmp_path: Path) -> None:
+    """Where no management API lists the workers, a fresh announcement is the worker: it is rewritten
+    every HEARTBEAT_S with the staged step, and withdrawn (not rewritten after) at close."""
+    import time
+
+    from bray.store import HEARTBEAT_S
+
+    store = CheckpointStore(tmp_path)
+    store.publish("m", {"w": np.zeros(4)})
+    box: list[StepFollower] = []
+    follower = StepFollower(store, "m", DoubleBuffered(box), announce=True)
+    box.append(follower)
+    follower.start()
+    try:
+        (first,) = store.serving("m").values()
+        deadline = time.monotonic() + 10 * HEARTBEAT_S
+        while (now := store.serving("m")) and next(iter(now.values()))["time"] == first["time"]:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+        assert next(iter(now.values()))["step"] == first["step"] == 0
+    finally:
+        follower.close()
+    time.sleep(HEARTBEAT_S * 1.5)
+    assert store.serving("m") == {}

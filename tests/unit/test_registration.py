@@ -55,3 +55,33 @@ def test_per_node_lists_of_another_length_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"2 model stores for 3 inference address\(es\).*BRAY_MODEL_STORE"):
         Locations.from_env({}, store=tmp_path, inference_url="http://a:1,http://b:1,http://c:1",
                            model_store=f"{tmp_path}/x,{tmp_path}/y")
+
+
+def test_nodes_without_a_reachable_management_api(tmp_path: Path) -> None:
+    """``none`` marks a node whose management API stays on its own loopback: never registered on from here."""
+    loc = Locations.from_env({}, store=tmp_path, inference_url="http://10.0.0.2:8080,http://10.0.0.3:8080",
+                             management_url="none,none")
+    assert [n.management_url for n in loc.nodes] == [None, None]
+    assert loc.managed_nodes() == () and len(loc.unmanaged_nodes) == 2
+    assert Locations.from_env(loc.to_env()).nodes == loc.nodes  # what a node proxy is started with
+    with pytest.raises(ConfigError, match="no management API can be reached"):
+        loc.management_url  # noqa: B018
+
+
+def test_a_wait_over_unmanaged_nodes_counts_heartbeating_announcements(tmp_path: Path) -> None:
+    """Two nodes x 2 workers expected: a stale announcement (a killed node) is no worker, however high its step."""
+    from bray.bridge.registration import Registration
+    from bray.handlers.options import ServingOptions
+    from bray.store import HEARTBEAT_STALE_S, CheckpointStore
+
+    loc = Locations.from_env({}, store=tmp_path, inference_url="http://10.0.0.2:8080,http://10.0.0.3:8080",
+                             management_url="none")
+    reg = Registration("p", CheckpointStore(tmp_path), loc, options=ServingOptions(workers=2), pinned=None,
+                       timeout_s=1.0)
+    now = 1000.0
+    fresh = {f"{h}-{p}": {"host": h, "pid": p, "step": 4, "time": now - 1} for h in ("a", "b") for p in (1, 2)}
+    assert reg.unmanaged_late(4, fresh, now=now) == ({}, "")
+    assert reg.unmanaged_late(5, fresh, now=now)[0] == {"a-1": 4, "a-2": 4, "b-1": 4, "b-2": 4}
+    dead = {**fresh, "b-2": {"host": "b", "pid": 2, "step": 9, "time": now - HEARTBEAT_STALE_S - 1}}
+    late, short = reg.unmanaged_late(4, dead, now=now)
+    assert late == {} and short.startswith("3 of the 4 workers expected on the 2 node(s)")

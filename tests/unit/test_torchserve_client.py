@@ -276,6 +276,18 @@ def test_inference_refreshes_a_refused_key_once_for_concurrent_callers(tmp_path:
     assert [s[1] for s in adapter.seen] == ["/token"] * 2
 
 
+def test_a_refused_key_of_a_node_with_no_management_api_here_is_said_at_once(tmp_path: Path) -> None:
+    """BRAY_MANAGEMENT_URL=none: no key can be regenerated from here. It looped, each node set aside
+    0.25 s and asked again, until the caller's own timeout, never naming the key (a swapped key file)."""
+    key_file = tmp_path / "key_file.json"
+    write_keys(key_file, management="mk", inference="other-nodes-key")
+    node = Node(lambda key: (*INVALID_KEY, -1))
+    client = client_for({NODE_A: node}, auth=TokenAuth(key_file, management_url=""))
+    with pytest.raises(AuthError, match="no management API is reachable from here to regenerate it") as err:
+        asyncio.run(client.predict("policy", b"x"))
+    assert err.value.key_file == str(key_file) and node.seen == ["other-nodes-key"]
+
+
 # --- the one mapping from answers to errors ----------------------------------------------
 
 @pytest.mark.parametrize(("api", "status", "body", "error", "said"), [
