@@ -42,7 +42,8 @@ from bray.handlers.follower import StepFollower
 from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
-from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log, throttle_prediction_time
+from bray.handlers.ts_worker import (WorkerTimeline, buffer_frontend_reads, fast_frames, quiet_per_batch_log,
+                                     throttle_prediction_time, worker_timeline)
 from bray.handlers.weight_sets import WeightSets
 from bray.store import CheckpointStore
 
@@ -97,6 +98,7 @@ class EngineHandler(BaseHandler):
         self._model_name = ""
         self._version = ""
         self._pid = os.getpid()  # X-Bray-Worker: read once, not a system call per request
+        self._timeline: WorkerTimeline | None = None  # BRAY_WORKER_TIMELINE: per-batch timestamps
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -114,7 +116,9 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(ts_metrics, model=self._model_name, version=self._version,
                                       period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
-        buffer_frontend_reads()
+        reader = buffer_frontend_reads()
+        fast_frames(reader)
+        self._timeline = worker_timeline(reader)
         throttle_prediction_time(ts_metrics, METRIC_PERIOD_S)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
@@ -184,6 +188,10 @@ class EngineHandler(BaseHandler):
         forward per set, with that set's newest step; the others with the model's own.
         """
         assert self.config is not None and self.follower is not None and self.pipeline is not None
+        timeline = self._timeline
+        if timeline is not None:
+            timeline.mark("handle")
+            timeline.batch(len(data))
         pipeline = self.pipeline
         sets = [self._header(context, idx, WEIGHTS_HEADER) or None for idx in range(len(data))]
         self.follower.catch_up(self._min_step(len(data), context, sets), timeout_s=MIN_STEP_WAIT_S)
@@ -204,6 +212,8 @@ class EngineHandler(BaseHandler):
                     good.setdefault(sets[idx], []).append((idx, pipeline.decode(body)))
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, err.status, err)
+        if timeline is not None:
+            timeline.mark("decoded")
         for name, group in good.items():
             weights = None
             if name is not None:  # one load at most per set, and only when it is new or newer
@@ -219,11 +229,15 @@ class EngineHandler(BaseHandler):
                 for idx, _ in group:
                     steps[idx] = set_step
             self._forward_group(context, group, oip, results, steps, weights)
+        if timeline is not None:
+            timeline.mark("encoded")
         self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
                            forwarded=bool(good))
         for idx in range(len(data)):
             context.set_response_header(idx, STEP_HEADER, str(steps[idx]))
             context.set_response_header(idx, WORKER_HEADER, str(self._pid))
+        if timeline is not None:
+            timeline.mark("answered")
         return results
 
     def _forward_group(self, context: Any, group: list[tuple[int, Any]], oip: dict[int, OipRequest],
@@ -233,6 +247,8 @@ class EngineHandler(BaseHandler):
         pipeline = self.pipeline
         try:
             outputs = pipeline.forward([p for _, p in group], weights=weights)
+            if self._timeline is not None:
+                self._timeline.mark("forwarded")
             for (idx, parsed), leaves in zip(group, outputs):
                 if idx in oip:
                     results[idx] = self._oip_answer(context, idx, leaves, oip[idx], steps[idx])
