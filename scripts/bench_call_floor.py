@@ -11,7 +11,10 @@ joined to the one call it falls in. Targets:
   (TorchServe's own path: front end, batch aggregator, worker loop);
 - ``noop+patches before``: the same with bray's worker patches before issue 24 (buffered
   reads, ``PredictionTime`` once a second, no per-batch log line);
-- ``noop+patches``: and issue 24's (one-pass parse of each message, one-join answers);
+- ``noop+patches``: and issue 24's one-pass parse of each message;
+- ``noop+patches, torch x2``: and an eager policy MLP forward of one observation twice per
+  batch, stamped as ``decode`` (the first) and ``forward`` (the second, right after): what
+  the same work costs at the start of a batch and once warm;
 - ``bray``: the bray handler serving the policy MLP 64-256-256-16, one binary observation.
 
 Segments (medians over the calls, µs): ``in`` the client's send to the worker awake with
@@ -65,20 +68,40 @@ NOOP_HANDLER = textwrap.dedent('''
                 ts_worker.quiet_per_batch_log()
                 reader = ts_worker.buffer_frontend_reads()
                 ts_worker.throttle_prediction_time(context.metrics)
-                if context.model_name == "noop_patched":
+                if context.model_name in ("noop_patched", "noop_torch"):
                     ts_worker.fast_frames(reader)
             self.timeline = ts_worker.worker_timeline(reader)
+            self.net = None
+            if context.model_name == "noop_torch":  # the same eager MLP forward twice per batch
+                import torch
+
+                torch.set_num_threads(1)
+                self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                               torch.nn.ReLU(), torch.nn.Linear(256, 16)).eval()
+                self.x = torch.zeros(1, 64)
             self.initialized = True
 
         def handle(self, data, context):
-            if self.timeline is not None:
-                self.timeline.mark("handle")
-                self.timeline.batch(len(data))
-                self.timeline.mark("answered")
+            timeline = self.timeline
+            if timeline is not None:
+                timeline.mark("handle")
+                timeline.batch(len(data))
+            if self.net is not None:
+                import torch
+
+                with torch.inference_mode():
+                    self.net(self.x)
+                    if timeline is not None:
+                        timeline.mark("decoded")  # the first forward of the batch
+                    self.net(self.x)
+                    if timeline is not None:
+                        timeline.mark("forwarded")  # the second, right after
+            if timeline is not None:
+                timeline.mark("answered")
             return [b"0"] * len(data)
 ''')
 
-NOOPS = ("noop", "noop_before", "noop_patched")
+NOOPS = ("noop", "noop_before", "noop_patched", "noop_torch")
 SEGMENTS = [("in", None, "woke"), ("read", "woke", "read"), ("predict", "read", "handle"),
             ("decode", "handle", "decoded"), ("forward", "decoded", "forwarded"),
             ("encode", "forwarded", "encoded"), ("tail", "encoded", "answered"),
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = [("ping", "GET", "/ping", None), ("noop", "POST", "/predictions/noop", b"0"),
                    ("noop+patches before", "POST", "/predictions/noop_before", b"0"),
                    ("noop+patches", "POST", "/predictions/noop_patched", b"0"),
+                   ("noop+patches, torch x2", "POST", "/predictions/noop_torch", b"0"),
                    ("bray", "POST", "/predictions/policy_floor/latest", body)]
 
         def ask(method: str, path: str, payload: bytes | None) -> None:

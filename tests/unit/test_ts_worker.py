@@ -150,7 +150,7 @@ def test_prediction_time_without_a_metrics_cache() -> None:
     assert not throttle_prediction_time(None)
 
 
-# -- fast frames: one-pass parse of inference messages, one-join answers ---------------------
+# -- fast frames: one-pass parse of inference messages -------------------------------------
 
 
 def _inference_inputs(inputs: list[tuple[bytes, bytes, bytes]]) -> bytes:
@@ -207,56 +207,7 @@ def test_parse_inference_of_a_cut_message_asks_for_the_rest() -> None:
         parse_inference(b"I" + struct.pack("!i", -7), 1)
 
 
-def _answer_context(n: int) -> object:
-    from ts.context import Context, RequestProcessor
-
-    ctx = Context("m", "/tmp", {}, n, None, "0.12.0")
-    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
-    return ctx
-
-
-def test_predict_response_writes_torchserve_s_bytes() -> None:
-    from bray.handlers.ts_worker import predict_response
-
-    ctx = _answer_context(3)
-    ctx.set_response_content_type(0, "application/x-bray-nested")  # type: ignore[attr-defined]
-    ctx.set_response_header(0, "X-Bray-Step", "12")  # type: ignore[attr-defined]
-    ctx.set_response_header(0, "X-Bray-Worker", "4242")  # type: ignore[attr-defined]
-    ctx.set_response_status(400, "bad input: é", 1)  # type: ignore[attr-defined]
-    ret = [b"\x00\x01binary", '{"error": "é"}', bytearray(b"x" * 300)]
-    ids = {0: "a" * 36, 1: "b" * 36, 2: "c" * 36}
-    expected = otf.create_predict_response(ret, ids, "Prediction success", 200, context=ctx)
-    assert predict_response(ret, ids, "Prediction success", 200, ctx, fallback=otf.create_predict_response) == expected
-
-
-@pytest.mark.parametrize("case", ["no context", "tensor answer", "stream", "error"])
-def test_predict_response_leaves_the_rest_to_torchserve(case: str) -> None:
-    from bray.handlers.ts_worker import predict_response
-
-    calls = []
-
-    def fallback(*args: object) -> bytes:
-        calls.append(args)
-        return b"theirs"
-
-    ctx = _answer_context(1)
-    ret: object = [b"ok"]
-    kwargs: dict[str, object] = {}
-    if case == "no context":
-        ctx = None
-    elif case == "tensor answer":
-        ret = [{"a": 1}]
-    elif case == "stream":
-        kwargs["ts_stream_next"] = True
-    else:
-        ret = None
-    assert predict_response(ret, {0: "r"}, "m", 200, ctx, fallback=fallback, **kwargs) == b"theirs"
-    assert len(calls) == 1
-
-
 def test_fast_frames_parse_from_the_reader_and_fall_back_when_cut(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ts import service
-
     from bray.handlers.ts_worker import fast_frames
 
     def original(f: object) -> object:  # TorchServe's own, also where a handler test installed ours
@@ -264,13 +215,12 @@ def test_fast_frames_parse_from_the_reader_and_fall_back_when_cut(monkeypatch: p
 
     monkeypatch.setattr(otf, "_retrieve_buffer", otf._retrieve_buffer)
     monkeypatch.setattr(otf, "_retrieve_inference_msg", original(otf._retrieve_inference_msg))
-    monkeypatch.setattr(service, "create_predict_response", original(service.create_predict_response))
     slow = otf._retrieve_inference_msg
     expected = [_theirs(message) for message in MESSAGES]
     assert not fast_frames(None)
     reader = buffer_frontend_reads()
     assert fast_frames(reader) and fast_frames(reader)  # installed once
-    assert otf._retrieve_inference_msg is not slow and service.create_predict_response is not otf.create_predict_response
+    assert otf._retrieve_inference_msg is not slow
     for chunks in (0, 7):  # all at once: parsed from the reader's bytes; 7 at a time: field by field
         ours, theirs = socket.socketpair()
         with ours, theirs:
