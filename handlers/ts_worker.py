@@ -211,9 +211,9 @@ def parse_inference(buf: bytes, pos: int, *, decode_inputs: bool = True) -> tupl
             pos, length = field(pos)
             if length == -1:
                 break
-            name = bytearray(view[pos:pos + length])
+            header = bytearray(view[pos:pos + length])
             pos, length = field(pos + length)
-            headers.append({"name": name, "value": bytearray(view[pos:pos + length])})
+            headers.append({"name": header, "value": bytearray(view[pos:pos + length])})
             pos += length
         request["headers"] = headers
         inputs = []

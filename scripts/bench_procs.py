@@ -101,27 +101,42 @@ def actor_main(conn: Any, index: int) -> None:
             continue
         _, start_at, duration_s = msg
         assert call is not None, "run before prepare"
-        times: list[float] = []
-        errors, first_error = 0, ""
+
+        def checked(call: Callable[[np.ndarray], Any] = call, obs: np.ndarray = obs) -> None:
+            out = call(obs)
+            if np.shape(out) != obs.shape[:1] + (ACTIONS,):
+                raise RuntimeError(f"answer of shape {np.shape(out)} for {obs.shape[0]} observations")
+
         # Every actor is warmed up by now (the parent waited for all), none has started.
         before = stats() if index == 0 else None
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        stop_at = start_at + duration_s
-        now = time.monotonic()
-        while now < stop_at:
-            t0 = time.perf_counter()
-            try:
-                out = call(obs)
-                if np.shape(out) != obs.shape[:1] + (ACTIONS,):
-                    raise RuntimeError(f"answer of shape {np.shape(out)} for {obs.shape[0]} observations")
-                times.append(time.perf_counter() - t0)
-            except Exception as err:  # counted: a benchmark that hides failures measures nothing
-                errors += 1
-                first_error = first_error or f"{type(err).__name__}: {err}"
-            now = time.monotonic()
+        times, errors, first_error, elapsed = timed_calls(checked, start_at, duration_s)
         after = stats() if index == 0 else None
         proxy = {k: after[k] - before[k] for k in ("calls", "samples", "requests")} if before and after else None
-        conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at, proxy))
+        conn.send(("done", times, errors, first_error, elapsed, proxy))
+
+
+def timed_calls(call: Callable[[], Any], start_at: float, duration_s: float) -> tuple[np.ndarray, int, str, float]:
+    """``call()`` back to back from ``start_at`` (``time.monotonic``) for ``duration_s``.
+
+    Returns:
+        Each answered call's seconds, the failed calls, the first failure, and the
+        seconds from ``start_at`` to the last answer.
+    """
+    times: list[float] = []
+    errors, first_error = 0, ""
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    stop_at = start_at + duration_s
+    now = time.monotonic()
+    while now < stop_at:
+        t0 = time.perf_counter()
+        try:
+            call()
+            times.append(time.perf_counter() - t0)
+        except Exception as err:  # counted: a benchmark that hides failures measures nothing
+            errors += 1
+            first_error = first_error or f"{type(err).__name__}: {err}"
+        now = time.monotonic()
+    return np.asarray(times, np.float64), errors, first_error, now - start_at
 
 
 def torchrl_unsupported() -> str:
@@ -151,21 +166,7 @@ def torchrl_actor(client: Any, index: int, rows: int, conn: Any) -> None:
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
     _, start_at, duration_s = conn.recv()
-    times: list[float] = []
-    errors, first_error = 0, ""
-    time.sleep(max(0.0, start_at - time.monotonic()))
-    stop_at = start_at + duration_s
-    now = time.monotonic()
-    while now < stop_at:
-        t0 = time.perf_counter()
-        try:
-            out = client(obs)["action"]
-            times.append(time.perf_counter() - t0)
-        except Exception as err:
-            errors += 1
-            first_error = first_error or f"{type(err).__name__}: {err}"
-        now = time.monotonic()
-    conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at, None))
+    conn.send(("done", *timed_calls(lambda: client(obs)["action"], start_at, duration_s), None))
 
 
 class TorchRL:
