@@ -44,7 +44,8 @@ from bray.handlers.metrics import ServingMetrics
 from bray.handlers.oip import HEADER_LENGTH, OipRequest, encode_response, is_oip, parse_oip
 from bray.handlers.pipeline import Pipeline
 from bray.handlers.request import Parsed
-from bray.handlers.ts_worker import buffer_frontend_reads, quiet_per_batch_log, throttle_prediction_time
+from bray.handlers.ts_worker import (WorkerTimeline, buffer_frontend_reads, fast_frames, quiet_per_batch_log,
+                                     throttle_prediction_time, worker_timeline)
 from bray.handlers.weight_sets import WeightSets
 from bray.store import CheckpointStore
 
@@ -99,6 +100,7 @@ class EngineHandler(BaseHandler):
         self._model_name = ""
         self._version = ""
         self._pid = os.getpid()  # X-Bray-Worker: read once, not a system call per request
+        self._timeline: WorkerTimeline | None = None  # BRAY_WORKER_TIMELINE: per-batch timestamps
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -116,7 +118,9 @@ class EngineHandler(BaseHandler):
         self.metrics = ServingMetrics(ts_metrics, model=self._model_name, version=self._version,
                                       period_s=METRIC_PERIOD_S)
         quiet_per_batch_log()
-        buffer_frontend_reads()
+        reader = buffer_frontend_reads()
+        fast_frames(reader)
+        self._timeline = worker_timeline(reader)
         throttle_prediction_time(ts_metrics, METRIC_PERIOD_S)
         self._store = CheckpointStore(cfg.store)
         export_dir = self._find_export(model_dir, cfg)
@@ -192,6 +196,10 @@ class EngineHandler(BaseHandler):
         rows answered by several weight sets, each segment joining its set's forward.
         """
         assert self.config is not None and self.follower is not None and self.pipeline is not None
+        timeline = self._timeline
+        if timeline is not None:
+            timeline.mark("handle")
+            timeline.batch(len(data))
         pipeline = self.pipeline
         results: list[Any] = [None] * len(data)
         # What one forward answers, keyed by weight set (None: the model's own): a whole
@@ -205,6 +213,8 @@ class EngineHandler(BaseHandler):
                 decoded[idx] = self._decode(context, idx, request, good, min_steps, oip)
             except (InputError, WireError) as err:
                 results[idx] = self._error(context, idx, err.status, err)
+        if timeline is not None:
+            timeline.mark("decoded")
         self.follower.catch_up(min_steps.get(None, -1), timeout_s=MIN_STEP_WAIT_S)
         step = pipeline.swap()
         steps: dict[Any, int] = {}
@@ -226,6 +236,8 @@ class EngineHandler(BaseHandler):
             except Exception as err:  # an engine failure fails these requests, not the worker
                 log.exception("bray: forward failed for a batch of %d request(s)", len(group))
                 answers.update((key, (500, err)) for key, _ in group)
+        if timeline is not None:
+            timeline.mark("forwarded")
         for idx in range(len(data)):
             if idx not in decoded:  # refused at decoding
                 context.set_response_header(idx, STEP_HEADER, str(step))
@@ -236,8 +248,12 @@ class EngineHandler(BaseHandler):
             else:
                 results[idx] = self._answer(context, idx, parsed, answers[idx], oip, steps.get(idx, step))
             context.set_response_header(idx, WORKER_HEADER, str(self._pid))
+        if timeline is not None:
+            timeline.mark("encoded")
         self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
                            forwarded=bool(good))
+        if timeline is not None:
+            timeline.mark("answered")
         return results
 
     def _decode(self, context: Any, idx: int, request: dict[str, Any], good: dict[str | None, list[tuple[Any, Any]]],

@@ -316,6 +316,9 @@ def multi_process(args: argparse.Namespace, server: Any, work: Path, model: Any,
              # proxy since issue 23, unless BRAY_NODE_PROXY=0 in this shell).
              {"label": "bray default (Bray code unchanged)", "kind": "bray", "model": PROCS_MODEL,
               "name": PROCS_MODEL, "locations": locations}]
+    # The shared-memory peer (issue 24): the same model in this process, no HTTP, when installed.
+    brays.append({"label": "TorchRL InferenceServer (ProcessSlotTransport)", "kind": "torchrl", "model": "",
+                  "server": bench_procs.TorchRL(model, max_batch_size=BATCH), "skip": bench_procs.torchrl_unsupported()})
     res = bench_procs.measure(stocks + brays, procs=args.procs, rows=args.obs_per_call, duration_s=args.procs_duration_s,
                               warmup_s=1.0 if args.quick else 3.0,
                               metrics_url=server.metrics_url)

@@ -14,6 +14,13 @@ call, for a given time. The parent drives every actor over a pipe:
   ``proxy``: actor 0's reading of the node proxy's counters over the run, or ``None``);
 - ``("stop",)``.
 
+A system of kind ``torchrl`` is TorchRL's ``InferenceServer`` over its
+``ProcessSlotTransport`` (shared-memory slots, one per actor, semaphores; the model in a
+thread of this driver process, no HTTP): its slot clients can only be handed to a process
+when it starts (they hold multiprocessing locks), so each of its points forks P actors of
+its own (:func:`torchrl_actor`) from the same forkserver, which then preloads torch and
+tensordict too.
+
 The driver (:func:`measure`) runs every system at each point (P actor processes x rows
 observations per call), the systems interleaved so that a burst of load from the other
 users of the machine hits them alike, and counts TorchServe's requests per model from its
@@ -117,35 +124,121 @@ def actor_main(conn: Any, index: int) -> None:
             continue
         _, start_at, duration_s = msg
         assert call is not None, "run before prepare"
-        times: list[float] = []
-        errors, first_error = 0, ""
+
+        def checked(call: Callable[[np.ndarray], Any] = call, obs: np.ndarray = obs) -> None:
+            out = call(obs)
+            if np.shape(out) != obs.shape[:1] + (ACTIONS,):
+                raise RuntimeError(f"answer of shape {np.shape(out)} for {obs.shape[0]} observations")
+
         # Every actor is warmed up by now (the parent waited for all), none has started.
         before = stats() if index == 0 else None
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        stop_at = start_at + duration_s
-        now = time.monotonic()
-        while now < stop_at:
-            t0 = time.perf_counter()
-            try:
-                out = call(obs)
-                if np.shape(out) != obs.shape[:1] + (ACTIONS,):
-                    raise RuntimeError(f"answer of shape {np.shape(out)} for {obs.shape[0]} observations")
-                times.append(time.perf_counter() - t0)
-            except Exception as err:  # counted: a benchmark that hides failures measures nothing
-                errors += 1
-                first_error = first_error or f"{type(err).__name__}: {err}"
-            now = time.monotonic()
+        times, errors, first_error, elapsed = timed_calls(checked, start_at, duration_s)
         after = stats() if index == 0 else None
         proxy = {k: after[k] - before[k] for k in ("calls", "samples", "requests")} if before and after else None
-        conn.send(("done", np.asarray(times, np.float64), errors, first_error, now - start_at, proxy))
+        conn.send(("done", times, errors, first_error, elapsed, proxy))
+
+
+def timed_calls(call: Callable[[], Any], start_at: float, duration_s: float) -> tuple[np.ndarray, int, str, float]:
+    """``call()`` back to back from ``start_at`` (``time.monotonic``) for ``duration_s``.
+
+    Returns:
+        Each answered call's seconds, the failed calls, the first failure, and the
+        seconds from ``start_at`` to the last answer.
+    """
+    times: list[float] = []
+    errors, first_error = 0, ""
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    stop_at = start_at + duration_s
+    now = time.monotonic()
+    while now < stop_at:
+        t0 = time.perf_counter()
+        try:
+            call()
+            times.append(time.perf_counter() - t0)
+        except Exception as err:  # counted: a benchmark that hides failures measures nothing
+            errors += 1
+            first_error = first_error or f"{type(err).__name__}: {err}"
+        now = time.monotonic()
+    return np.asarray(times, np.float64), errors, first_error, now - start_at
+
+
+def torchrl_unsupported() -> str:
+    """Why TorchRL's ``InferenceServer`` cannot be measured here, or ``""``."""
+    try:
+        from torchrl.modules.inference_server import InferenceServer, ProcessSlotTransport  # noqa: F401
+    except ImportError as err:
+        return f"torchrl is not installed ({err}; pip install 'bray-serve[bench]')"
+    return ""
+
+
+def torchrl_actor(client: Any, index: int, rows: int, conn: Any) -> None:
+    """One TorchRL actor: warm up, say ready, call from ``start_at`` for ``duration_s``, answer
+    as :func:`actor_main` does (no proxy counters)."""
+    import torch
+    from tensordict import TensorDict
+
+    rng = np.random.default_rng(index)
+    obs = TensorDict({"observation": torch.from_numpy(rng.standard_normal((rows, OBS), dtype=np.float32))})
+    try:
+        for _ in range(3):
+            out = client(obs)["action"]
+        if tuple(out.shape) != (rows, ACTIONS):
+            raise RuntimeError(f"answer of shape {tuple(out.shape)} for {rows} observations")
+        conn.send(("ready",))
+    except Exception as err:
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    _, start_at, duration_s = conn.recv()
+    conn.send(("done", *timed_calls(lambda: client(obs)["action"], start_at, duration_s), None))
+
+
+class TorchRL:
+    """TorchRL's ``InferenceServer`` with a ``ProcessSlotTransport``, serving ``model`` in
+    this process (one thread, 1 intra-op thread as bray's workers), for one point at a time."""
+
+    def __init__(self, model: Any, *, max_batch_size: int) -> None:
+        self.model, self.max_batch_size = model, max_batch_size
+
+    def run(self, ctx: Any, procs: int, rows: int, duration_s: float, *, warm: bool = False) -> list[Any]:
+        """``procs`` actors forked for this point; their ``("done", ...)`` answers (or ``("error", why)``)."""
+        import torch
+        from tensordict import TensorDict
+        from tensordict.nn import TensorDictModule
+        from torchrl.modules.inference_server import InferenceServer, ProcessSlotTransport
+
+        torch.set_num_threads(1)
+        policy = TensorDictModule(self.model, in_keys=["observation"], out_keys=["action"])
+        transport = ProcessSlotTransport(TensorDict({"observation": torch.zeros(rows, OBS)}),
+                                         TensorDict({"action": torch.zeros(rows, ACTIONS)}), num_slots=procs, ctx=ctx)
+        clients = [transport.client() for _ in range(procs)]
+        with InferenceServer(policy, transport, max_batch_size=self.max_batch_size):
+            pipes = [ctx.Pipe() for _ in range(procs)]
+            actors = [ctx.Process(target=torchrl_actor, args=(c, i, rows, child), daemon=True)
+                      for i, (c, (_, child)) in enumerate(zip(clients, pipes))]
+            try:
+                for proc in actors:
+                    proc.start()
+                ready = [parent.recv() if parent.poll(300) else ("error", "no answer in 300 s") for parent, _ in pipes]
+                if any(r[0] == "error" for r in ready):
+                    return [next(r for r in ready if r[0] == "error")]
+                start_at = time.monotonic() + 0.2
+                for parent, _ in pipes:
+                    parent.send(("run", start_at, duration_s))
+                return [parent.recv() if parent.poll(duration_s + 120) else ("error", "no answer") for parent, _ in pipes]
+            finally:
+                for proc in actors:
+                    proc.join(10)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join(5)
 
 
 class Actors:
     """Up to ``n`` actor processes, started as needed and kept for every point."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, preload: tuple[str, ...] = ()) -> None:
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload([__name__])
+        self.ctx.set_forkserver_preload([__name__, *preload])
         self.procs: list[Any] = []
         self.conns: list[Any] = []
 
@@ -217,32 +310,42 @@ def proxy_unsupported() -> str:
 def measure(systems: list[dict[str, Any]], *, procs: tuple[int, ...], rows: tuple[int, ...], duration_s: float,
             metrics_url: str, log: Callable[[str], None] = print, warmup_s: float = 3.0) -> dict[str, Any]:
     """Every system at every point, after ``warmup_s`` of untimed calls to each. A system is a
-    dict: label, kind (stock / bray), model (its TorchServe name), and what :func:`_client`
-    needs; one with ``skip`` is only listed."""
+    dict: label, kind (stock / bray / torchrl), model (its TorchServe name), and what
+    :func:`_client` needs (torchrl: ``server``, a :class:`TorchRL`); one with ``skip`` is
+    only listed."""
     points: list[dict[str, Any]] = []
     skipped = {s["label"]: s["skip"] for s in systems if s.get("skip")}
     live = [s for s in systems if not s.get("skip")]
-    actors = Actors()
+    with_torchrl = any(s["kind"] == "torchrl" for s in live)
+    actors = Actors(preload=("torch", "tensordict", "torchrl.modules.inference_server") if with_torchrl else ())
     try:
         # TorchServe's JVM compiles its hot paths in the first seconds of load: every
         # system gets the same untimed warm-up, or the first point measures the JIT
         # (measured: a lone caller's median 4.0 ms cold, 2.1-2.6 ms after 2,000 calls).
         for system in live:
-            if not actors.prepare(system, WARMUP_PROCS, 1):
+            if system["kind"] == "torchrl":
+                system["server"].run(actors.ctx, WARMUP_PROCS, 1, warmup_s)
+            elif not actors.prepare(system, WARMUP_PROCS, 1):
                 actors.run(WARMUP_PROCS, warmup_s)
         for p in procs:
             for r in rows:
                 for system in live:
                     if system["label"] in skipped:
                         continue
-                    why = actors.prepare(system, p, r)
+                    if system["kind"] == "torchrl":  # no TorchServe model: no request count
+                        done = system["server"].run(actors.ctx, p, r, duration_s)
+                        why = done[0][1] if done and done[0][0] == "error" else ""
+                        before = after = None
+                    else:
+                        why = actors.prepare(system, p, r)
                     if why:
                         skipped[system["label"]] = why
                         log(f"bench: {system['label']}: skipped: {why}")
                         continue
-                    before = served_requests(metrics_url, system["model"])
-                    done = actors.run(p, duration_s)
-                    after = served_requests(metrics_url, system["model"])
+                    if system["kind"] != "torchrl":
+                        before = served_requests(metrics_url, system["model"])
+                        done = actors.run(p, duration_s)
+                        after = served_requests(metrics_url, system["model"])
                     times = np.concatenate([d[1] for d in done]) if done else np.zeros(0)
                     calls = int(times.size)
                     sent = (after - before) if before is not None and after is not None else None

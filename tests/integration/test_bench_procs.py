@@ -80,12 +80,15 @@ def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, 
          "options": {"node_proxy": True}, "skip": bench_procs.proxy_unsupported()},
         {"label": "absent", "kind": "bray", "model": NAME, "name": NAME, "locations": locations,
          "skip": "not built here"},
+        # TorchRL's shared-memory server, the same model in this process (the bench extra installs torchrl).
+        {"label": "torchrl", "kind": "torchrl", "model": "", "server": bench_procs.TorchRL(PolicyMLP().eval(), max_batch_size=8),
+         "skip": bench_procs.torchrl_unsupported()},
     ]
     res = bench_procs.measure(systems, procs=(2,), rows=(1, 3), duration_s=0.5, warmup_s=0.3, metrics_url=torchserve.metrics_url,
                               log=lambda line: None)
     assert res["skipped"]["absent"] == "not built here"
     points = {(p["system"], p["rows"]): p for p in res["points"]}
-    assert {s for s, _ in points} == {"direct", "proxy"} - set(res["skipped"])
+    assert {s for s, _ in points} == {"direct", "proxy", "torchrl"} - set(res["skipped"])
     for (system, rows), p in points.items():
         assert p["errors"] == 0, p["first_error"]
         assert p["calls"] > 0 and p["forwards_per_s"] == pytest.approx(p["calls_per_s"] * rows)
@@ -94,6 +97,8 @@ def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, 
             assert p["requests"] == p["calls"]
             assert p["samples_per_request"] == pytest.approx(rows)
             assert p["proxy"] is None
+        elif system == "torchrl":  # no TorchServe request, no proxy
+            assert p["requests"] is None and p["samples_per_request"] is None and p["proxy"] is None
         else:  # the proxy answered the calls (one actor's reading spans the run)
             assert p["proxy"]["calls"] > 0
             assert p["proxy"]["samples"] >= p["proxy"]["calls"] * rows

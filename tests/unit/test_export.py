@@ -30,6 +30,20 @@ def test_spec_records_structure_dtypes_and_dynamic_batch(tmp_path: Path) -> None
         assert out["logits"].shape == (batch, 3)
 
 
+def test_the_rebuilt_module_skips_the_shape_checks_the_handler_already_made(tmp_path: Path) -> None:
+    # The handler checks every input against spec.json; the export's own checks (a pre-hook,
+    # and in torch 2.9+ a _guards_fn node) are removed on load (issue 24: ~15% of a forward).
+    model = PolicyMLP().eval()
+    export_model(model, (torch.zeros(2, 64),), dest=tmp_path / "export", onnx=False)
+    module = load_torch_module(tmp_path / "export")
+    assert not [n for n in module.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
+    assert not any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"
+                   for h in module._forward_pre_hooks.values())
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), model(x))
+
+
 def test_inputs_without_a_batch_dimension_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="batch dimension"):
         export_model(PolicyMLP(), (np.float32(1.0),), dest=tmp_path / "export", onnx=False)

@@ -148,3 +148,89 @@ def test_prediction_time_without_a_metrics_cache() -> None:
     from bray.handlers.ts_worker import throttle_prediction_time
 
     assert not throttle_prediction_time(None)
+
+
+# -- fast frames: one-pass parse of inference messages -------------------------------------
+
+
+def _inference_inputs(inputs: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """An ``I`` message of one request with the given (name, content type, value) inputs."""
+    out = b"I" + _field(b"r" * 36)
+    for name, value in HEADERS.items():
+        out += _field(name) + _field(value)
+    out += struct.pack("!i", -1)
+    for name, content_type, value in inputs:
+        out += _field(name) + _field(content_type) + _field(value)
+    return out + struct.pack("!i", -1) + struct.pack("!i", -1)
+
+
+PARSED = [
+    *MESSAGES,
+    _inference_inputs([(b"body", b"application/json", b'{"a": [1, 2]}'), (b"note", b"text/plain", "é".encode()),
+                       (b"bad", b"application/json", b"{not json"), (b"bin", b"application/octet-stream", b"\x00\xff")]),
+    _inference([]),  # an empty batch: the end of list at once
+]
+
+
+def _theirs(message: bytes) -> tuple[bytes, object]:
+    """TorchServe's own parse of ``message`` (sent from a thread: it may not fit the socket buffer)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=theirs.sendall, args=(message,))
+        sender.start()
+        got = otf.retrieve_msg(ours)
+        sender.join()
+    return got
+
+
+@pytest.mark.parametrize("decode", [None, "false"], ids=["decoded", "TS_DECODE_INPUT_REQUEST=false"])
+def test_parse_inference_returns_what_torchserve_returns(decode: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bray.handlers.ts_worker import parse_inference
+
+    if decode is not None:
+        monkeypatch.setenv("TS_DECODE_INPUT_REQUEST", decode)
+    for message in PARSED:
+        expected = _theirs(message)[1]
+        got, end = parse_inference(message, 1, decode_inputs=decode is None)
+        assert got == expected and end == len(message)
+        assert all(type(a) is type(b) for r, s in zip(got, expected) for a, b in zip(r["parameters"], s["parameters"]))
+
+
+def test_parse_inference_of_a_cut_message_asks_for_the_rest() -> None:
+    from bray.handlers.ts_worker import ShortMessage, parse_inference
+
+    message = PARSED[4]
+    for cut in range(1, len(message) - 1):
+        with pytest.raises(ShortMessage):
+            parse_inference(message[:cut], 1)
+    with pytest.raises(ShortMessage):  # a negative length TorchServe would not expect
+        parse_inference(b"I" + struct.pack("!i", -7), 1)
+
+
+def test_fast_frames_parse_from_the_reader_and_fall_back_when_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bray.handlers.ts_worker import fast_frames
+
+    def original(f: object) -> object:  # TorchServe's own, also where a handler test installed ours
+        return getattr(f, "_bray_original", f)
+
+    monkeypatch.setattr(otf, "_retrieve_buffer", otf._retrieve_buffer)
+    monkeypatch.setattr(otf, "_retrieve_inference_msg", original(otf._retrieve_inference_msg))
+    slow = otf._retrieve_inference_msg
+    expected = [_theirs(message) for message in MESSAGES]
+    assert not fast_frames(None)
+    reader = buffer_frontend_reads()
+    assert fast_frames(reader) and fast_frames(reader)  # installed once
+    assert otf._retrieve_inference_msg is not slow
+    for chunks in (0, 7):  # all at once: parsed from the reader's bytes; 7 at a time: field by field
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            def send() -> None:
+                data = b"".join(MESSAGES)
+                for i in range(0, len(data), chunks or len(data)):
+                    theirs.sendall(data[i:i + (chunks or len(data))])
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = [otf.retrieve_msg(ours) for _ in MESSAGES]
+            sender.join()
+        assert got == expected
