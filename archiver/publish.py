@@ -144,6 +144,7 @@ def publish_version(
     version: str | None = None,
     force: bool = False,
     progress: bool = False,
+    owner_checked: bool = False,
     **option_values: Any,
 ) -> ModelVersion:
     """Pack a step, register it as a version of ``name``, wait for its workers.
@@ -163,6 +164,9 @@ def publish_version(
             engine, batching, workers, ...); the archive carries them and the version is
             registered with their batching and workers.
         version, force, progress: as for :func:`~bray.archiver.pack.pack_archive`.
+        owner_checked: the caller has just run :func:`check_owner` on this node (a
+            ``RemoteModel``'s registration does, before it unregisters or attaches):
+            not run again.
         **option_values: any ``ServingOptions`` field by name (``engine="onnx"``,
             ``batch_size=8``, ...); they win over ``options``.
 
@@ -197,7 +201,8 @@ def publish_version(
             f"another step, or unregister it first (bray-archive prune, or DELETE /models/{name}/{version})",
             status=None, name=name, version=version,
         )
-    check_owner(name, client=client, model_store=model_store, store_path=str(Path(store.root).resolve()))
+    if not owner_checked:
+        check_owner(name, client=client, model_store=model_store, store_path=str(Path(store.root).resolve()))
     packed = pack_archive(store, name, step=step, model_store=model_store, options=opts, version=version,
                           force=force, progress=progress)
     registered = False

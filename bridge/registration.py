@@ -180,7 +180,7 @@ class Registration:
             publish_version(
                 self.store, self.name, step=self.pinned, client=client, model_store=model_store,
                 set_default=True, wait_timeout_s=self.wait_s, options=self.options,
-                version=self.version, force=True,
+                version=self.version, force=True, owner_checked=True,
             )
         except VersionExistsError:
             # Another process (an actor cloning the same opponent) registered it first.
