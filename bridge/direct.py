@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from bray import wire
 from bray.bridge.transport import Transport, TransportStats, Watermark
-from bray.errors import BatchMismatchError, NotServedError
+from bray.errors import BatchMismatchError, NotServedError, ServerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from bray.bridge.batching import ForwardBatcher
@@ -115,6 +115,12 @@ class DirectTransport(Transport):
     async def _send(self, payload: Any) -> tuple[Any, int]:
         """One coalesced request (the batcher's sender)."""
         reply = await self._predict(wire.encode(payload), weights=self.weight_set, min_step=self.watermark.value)
+        if self.weight_set is not None and reply.weights != self.weight_set:
+            raise ServerError(
+                f"{reply.url} answered a request for weight set {self.weight_set!r} without naming it "
+                f"({wire.WEIGHTS_HEADER} on the answer): its bray-serve handler predates weight sets and "
+                "answered with the model's own weights; upgrade bray-serve where TorchServe runs, or clone "
+                "with dedicated=True", url=reply.url)
         self.watermark.advance(reply.step)  # monotonic reads across workers, for every caller here
         return wire.decode(bytearray(reply.body)), reply.step
 

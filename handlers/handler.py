@@ -207,7 +207,7 @@ class EngineHandler(BaseHandler):
         good: dict[str | None, list[tuple[Any, Any]]] = {}
         min_steps: dict[str | None, int] = {}
         oip: dict[int, OipRequest] = {}
-        decoded: dict[int, tuple[Parsed, list[wire.Segment] | None]] = {}
+        decoded: dict[int, tuple[Parsed, str | None, list[wire.Segment] | None]] = {}
         for idx, request in enumerate(data):
             try:
                 decoded[idx] = self._decode(context, idx, request, good, min_steps, oip)
@@ -239,15 +239,20 @@ class EngineHandler(BaseHandler):
         if timeline is not None:
             timeline.mark("forwarded")
         for idx in range(len(data)):
+            context.set_response_header(idx, WORKER_HEADER, str(self._pid))
             if idx not in decoded:  # refused at decoding
                 context.set_response_header(idx, STEP_HEADER, str(step))
                 continue
-            parsed, segments = decoded[idx]
+            parsed, weight_set, segments = decoded[idx]
             if segments is not None:
                 results[idx] = self._segmented_answer(context, idx, parsed, segments, answers, steps)
-            else:
-                results[idx] = self._answer(context, idx, parsed, answers[idx], oip, steps.get(idx, step))
-            context.set_response_header(idx, WORKER_HEADER, str(self._pid))
+                continue
+            answer = answers[idx]
+            if weight_set is not None and not isinstance(answer, tuple):
+                # Which weights answered: a client asking for a weight set refuses an answer
+                # without it (a server whose handler predates weight sets ignores the header).
+                context.set_response_header(idx, WEIGHTS_HEADER, weight_set)
+            results[idx] = self._answer(context, idx, parsed, answer, oip, steps.get(idx, step))
         if timeline is not None:
             timeline.mark("encoded")
         self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
@@ -257,11 +262,13 @@ class EngineHandler(BaseHandler):
         return results
 
     def _decode(self, context: Any, idx: int, request: dict[str, Any], good: dict[str | None, list[tuple[Any, Any]]],
-                min_steps: dict[str | None, int], oip: dict[int, OipRequest]) -> tuple[Parsed, list[wire.Segment] | None]:
+                min_steps: dict[str | None, int],
+                oip: dict[int, OipRequest]) -> tuple[Parsed, str | None, list[wire.Segment] | None]:
         """Decode request ``idx`` into the forward groups ``good`` (whole, or one entry per segment).
 
         Returns:
-            The request, and its segments (``None``: answered whole).
+            The request, the weight set it names (``None``: the model's own, or segments),
+            and its segments (``None``: answered whole).
 
         Raises:
             InputError / WireError: the request is refused alone.
@@ -283,7 +290,7 @@ class EngineHandler(BaseHandler):
             good.setdefault(weight_set, []).append((idx, parsed))
             hint = self._int_header(context, idx, MIN_STEP_HEADER)
             min_steps[weight_set] = max(min_steps.get(weight_set, -1), hint)
-            return parsed, None
+            return parsed, weight_set, None
         if weight_set is not None:
             raise InputError(f"a request names its weight sets in {SEGMENTS_HEADER} or in {WEIGHTS_HEADER}, not both")
         segments = wire.parse_segments(segments_value, rows=parsed.batch)
@@ -293,7 +300,7 @@ class EngineHandler(BaseHandler):
             start += segment.rows
             good.setdefault(segment.weight_set, []).append(((idx, k), part))
             min_steps[segment.weight_set] = max(min_steps.get(segment.weight_set, -1), segment.min_step)
-        return parsed, segments
+        return parsed, None, segments
 
     def _answer(self, context: Any, idx: int, parsed: Parsed, answer: Any, oip: dict[int, OipRequest],
                 step: int) -> Any:

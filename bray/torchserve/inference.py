@@ -66,6 +66,8 @@ class Reply:
     content_type: str
     #: Each segment's step, in order (``X-Bray-Steps``), for a request sent in segments.
     steps: tuple[int, ...] = ()
+    #: The weight set that answered (``X-Bray-Weights`` on the answer), ``None``: none named.
+    weights: str | None = None
 
 
 @dataclass
@@ -248,6 +250,7 @@ class InferenceClient:
                     status = resp.status
                     step = resp.headers.get(wire.STEP_HEADER)
                     seg_steps = resp.headers.get(wire.STEPS_HEADER) if segments else None
+                    answered_by = resp.headers.get(wire.WEIGHTS_HEADER) if weights else None
                     ctype = resp.headers.get("Content-Type", "")
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
                 self.stats.connection_errors += 1
@@ -270,7 +273,8 @@ class InferenceClient:
             self._refusals[url] = 0  # it answered: back to its full share
             if status == 200:
                 return Reply(body=data, step=int(step) if step is not None else -1, url=url, content_type=ctype,
-                             steps=tuple(int(s) for s in seg_steps.split(",")) if seg_steps else ())
+                             steps=tuple(int(s) for s in seg_steps.split(",")) if seg_steps else (),
+                             weights=answered_by)
             if key_refused(status, data) and auth is not None and url not in refreshed:
                 refreshed.add(url)
                 self.stats.auth_refreshes += 1

@@ -51,14 +51,36 @@ class EchoHandler:
 '''
 
 
-def build_mar(dest_dir: Path, *, name: str, version: str, work: Path) -> Path:
-    """Pack the echo handler as ``<dest_dir>/<name>-<version>.mar`` with torch-model-archiver."""
+# A bray handler from before weight sets, as far as a client sees: bray.wire answers with
+# X-Bray-Step, and the X-Bray-Weights request header ignored (the model's own weights answer).
+OLD_BRAY_HANDLER = '''\
+import numpy as np
+from bray import wire
+
+
+class OldBrayHandler:
+    def initialize(self, context):
+        self.initialized = True
+
+    def handle(self, data, context):
+        out = []
+        for idx, request in enumerate(data):
+            rows = wire.decode(request.get("body") or request.get("data"))["args"][0].shape[0]
+            context.set_response_header(idx, "X-Bray-Step", "7")
+            context.set_response_content_type(idx, wire.CONTENT_TYPE)
+            out.append(wire.encode(np.zeros((rows, 2), np.float32)))
+        return out
+'''
+
+
+def build_mar(dest_dir: Path, *, name: str, version: str, work: Path, handler_source: str = HANDLER) -> Path:
+    """Pack the echo handler (or ``handler_source``) as ``<dest_dir>/<name>-<version>.mar`` with torch-model-archiver."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
     work.mkdir(parents=True, exist_ok=True)
     handler = work / "echo_handler.py"
-    handler.write_text(HANDLER)
+    handler.write_text(handler_source)
     generate_model_archive(ModelArchiverConfig(
         model_name=name, handler=str(handler), version=version, export_path=str(work), force=True,
     ))
@@ -337,3 +359,43 @@ def test_port_clash_fails_fast_with_logs(torchserve_factory, torchserve: TorchSe
         torchserve_factory(inference_port=port, timeout_s=30)
     assert "ts_log.log" in str(err.value) or "torchserve.out" in str(err.value)
     assert torchserve.ping()
+
+
+def test_a_weight_set_answer_that_does_not_name_its_weight_set_is_refused(torchserve: TorchServeProcess,
+                                                                         client: ManagementClient,
+                                                                         tmp_path: Path) -> None:
+    """A server whose handler predates weight sets answers X-Bray-Weights requests with the model's own
+    weights: the client refuses such an answer, saying so, instead of returning it as the clone's."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bray.bridge.direct import DirectTransport
+    from bray.bridge.transport import Watermark
+    from bray.errors import ServerError
+
+    build_mar(torchserve.model_store, name="oldbray", version="1.0", work=tmp_path, handler_source=OLD_BRAY_HANDLER)
+    client.register("oldbray-1.0.mar", initial_workers=1)
+    idle = threading.Event()
+    idle.set()
+    registration = SimpleNamespace(  # what DirectTransport reads of a Registration: the version called
+        name="oldbray", version=None, idle=idle, count=0,
+        inference_auth=lambda: TokenAuth(torchserve.key_file, management_url=torchserve.management_url))
+    own = DirectTransport(registration, inference_urls=[torchserve.inference_url], max_batch_samples=32,  # type: ignore[arg-type]
+                          max_inflight=2, timeout_s=30, watermark=Watermark())
+    clone = own.sibling("oldbray-clone-step-3")
+    payload = {"args": [np.zeros((1, 4), np.float32)]}
+
+    async def main() -> None:
+        outputs, step = await own.submit(payload, 1)  # the model's own weights: answered
+        assert step == 7 and outputs.shape == (1, 2)
+        with pytest.raises(ServerError, match="predates weight sets.*dedicated=True"):
+            await clone.submit(payload, 1)
+        await own.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.unregister("oldbray")

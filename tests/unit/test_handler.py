@@ -324,6 +324,9 @@ def test_one_batch_answers_each_request_with_its_own_weight_set(probe_store: Che
             np.testing.assert_allclose(value, expected_probe(weights, x))
             assert headers[STEP_HEADER] == step
         assert "no weight set 'nope' of 'probe'" in answers[3][2]["message"]
+        # each weight set's answer names the set that answered (clients refuse one that does not)
+        assert [a[1].get("X-Bray-Weights") for a in answers] == [
+            None, "probe-clone-step-1-a", "probe-clone-step-1-b", None, "probe-clone-step-2-a-c", "probe-clone-step-1-a"]
         assert handler.weight_sets is not None and handler.weight_sets.loads == 3
         # the learner's own weights were not touched by the sets' forwards
         np.testing.assert_allclose(run(handler, ctx, [body])[0][2], expected_probe(1, x))
