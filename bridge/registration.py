@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: The TorchServe version that follows the store's latest step (a clone pins its own).
 LIVE_VERSION = "latest"
+# wait_served() looks at the announcements every WAIT_PAUSE_S for its first WAIT_FAST_S,
+# then every WAIT_SLOW_PAUSE_S.
+WAIT_PAUSE_S, WAIT_FAST_S, WAIT_SLOW_PAUSE_S = 0.002, 0.05, 0.05
 
 
 def _local_host(url: str) -> str | None:
@@ -308,7 +311,9 @@ class Registration:
                 # behind, so a behind worker is looked up again now and then too.
                 self.workers()
                 next_refresh = time.monotonic() + 0.5
-            time.sleep(0.002)
+            # Every 2 ms at first (one machine: served within ~10 ms), every 50 ms after
+            # 50 ms (many nodes: each check reads every announcement in the store).
+            time.sleep(WAIT_PAUSE_S if time.monotonic() - started < WAIT_FAST_S else WAIT_SLOW_PAUSE_S)
 
     def close(self) -> None:
         for client, _ in self._nodes or []:
