@@ -10,6 +10,7 @@ package that defines the policy installed.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,5 +77,9 @@ def test_a_server_that_cannot_import_the_class_is_named_as_the_likely_reason(
         bray.RemoteModel("branchy", model=BranchyPolicy(), forward_args=(POS,), num_workers=1, timeout_s=30)
     hints = [r.getMessage() for r in caplog.records if "could not register" in r.getMessage()]
     assert len(hints) == 1 and "eager.json" in hints[0] and "PYTHONPATH" in hints[0]
-    model_log = (server.log_dir / "model_log.log").read_text()
-    assert "make tests.models importable" in model_log  # the worker's own reason
+    # The worker's own reason: the front end writes the worker's output to model_log.log on a
+    # thread of its own, so under load the line can land after the registration failed.
+    deadline = time.monotonic() + 30
+    while "make tests.models importable" not in (model_log := (server.log_dir / "model_log.log").read_text()):
+        assert time.monotonic() < deadline, f"the worker's reason never reached model_log.log: {model_log[-2000:]}"
+        time.sleep(0.1)
