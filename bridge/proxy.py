@@ -155,7 +155,7 @@ class NodeProxy:
         import resource
 
         transport = self.transport
-        requests = sum(t.stats().requests for t in self._sets.values())
+        requests = transport.stats().requests if transport is not None else 0  # weight sets share its batcher
         client = transport.client if transport is not None else None
         return {"pid": os.getpid(), "clients": len(self._conns), "clients_seen": self.clients_seen,
                 "calls": self.calls, "samples": self.samples, "requests": requests, "call_s": round(self.call_s, 6),

@@ -247,12 +247,7 @@ class EngineHandler(BaseHandler):
             if segments is not None:
                 results[idx] = self._segmented_answer(context, idx, parsed, segments, answers, steps)
                 continue
-            answer = answers[idx]
-            if weight_set is not None and not isinstance(answer, tuple):
-                # Which weights answered: a client asking for a weight set refuses an answer
-                # without it (a server whose handler predates weight sets ignores the header).
-                context.set_response_header(idx, WEIGHTS_HEADER, weight_set)
-            results[idx] = self._answer(context, idx, parsed, answer, oip, steps.get(idx, step))
+            results[idx] = self._answer(context, idx, parsed, weight_set, answers[idx], oip, steps.get(idx, step))
         if timeline is not None:
             timeline.mark("encoded")
         self.metrics.batch(requests=len(data), samples=sum(p.batch for g in good.values() for _, p in g),
@@ -302,13 +297,17 @@ class EngineHandler(BaseHandler):
             min_steps[segment.weight_set] = max(min_steps.get(segment.weight_set, -1), segment.min_step)
         return parsed, None, segments
 
-    def _answer(self, context: Any, idx: int, parsed: Parsed, answer: Any, oip: dict[int, OipRequest],
-                step: int) -> Any:
+    def _answer(self, context: Any, idx: int, parsed: Parsed, weight_set: str | None, answer: Any,
+                oip: dict[int, OipRequest], step: int) -> Any:
         """One whole request's reply: its outputs in the form it came in, or its error."""
         assert self.pipeline is not None
         context.set_response_header(idx, STEP_HEADER, str(step))
         if isinstance(answer, tuple):
             return self._error(context, idx, *answer)
+        if weight_set is not None:
+            # Which weights answered: a client asking for a weight set refuses an answer
+            # without it (a server whose handler predates weight sets ignores the header).
+            context.set_response_header(idx, WEIGHTS_HEADER, weight_set)
         if idx in oip:
             return self._oip_answer(context, idx, answer, oip[idx], step)
         context.set_response_content_type(idx, wire.CONTENT_TYPE if parsed.binary else "application/json")

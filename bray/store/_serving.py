@@ -44,11 +44,7 @@ class ServingAnnouncements:
         Raises:
             OSError: the file could not be written (the caller logs it and serves on).
         """
-        path = self.serving_dir(name) / f"{worker}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, **info, "time": time.time()}))
-        os.replace(tmp, path)
+        _replace_json(self.serving_dir(name) / f"{worker}.json", {"step": step, **info, "time": time.time()})
 
     def withdraw_serving(self, name: str, worker: str) -> None:
         """Remove ``worker``'s announcement (it stops serving ``name``); gone already is fine."""
@@ -67,12 +63,8 @@ class ServingAnnouncements:
         Raises:
             OSError: the file could not be written.
         """
-        path = self.serving_dir(name) / f"{host}{NODE_SUFFIX}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"host": host, "workers": {str(p): s for p, s in workers.items()},
-                                   "time": time.time()}))
-        os.replace(tmp, path)
+        _replace_json(self.serving_dir(name) / f"{host}{NODE_SUFFIX}",
+                      {"host": host, "workers": {str(p): s for p, s in workers.items()}, "time": time.time()})
 
     def serving(self, name: str) -> dict[str, dict[str, Any]]:
         """What every announcing worker of ``name`` serves: ``{"<host>-<pid>": {"step", "pid", ...}}``.
@@ -98,3 +90,14 @@ class ServingAnnouncements:
             except (KeyError, TypeError, ValueError):
                 continue  # not a node file we can read
         return out
+
+
+def _replace_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a temporary file beside it, then ``os.replace``).
+
+    Not fsynced: an announcement is advisory and rewritten every heartbeat.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
