@@ -33,6 +33,7 @@ class TorchEngine(Engine):
             raise EngineUnavailableError(f"device {options.device} asked for, but torch sees no CUDA GPU")
         self._torch = torch
         self._device = torch.device(options.device)
+        self._weight_tables: dict[str, tuple[dict[str, Any], str]] | None = None  # see _tables()
         if module is not None:
             self._module = module.to(self._device).eval()
         else:  # an exported graph has no train/eval modes; an eager one comes in eval mode
@@ -104,7 +105,7 @@ class TorchEngine(Engine):
 
     def _tables(self) -> dict[str, tuple[dict[str, Any], str]]:
         """Each state-dict key's (parameter or buffer table of its submodule, name in it), made once."""
-        tables = getattr(self, "_weight_tables", None)
+        tables = self._weight_tables
         if tables is None:
             tables = {}
             for prefix, sub in self._module.named_modules(remove_duplicate=False):
