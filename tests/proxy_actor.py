@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--opponents", default="",
                         help="play a league: each round calls NAME, then the next of these clones (comma-separated), "
                              "the i-th's weights at its step s being every one 1000 * (i + 1) + s")
+    parser.add_argument("--first-opponent", type=int, default=0,
+                        help="the opponent of the first round (actors in step with each other then play different "
+                             "opponents in the same round)")
     parser.add_argument("--nan", action="store_true", help="send NaN inputs (a bad input for a strict model)")
     parser.add_argument("--die-mid-call", action="store_true",
                         help="send one call to the proxy and SIGKILL this process before the answer")
@@ -66,7 +69,7 @@ def main() -> int:
             backwards += 1
         last = max(last, step)
         if opponents:  # the round's opponent, with weights that say which clone and which step answered
-            i = done % len(opponents)
+            i = (done + args.first_opponent) % len(opponents)
             try:
                 out, step = opponents[i](x, batch=True, return_step=True)
             except bray.BrayError as err:
