@@ -6,9 +6,12 @@ On one TorchServe started from the bundled config (2 workers, batch 32, delay 0)
 - ``GET /ping`` over one kept-alive ``http.client`` connection: the front end alone;
 - ``POST /predictions/<model>/latest`` of one binary (wire format) observation over that
   connection: front end, Python worker and the bray handler, no client library;
-- ``rm(obs)`` direct (``RemoteModel``: aiohttp on the bridge loop) and through the node
-  proxy (``node_proxy=True``; the proxy process runs beside this one).
+- ``rm(obs)`` direct (``RemoteModel`` on the bridge loop) with its lean HTTP/1.1 session
+  (:mod:`bray.torchserve.http1`, the default) and with aiohttp's (``BRAY_HTTP_CLIENT=aiohttp``),
+  and through the node proxy (``node_proxy=True``; the proxy process runs beside this one).
 
+Beside each median, the CPU time per call of this process (every thread: the bridge loop
+included) and, for the node proxy, of the proxy process (``/proc/<pid>/stat``, 10 ms ticks).
 The rounds repeat, so a burst of load from elsewhere shows as a spread.
 
     .venv/bin/python scripts/bench_floor.py [--calls 600] [--rounds 2]
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import socket
 import sys
 import tempfile
@@ -36,15 +40,27 @@ from bray.torchserve.launcher import start_torchserve  # noqa: E402
 from tests.models import PolicyMLP  # noqa: E402
 
 
-def _median_ms(call: Callable[[], object], n: int) -> tuple[float, float]:
+def _proc_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0.0 for none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _median_ms(call: Callable[[], object], n: int, other_pid: int | None = None) -> tuple[float, float, float, float]:
+    """Median and p10 ms per call; CPU µs per call of this process and of ``other_pid``."""
     for _ in range(50):
         call()
     times = []
+    cpu0, other0 = time.process_time(), _proc_cpu_s(other_pid)
     for _ in range(n):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3), float(np.percentile(times, 10) * 1e3)
+    cpu = (time.process_time() - cpu0) / n * 1e6
+    other = (_proc_cpu_s(other_pid) - other0) / n * 1e6
+    return float(np.median(times) * 1e3), float(np.percentile(times, 10) * 1e3), cpu, other
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                               max_batch_size=32, num_workers=2, node_proxy=False)
         proxied = bray.RemoteModel("policy_floor", node_proxy=True)
         obs = np.zeros((1, 64), np.float32)
+        proxied(obs)  # the proxy is up
+        os.environ["BRAY_HTTP_CLIENT"] = "aiohttp"  # read when this model's first call makes its session
+        with_aiohttp = bray.RemoteModel("policy_floor", node_proxy=False)
+        with_aiohttp(obs)
+        del os.environ["BRAY_HTTP_CLIENT"]
+        stats = proxied.proxy_stats()
+        proxy_pid = stats["pid"] if stats else None
         warm_until = time.monotonic() + 4
         while time.monotonic() < warm_until:
             rm(obs)
@@ -81,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
 
         calls = [("GET /ping (http.client)", lambda: ask("GET", "/ping")),
                  ("POST /predictions, binary (http.client)", lambda: ask("POST", "/predictions/policy_floor/latest", body)),
-                 ("rm(obs) direct", lambda: rm(obs)),
+                 ("rm(obs) direct (http1 session)", lambda: rm(obs)),
+                 ("rm(obs) direct (aiohttp session)", lambda: with_aiohttp(obs)),
                  ("rm(obs) node proxy", lambda: proxied(obs))]
-        print("| round | call | median ms | p10 ms |\n|---:|---|---:|---:|")
+        print("| round | call | median ms | p10 ms | CPU µs/call: caller | node proxy |\n|---:|---|---:|---:|---:|---:|")
         for r in range(args.rounds):
             for label, call in calls:
-                median, p10 = _median_ms(call, args.calls)
-                print(f"| {r + 1} | {label} | {median:.2f} | {p10:.2f} |", flush=True)
+                pid = proxy_pid if "proxy" in label else None
+                median, p10, cpu, other = _median_ms(call, args.calls, pid)
+                print(f"| {r + 1} | {label} | {median:.2f} | {p10:.2f} | {cpu:.0f} | {other:.0f} |"
+                      if pid else f"| {r + 1} | {label} | {median:.2f} | {p10:.2f} | {cpu:.0f} | |", flush=True)
+        with_aiohttp.close()
         proxied.close()
         rm.close()
     finally:

@@ -6,8 +6,10 @@
   failed connections to the errors of :mod:`bray.errors`;
 - :mod:`~bray.torchserve.management`: :class:`ManagementClient` (requests, an injectable
   ``session``) and :class:`ModelVersion`;
-- :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (aiohttp, an injectable
+- :mod:`~bray.torchserve.inference`: :class:`InferenceClient` (an injectable
   ``session_factory``): load balancing, failover, retries, key refresh;
+- :mod:`~bray.torchserve.http1`: :class:`~bray.torchserve.http1.Http1Session`, the lean
+  kept-alive HTTP/1.1 session it sends with (aiohttp's with ``BRAY_HTTP_CLIENT=aiohttp``);
 - :mod:`~bray.torchserve.launcher`: start and stop TorchServe instances.
 
 The bridge, the archiver and ts_config speak to TorchServe only through here (none of

@@ -1,7 +1,8 @@
 """The one mapping from what TorchServe answered (or why it could not be reached) to a bray error.
 
 Both clients raise through here: :class:`~bray.torchserve.management.ManagementClient`
-(requests) and :class:`~bray.torchserve.inference.InferenceClient` (aiohttp), and the
+(requests) and :class:`~bray.torchserve.inference.InferenceClient` (its HTTP/1.1 session,
+or aiohttp's), and the
 launcher's ping asks :func:`key_refused`.
 
 TorchServe 0.12 facts this module relies on (checked against the 0.12.0 frontend):
@@ -67,8 +68,8 @@ def _causes(err: BaseException) -> list[BaseException]:
 def connection_failure(err: BaseException) -> str:
     """Why a connection failed, from the exception and what it wraps.
 
-    Works on requests/urllib3 and aiohttp exceptions alike, by walking down to the
-    socket error underneath.
+    Works on requests/urllib3, aiohttp and :mod:`bray.torchserve.http1` exceptions alike,
+    by walking down to the socket error underneath.
 
     Returns:
         ``"name"`` (host name not resolved), ``"refused"`` (nothing listens on the port),

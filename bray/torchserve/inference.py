@@ -1,7 +1,8 @@
 """The inference client: async HTTP to one or more TorchServe nodes.
 
-- one pooled ``aiohttp`` session (keep-alive) per event loop, made by an injectable
-  session factory;
+- one pool of kept-alive connections per event loop: a lean HTTP/1.1 session
+  (:mod:`bray.torchserve.http1`; ``BRAY_HTTP_CLIENT=aiohttp`` takes aiohttp's instead),
+  made by an injectable session factory;
 - least-outstanding-requests load balancing over the inference addresses;
 - a node that refuses connections, or does not accept one within ``connect_timeout_s``
   (its link cut, its machine gone: no answer at all), is set aside (0.5 s, doubling on
@@ -25,6 +26,7 @@ the errors of :mod:`bray.torchserve.answers`.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import weakref
@@ -47,7 +49,8 @@ __all__ = ["InferenceClient", "Reply", "SessionFactory", "TransportStats"]
 # Makes the HTTP session of the running event loop, called on that loop: what
 # InferenceClient.predict uses is the session's ``closed``, ``close()`` and
 # ``post(url, data=, headers=)``, an async context manager giving ``status``,
-# ``headers`` and ``await read()`` (aiohttp's ClientSession; a test's scripted one).
+# ``headers`` and ``await read()`` (bray.torchserve.http1.Http1Session, aiohttp's ClientSession,
+# a test's scripted one).
 SessionFactory = Callable[["InferenceClient"], Any]
 
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
@@ -138,21 +141,35 @@ class InferenceClient:
         self._rr = 0
 
     def new_session(self, *, close_with_loop: bool = True) -> Any:
-        """A pooled keep-alive aiohttp session for the running event loop, sized for this client.
+        """A pool of kept-alive connections for the running event loop, sized for this client.
+
+        The lean HTTP/1.1 session of :mod:`bray.torchserve.http1`, or aiohttp's with
+        ``BRAY_HTTP_CLIENT=aiohttp`` in the environment.
 
         Args:
             close_with_loop: close it when ``asyncio.run()`` ends the loop; ``False`` for
                 a loop that lives as long as the process (the bridge's own).
         """
-        import aiohttp
+        choice = os.environ.get("BRAY_HTTP_CLIENT", "http1").strip().lower() or "http1"
+        if choice == "http1":
+            from bray.torchserve.http1 import Http1Session
 
-        connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls), limit_per_host=self.max_connections,
-                                         ttl_dns_cache=300, enable_cleanup_closed=True)
-        # TorchServe hands every request header to the worker, which reads each one (4
-        # fields apiece): headers it ignores (it never compresses) are left out.
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s,
-                                                                              sock_connect=self.connect_timeout_s),
-                                        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+            session: Any = Http1Session(timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s,
+                                        limit_per_host=self.max_connections)
+        elif choice == "aiohttp":
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self.max_connections * len(self.urls),
+                                             limit_per_host=self.max_connections,
+                                             ttl_dns_cache=300, enable_cleanup_closed=True)
+            # TorchServe hands every request header to the worker, which reads each one (4
+            # fields apiece): headers it ignores (it never compresses) are left out.
+            session = aiohttp.ClientSession(connector=connector,
+                                            timeout=aiohttp.ClientTimeout(total=self.timeout_s,
+                                                                          sock_connect=self.connect_timeout_s),
+                                            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        else:
+            raise ConfigError(f"BRAY_HTTP_CLIENT={choice!r}: say 'http1' (the default) or 'aiohttp'")
         if close_with_loop:
             # asyncio.run() cancels every task left when its main coroutine ends: this
             # one then closes the session before the loop goes away.
@@ -202,6 +219,8 @@ class InferenceClient:
             ServerError: 5xx answers after ``max_retries`` retries.
         """
         import aiohttp
+
+        from bray.torchserve.http1 import ConnectFailedError
 
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         session = self._get_session()
@@ -256,7 +275,8 @@ class InferenceClient:
                 self.stats.connection_errors += 1
                 why[url] = connection_failure(err)
                 # Refused, or no answer to the connect (a cut link): never reached the server.
-                refused = isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+                refused = isinstance(err, (ConnectFailedError, aiohttp.ClientConnectorError,
+                                          aiohttp.ConnectionTimeoutError))
                 if refused:
                     self._set_aside(url)
                     tried.add(url)

@@ -402,7 +402,10 @@ def test_clear_errors(make: Make) -> None:
 # -- beyond Bray: client-side batching, load balancing --------------------------------------
 
 
-def test_many_concurrent_callers_are_coalesced(make: Make) -> None:
+@pytest.mark.parametrize("http_client", ["http1", "aiohttp"])
+def test_many_concurrent_callers_are_coalesced(make: Make, http_client: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With either HTTP session (the lean HTTP/1.1 one, the default, and aiohttp's)."""
+    monkeypatch.setenv("BRAY_HTTP_CLIENT", http_client)  # read when the first call makes the session
     rm = make("rm_concurrent", model=probe_net(3), forward_args=(X,), max_batch_size=32)
     rows = [np.full((1, 4), i, np.float32) for i in range(64)]
 
