@@ -25,6 +25,11 @@ socket to the worker, the worker's wake-up); ``read`` TorchServe's parse of the 
 framing the answer and writing it; ``out`` from the worker's write to the client holding
 the answer (front end back out, HTTP client).
 
+Beside them, the CPU each call costs (µs of user + system time per call over the round,
+psutil): the Java front end, the Python workers (every worker of every model: idle ones
+cost nothing), and this client process. On two cores shared by all three, that sum, not
+the wall time, bounds how many calls a second many actors can get.
+
     .venv/bin/python scripts/bench_call_floor.py [--calls 1000] [--rounds 2] [--property k=v ...] [--jvm ARGS]
 """
 
@@ -154,6 +159,20 @@ def _breakdown(calls: np.ndarray, workers: np.ndarray) -> dict[str, float]:
         "joined": len(per["in"]), "calls": len(calls)}
 
 
+def _cpu_s(procs: list[Any]) -> float:
+    """User + system CPU seconds of ``procs`` so far (a process gone since counts 0)."""
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=1000, help="calls per target and round")
@@ -204,25 +223,35 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < warm_until:
             for _, method, path, payload in targets:
                 ask(method, path, payload)
+        import psutil
+
+        front_end = psutil.Process(server.pid)
+        workers = front_end.children(recursive=True)
+        me = psutil.Process()
         names = [name for name, _, _ in SEGMENTS]
-        print("| round | target | total µs | " + " | ".join(names) + " | joined |")
-        print("|---:|---|---:|" + "---:|" * len(names) + "---:|")
+        print("| round | target | total µs | " + " | ".join(names) + " | joined | CPU µs/call: front end | workers | client |")
+        print("|---:|---|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|")
         for r in range(args.rounds):
             for label, method, path, payload in targets:
                 for f in timeline.glob("*.tsv"):
                     f.write_text("")  # truncated, not removed: each worker keeps its file open
                 stamps = np.empty((args.calls, 2), np.int64)
+                cpu0 = [_cpu_s([front_end]), _cpu_s(workers), _cpu_s([me])]
                 for i in range(args.calls):
                     t0 = time.perf_counter_ns()
                     ask(method, path, payload)
                     stamps[i] = t0, time.perf_counter_ns()
+                cpu = [(after - before) / args.calls * 1e6 for before, after in
+                       zip(cpu0, [_cpu_s([front_end]), _cpu_s(workers), _cpu_s([me])])]
                 ask("GET", "/ping", None)  # the last batch's line is written when its worker reads the next
                 for _, m, pth, pl in targets[1:]:
                     ask(m, pth, pl)
                 row = _breakdown(stamps, _worker_lines(timeline) if label != "ping" else np.empty((0, 8), np.int64))
-                results["rounds"].append({"round": r + 1, "target": label, **row})
+                results["rounds"].append({"round": r + 1, "target": label, **row, "cpu_front_end_us": cpu[0],
+                                          "cpu_workers_us": cpu[1], "cpu_client_us": cpu[2]})
                 cells = " | ".join(f"{row[n]:.0f}" if row[n] == row[n] else "" for n in names)
-                print(f"| {r + 1} | {label} | {row['total']:.0f} | {cells} | {row['joined']}/{row['calls']} |", flush=True)
+                print(f"| {r + 1} | {label} | {row['total']:.0f} | {cells} | {row['joined']}/{row['calls']} | "
+                      f"{cpu[0]:.0f} | {cpu[1]:.0f} | {cpu[2]:.0f} |", flush=True)
         conn.close()
         rm.close()
     finally:
