@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=1000, help="calls per target and round")
     p.add_argument("--rounds", type=int, default=2, help="times every target is repeated")
     p.add_argument("--property", action="append", default=[], help="key=value for config.properties")
-    p.add_argument("--jvm", default="", help="vmargs for TorchServe's JVM (replaces the default)")
+    p.add_argument("--jvm", default="", help="JVM arguments added to the bundled config's vmargs")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
@@ -186,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bray-call-floor-"))
     timeline = work / "timeline"
     props = dict(kv.split("=", 1) for kv in args.property)
-    if args.jvm:
-        props["vmargs"] = args.jvm
+    if args.jvm:  # added to the bundled config's vmargs
+        from bray.ts_config import config_path
+
+        bundled = [ln.split("=", 1)[1].strip() for ln in config_path().read_text().splitlines()
+                   if ln.startswith("vmargs=")]
+        props["vmargs"] = " ".join([*bundled, args.jvm])
     server = start_torchserve(workdir=work / "server", model_store=work / "model_store", properties=props,
                               extra_env={TIMELINE_ENV: str(timeline)})
     results: dict[str, Any] = {"properties": props, "rounds": []}
