@@ -59,6 +59,7 @@ __all__ = [
     "WORKER_HEADER",
     "WireLimits",
     "decode",
+    "decode_leaves",
     "encode",
     "encode_parts",
     "encode_segments",
@@ -510,6 +511,20 @@ def decode(
         WireError: The body is not a bray binary message, is truncated or inconsistent,
             or exceeds ``limits``; the message says which and what was expected.
     """
+    arrays, treedef = decode_leaves(buf, limits=limits)
+    return treedef.unflatten(arrays)
+
+
+def decode_leaves(
+    buf: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS
+) -> tuple[list[np.ndarray], tree.TreeDef]:
+    """:func:`decode` as :func:`bray.tree.flatten` would give it: the arrays and the tree
+    definition (``treedef.unflatten(arrays)`` is what :func:`decode` returns), for a
+    caller that goes on with the leaves (the node proxy's batcher).
+
+    Raises:
+        WireError: As :func:`decode`.
+    """
     view = _as_byte_view(buf)
     total = view.nbytes
     if total >= _PREFIX.size:  # a structure decoded before: its checked layout (same header and length)
@@ -517,9 +532,8 @@ def decode(
         layout = _DECODED.get(bytes(view[:header_end])) if header_end <= total else None
         if layout is not None and layout.total == total and (layout.limits is limits or layout.limits == limits):
             data_start = len(layout.head)
-            return layout.treedef.unflatten([
-                np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=data_start + offset).reshape(shape)
-                for dtype, shape, offset, nbytes in layout.arrays])
+            return [np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=data_start + offset)
+                    .reshape(shape) for dtype, shape, offset, nbytes in layout.arrays], layout.treedef
     head = bytes(view[: len(MAGIC)])
     if head != MAGIC[: len(head)]:
         raise WireError(
@@ -579,7 +593,7 @@ def decode(
     arrays = [(arr.dtype, arr.shape, offset, nbytes) for arr, (_, _, offset, nbytes) in zip(decoder.arrays, header["arrays"])]
     _keep(_DECODED, bytes(view[: _PREFIX.size + header_len]),
           _Layout(bytes(view[:data_start]), treedef, arrays, total, limits))
-    return treedef.unflatten(decoder.arrays)  # type: ignore[no-any-return]
+    return decoder.arrays, treedef
 
 
 def is_binary(buf: object) -> bool:

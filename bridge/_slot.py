@@ -40,6 +40,7 @@ import struct
 from typing import Any, Sequence
 
 from bray import wire
+from bray.tree import TreeDef
 from bray.errors import BrayError, ProxyUnavailableError
 
 __all__ = [
@@ -144,10 +145,17 @@ class Slot:
     def read(self, nbytes: int, *, copy: bool = False) -> Any:
         """The NestedArray at the start of the slot: views into it (valid until the next
         write), or with ``copy`` views into a copy of its bytes (writable, its own)."""
+        body = self._body(nbytes)
+        return wire.decode(bytearray(body) if copy else body)
+
+    def read_leaves(self, nbytes: int) -> tuple[list[Any], TreeDef]:
+        """:meth:`read`'s views as its arrays and their tree definition (:func:`bray.wire.decode_leaves`)."""
+        return wire.decode_leaves(self._body(nbytes))
+
+    def _body(self, nbytes: int) -> memoryview:
         if nbytes > self.size:
             raise ProxyUnavailableError(f"the peer announced {nbytes} bytes in a slot of {self.size}: protocol error")
-        body = memoryview(self.mm)[:nbytes]
-        return wire.decode(bytearray(body) if copy else body)
+        return memoryview(self.mm)[:nbytes]
 
     def _remap(self, size: int) -> None:
         # A new mapping rather than mmap.resize: arrays decoded from the old one may still be

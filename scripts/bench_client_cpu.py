@@ -23,7 +23,7 @@ The observation is float32 (64,), the answer float32 (1, 16): the policy MLP of 
 benchmarks. CPU per call, not wall time: on a shared machine the other processes' load
 moves wall time far more than our own work.
 
-    .venv/bin/python scripts/bench_client_cpu.py [--calls 3000] [--rounds 5] [--procs 16] [--seconds 3]
+    .venv/bin/python scripts/bench_client_cpu.py [--calls 3000] [--rounds 5] [--procs 16] [--seconds 3] [--cases loop,sync,proxy,procs]
     .venv/bin/python scripts/bench_client_cpu.py --profile forward   # cProfile of one case instead
 """
 
@@ -47,14 +47,12 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bray import wire  # noqa: E402
-from bray.bridge.direct import DirectTransport  # noqa: E402
-from bray.bridge.remote_model import RemoteModel  # noqa: E402
-from bray.bridge.transport import Watermark  # noqa: E402
-from bray.torchserve.auth import TokenAuth  # noqa: E402
-from bray.torchserve.inference import InferenceClient  # noqa: E402
+from bray import wire
+from bray.bridge.direct import DirectTransport
+from bray.bridge.remote_model import RemoteModel
+from bray.bridge.transport import Watermark
+from bray.torchserve.auth import TokenAuth
+from bray.torchserve.inference import InferenceClient
 
 OBS, ACT = 64, 16
 URL = "http://127.0.0.1:9"
@@ -314,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--procs", type=int, default=16, help="actor processes of the proxy xP case (0: skip it)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the proxy xP case")
+    parser.add_argument("--cases", default="loop,sync,proxy,procs",
+                        help="which to run: loop (stub post .. await rm.forward), sync, proxy, procs (proxy xP)")
     parser.add_argument("--profile", choices=("forward", "proxy"), help="print a cProfile of one case and stop")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,15 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             _profile(args.profile, key_file, args.calls)
             return 0
+        cases = set(args.cases.split(","))
         rows: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for name, us in _loop_cases(key_file, args.calls).items():
-                rows.setdefault(name, []).append(us)
-            rows.setdefault("rm(obs) direct", []).append(_sync_direct(key_file, args.calls))
-            actor, proxy = _proxy_one(key_file, args.calls)
-            rows.setdefault("proxy: actor", []).append(actor)
-            rows.setdefault("proxy: proxy", []).append(proxy)
-        if args.procs:
+            if "loop" in cases:
+                for name, us in _loop_cases(key_file, args.calls).items():
+                    rows.setdefault(name, []).append(us)
+            if "sync" in cases:
+                rows.setdefault("rm(obs) direct", []).append(_sync_direct(key_file, args.calls))
+            if "proxy" in cases:
+                actor, proxy = _proxy_one(key_file, args.calls)
+                rows.setdefault("proxy: actor", []).append(actor)
+                rows.setdefault("proxy: proxy", []).append(proxy)
+        if args.procs and "procs" in cases:
             for _ in range(args.rounds):
                 actor, proxy, rate = _proxy_many(key_file, args.procs, args.seconds)
                 rows.setdefault(f"proxy x{args.procs}: actor", []).append(actor)
