@@ -237,17 +237,22 @@ class _Malformed(Exception):
 
 
 def _flatten(obj: Any, out: list[Any], depth: int, max_depth: int) -> TreeDef:
-    if isinstance(obj, (list, tuple)):
-        if depth >= max_depth:
+    kind = _CONTAINERS.get(type(obj))  # the exact types first: one lookup for a leaf (the usual array)
+    if kind is None:
+        if not isinstance(obj, (list, tuple, dict)):
+            out.append(obj)
+            return LEAF
+        kind = ("tuple" if isinstance(obj, tuple) else "list") if isinstance(obj, (list, tuple)) else "dict"
+    if depth >= max_depth:
+        raise _Malformed
+    if kind == "dict":
+        if not all(isinstance(k, str) for k in obj):
             raise _Malformed
-        return TreeDef("tuple" if isinstance(obj, tuple) else "list",
-                       tuple(_flatten(v, out, depth + 1, max_depth) for v in obj))
-    if isinstance(obj, dict):
-        if depth >= max_depth or not all(isinstance(k, str) for k in obj):
-            raise _Malformed
-        return TreeDef("dict", tuple(_flatten(v, out, depth + 1, max_depth) for v in obj.values()), tuple(obj))
-    out.append(obj)
-    return LEAF
+        return TreeDef("dict", tuple([_flatten(v, out, depth + 1, max_depth) for v in obj.values()]), tuple(obj))
+    return TreeDef(kind, tuple([_flatten(v, out, depth + 1, max_depth) for v in obj]))
+
+
+_CONTAINERS: dict[type, str] = {list: "list", tuple: "tuple", dict: "dict"}
 
 
 def _explain(obj: Any, path: str, depth: int, max_depth: int, error: type[BrayError]) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "WORKER_HEADER",
     "WireLimits",
     "decode",
+    "decode_leaves",
     "encode",
     "encode_parts",
     "encode_segments",
@@ -317,31 +318,81 @@ def encode_parts(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> li
             and str-keyed dicts, an unsupported dtype, or exceeds ``limits``.
     """
     flat, treedef = tree.flatten(obj, max_depth=limits.max_depth)
-    enc = _Encoder(limits)
-    enc.leaves(flat, treedef)
-    header = json.dumps({"tree": treedef.to_json(), "arrays": enc.specs}, separators=(",", ":")).encode()
+    key: tuple[Any, ...] | None = (treedef,)
+    for leaf in flat:  # contiguous arrays (not subclasses, not scalars) only: their bytes go as they are
+        if type(leaf) is not np.ndarray or not leaf.flags.c_contiguous:
+            key = None
+            break
+        key += (leaf.dtype, leaf.shape)  # type: ignore[operator]
+    layout = _ENCODED.get(key) if key is not None else None
+    if layout is None or not (layout.limits is limits or layout.limits == limits):
+        enc = _Encoder(limits)
+        enc.leaves(flat, treedef)
+        layout = _encode_layout(treedef, enc.specs, enc.end, limits)
+        arrays = [arr for _, arr in enc.buffers]
+        # Kept for arrays that go as they are (no cast to little-endian, no copy): the same
+        # dtypes and shapes then make the same header and go the same way.
+        if key is not None and all(arr is leaf for arr, leaf in zip(arrays, flat)):
+            _keep(_ENCODED, key, layout)
+        flat = arrays
+    parts: list[bytes | memoryview] = [layout.head]
+    pos = 0
+    for (_, _, offset, nbytes), arr in zip(layout.arrays, flat):
+        if offset > pos:
+            parts.append(_PAD[: offset - pos])
+        if nbytes:
+            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+        pos = offset + nbytes
+    return parts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One structure's binary form, checked against ``limits``: its head and where its arrays go.
+
+    Calls repeat the same structure (one observation, the same dtypes, call after call): the
+    codec keeps the layouts of the last few structures it encoded (by tree, dtypes and
+    shapes) and decoded (by header bytes), and then copies or views arrays instead of
+    writing and parsing the JSON header again. A layout is only made by the full encode or
+    decode, which check everything, and is used again only for the same structure, body
+    length and limits.
+    """
+
+    head: bytes  # prefix, header and padding up to the first array
+    treedef: tree.TreeDef
+    arrays: list[tuple[np.dtype, tuple[int, ...], int, int]]  # dtype, shape, offset after the head, nbytes
+    total: int  # the body's bytes
+    limits: WireLimits
+
+
+_LAYOUTS_KEPT = 64  # structures x batch sizes a process meets (coalesced requests of 1..N rows)
+_ENCODED: dict[tuple[Any, ...], _Layout] = {}
+_DECODED: dict[bytes, _Layout] = {}
+
+
+def _keep(cache: dict[Any, _Layout], key: Any, layout: _Layout) -> None:
+    if len(cache) >= _LAYOUTS_KEPT:
+        cache.clear()  # a process that meets that many structures gains little from any one
+    cache[key] = layout
+
+
+def _encode_layout(treedef: tree.TreeDef, specs: list[list[Any]], end: int, limits: WireLimits) -> _Layout:
+    header = json.dumps({"tree": treedef.to_json(), "arrays": specs}, separators=(",", ":")).encode()
     if len(header) > limits.max_header_bytes:
         raise WireError(
             f"the header is {len(header)} bytes, over max_header_bytes={limits.max_header_bytes}; "
             "use fewer arrays or shorter keys, or raise WireLimits(max_header_bytes=...)"
         )
     data_start = _align(_PREFIX.size + len(header))
-    total = data_start + enc.end
+    total = data_start + end
     if total > limits.max_total_bytes:
         raise WireError(
             f"the body would be {total} bytes, over max_total_bytes={limits.max_total_bytes}; "
             "send smaller batches or raise WireLimits(max_total_bytes=...)"
         )
     head = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
-    parts: list[bytes | memoryview] = [head + _PAD[: data_start - len(head)]]
-    pos = 0
-    for offset, arr in enc.buffers:
-        if offset > pos:
-            parts.append(_PAD[: offset - pos])
-        if arr.nbytes:
-            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
-        pos = offset + arr.nbytes
-    return parts
+    arrays = [(_WIRE_DTYPES[name], tuple(shape), offset, nbytes) for name, shape, offset, nbytes in specs]
+    return _Layout(head + _PAD[: data_start - len(head)], treedef, arrays, total, limits)
 
 
 def encode(obj: NestedArray, *, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
@@ -460,8 +511,29 @@ def decode(
         WireError: The body is not a bray binary message, is truncated or inconsistent,
             or exceeds ``limits``; the message says which and what was expected.
     """
+    arrays, treedef = decode_leaves(buf, limits=limits)
+    return treedef.unflatten(arrays)
+
+
+def decode_leaves(
+    buf: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS
+) -> tuple[list[np.ndarray], tree.TreeDef]:
+    """:func:`decode` as :func:`bray.tree.flatten` would give it: the arrays and the tree
+    definition (``treedef.unflatten(arrays)`` is what :func:`decode` returns), for a
+    caller that goes on with the leaves (the node proxy's batcher).
+
+    Raises:
+        WireError: As :func:`decode`.
+    """
     view = _as_byte_view(buf)
     total = view.nbytes
+    if total >= _PREFIX.size:  # a structure decoded before: its checked layout (same header and length)
+        header_end = _PREFIX.size + int.from_bytes(view[5:9], "little")
+        layout = _DECODED.get(bytes(view[:header_end])) if header_end <= total else None
+        if layout is not None and layout.total == total and (layout.limits is limits or layout.limits == limits):
+            data_start = len(layout.head)
+            return [np.frombuffer(view, dtype=dtype, count=nbytes // dtype.itemsize, offset=data_start + offset)
+                    .reshape(shape) for dtype, shape, offset, nbytes in layout.arrays], layout.treedef
     head = bytes(view[: len(MAGIC)])
     if head != MAGIC[: len(head)]:
         raise WireError(
@@ -518,7 +590,10 @@ def decode(
             f"the header declares {len(decoder.arrays)} arrays but its tree uses "
             f"{treedef.num_leaves}"
         )
-    return treedef.unflatten(decoder.arrays)  # type: ignore[no-any-return]
+    arrays = [(arr.dtype, arr.shape, offset, nbytes) for arr, (_, _, offset, nbytes) in zip(decoder.arrays, header["arrays"])]
+    _keep(_DECODED, bytes(view[: _PREFIX.size + header_len]),
+          _Layout(bytes(view[:data_start]), treedef, arrays, total, limits))
+    return decoder.arrays, treedef
 
 
 def is_binary(buf: object) -> bool:

@@ -24,27 +24,23 @@ proxy (:mod:`bray.bridge.proxy`) talk like this:
 One call in flight per connection; a process making concurrent calls holds several.
 
 A caller sends the same structure call after call (one observation, the same dtypes),
-and the proxy answers with the same structure: each side keeps the layout of the last
-few structures it wrote or read (the encoded header and where each array goes), so a
-call costs copying its arrays, not encoding and parsing the wire header again. A layout
-is only ever taken from a message that :func:`bray.wire.decode` checked in full, and a
-cached one is used only for byte-identical headers.
+and the proxy answers with the same structure: :mod:`bray.wire` keeps the layout of the
+last few structures it encoded and decoded, so a call costs copying its arrays, not
+writing and parsing the wire header again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
 import socket
 import struct
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
-from bray import tree, wire
+from bray import wire
+from bray.tree import TreeDef
 from bray.errors import BrayError, ProxyUnavailableError
 
 __all__ = [
@@ -70,8 +66,6 @@ OP_HELLO, OP_CALL, OP_STATS = 1, 2, 3
 ST_SLOT, ST_INLINE, ST_ERROR = 0, 1, 2
 MIN_SLOT_BYTES = 64 * 1024
 _UCRED = struct.Struct("3i")
-_PREFIX = struct.Struct("<4sBI")  # bray.wire's: magic, version, header length
-_LAYOUTS_KEPT = 16
 
 
 def proxy_address(name: str, version: str, inference_urls: Sequence[str], store: os.PathLike[str] | str) -> str:
@@ -112,10 +106,6 @@ class Slot:
         self.fd = fd
         self.size = size
         self.mm = mmap.mmap(fd, size)
-        # structure -> (header bytes, [(offset, nbytes)] per array, total bytes)
-        self._written: dict[Hashable, tuple[bytes, list[tuple[int, int]], int]] = {}
-        # header bytes -> (template, [(dtype, shape, offset, nbytes)] per array, end)
-        self._read: dict[bytes, tuple[Any, list[tuple[np.dtype, tuple[int, ...], int, int]], int]] = {}
 
     @classmethod
     def create(cls, size: int = MIN_SLOT_BYTES) -> "Slot":
@@ -139,87 +129,33 @@ class Slot:
 
     def write(self, obj: Any) -> int:
         """Encode the NestedArray ``obj`` into the slot (growing it when needed); returns its bytes."""
-        leaves, treedef = tree.flatten(obj)
-        key: Hashable = None
-        if all(type(leaf) is np.ndarray for leaf in leaves):  # else (scalars...) the general path
-            key = (tree.batch_signature(treedef, leaves), tuple(leaf.shape[:1] for leaf in leaves))
-        else:
-            leaves = []
-        layout = self._written.get(key) if key is not None else None
-        if layout is None or not all(leaf.flags.c_contiguous for leaf in leaves):
-            return self._write_parts(obj, key, leaves)
-        head, spans, total = layout
-        self._ensure(total)
-        mm = self.mm
-        mm[:len(head)] = head
-        for leaf, (offset, nbytes) in zip(leaves, spans):
-            if nbytes:
-                mm[offset:offset + nbytes] = memoryview(leaf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        return total
-
-    def _write_parts(self, obj: Any, key: Hashable, leaves: list[np.ndarray]) -> int:
         parts = wire.encode_parts(obj)
-        total = sum(len(p) for p in parts)
-        self._ensure(total)
+        total = sum([len(part) for part in parts])
+        if total > self.size:
+            size = _round_up(total)
+            os.ftruncate(self.fd, size)
+            self._remap(size)
         mm, pos = self.mm, 0
         for part in parts:
             end = pos + len(part)
             mm[pos:end] = part
             pos = end
-        if key is not None and all(leaf.flags.c_contiguous and leaf.dtype.byteorder in "=|<" for leaf in leaves):
-            head = bytes(parts[0])  # prefix, header and padding up to the first array
-            _, _, header_len = _PREFIX.unpack_from(head)
-            arrays = json.loads(head[_PREFIX.size:_PREFIX.size + header_len])["arrays"]
-            if len(self._written) >= _LAYOUTS_KEPT:
-                self._written.clear()
-            self._written[key] = (head, [(len(head) + int(off), int(nb)) for _, _, off, nb in arrays], total)
         return total
-
-    def _ensure(self, total: int) -> None:
-        if total > self.size:
-            size = _round_up(total)
-            os.ftruncate(self.fd, size)
-            self._remap(size)
 
     def read(self, nbytes: int, *, copy: bool = False) -> Any:
         """The NestedArray at the start of the slot: views into it (valid until the next
-        write), or with ``copy`` arrays of its own."""
+        write), or with ``copy`` views into a copy of its bytes (writable, its own)."""
+        body = self._body(nbytes)
+        return wire.decode(bytearray(body) if copy else body)
+
+    def read_leaves(self, nbytes: int) -> tuple[list[Any], TreeDef]:
+        """:meth:`read`'s views as its arrays and their tree definition (:func:`bray.wire.decode_leaves`)."""
+        return wire.decode_leaves(self._body(nbytes))
+
+    def _body(self, nbytes: int) -> memoryview:
         if nbytes > self.size:
             raise ProxyUnavailableError(f"the peer announced {nbytes} bytes in a slot of {self.size}: protocol error")
-        mm = self.mm
-        head = b""
-        if nbytes >= _PREFIX.size:
-            _, _, header_len = _PREFIX.unpack_from(mm)
-            if _PREFIX.size + header_len <= nbytes:
-                head = mm[:_PREFIX.size + header_len]
-        layout = self._read.get(head)
-        if layout is None or nbytes < layout[2]:
-            obj = wire.decode(memoryview(mm)[:nbytes])  # checks everything, first time for this header
-            self._learn(head, obj)
-            if copy:
-                leaves, treedef = tree.flatten(obj)
-                obj = treedef.unflatten([np.array(leaf) for leaf in leaves])
-            return obj
-        template, arrays, _ = layout
-        views = [np.frombuffer(mm, dtype, math.prod(shape), offset).reshape(shape) if nb else np.empty(shape, dtype)
-                 for dtype, shape, offset, nb in arrays]
-        if copy:
-            views = [v.copy() for v in views]
-        return template.unflatten(views)
-
-    def _learn(self, head: bytes, obj: Any) -> None:
-        if not head:
-            return
-        header_len = len(head) - _PREFIX.size
-        specs = json.loads(head[_PREFIX.size:])["arrays"]
-        data_start = -(-(_PREFIX.size + header_len) // wire.ALIGNMENT) * wire.ALIGNMENT
-        leaves, treedef = tree.flatten(obj)
-        arrays = [(leaf.dtype, tuple(leaf.shape), data_start + int(off), int(nb)) for leaf, (_, _, off, nb) in
-                  zip(leaves, specs)]
-        end = max((off + nb for _, _, off, nb in arrays), default=data_start)
-        if len(self._read) >= _LAYOUTS_KEPT:
-            self._read.clear()
-        self._read[head] = (treedef, arrays, end)
+        return memoryview(self.mm)[:nbytes]
 
     def _remap(self, size: int) -> None:
         # A new mapping rather than mmap.resize: arrays decoded from the old one may still be

@@ -61,6 +61,7 @@ class DirectTransport(Transport):
             weakref.WeakKeyDictionary()
         #: Every batcher made so far (one per event loop used), for their counters.
         self.batchers: list[ForwardBatcher] = []
+        self._last: tuple[asyncio.AbstractEventLoop, ForwardBatcher] | None = None  # the last loop's
 
     def sibling(self, weight_set: str | None) -> "DirectTransport":
         """A transport to the same model for another weight set (a clone it serves), sharing the HTTP client.
@@ -81,8 +82,12 @@ class DirectTransport(Transport):
     def batcher(self) -> ForwardBatcher:
         """The client-side batcher of the running event loop (made on first use)."""
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop:  # the usual case: one loop calls; no weak-key lookup
+            return last[1]
         batcher = self._batchers.get(loop)
         if batcher is not None:
+            self._last = (loop, batcher)
             return batcher
         with self._lock:
             from bray.bridge._loop import loop_session
@@ -99,6 +104,7 @@ class DirectTransport(Transport):
                                          max_inflight=self.max_inflight, send_tagged=self.send_segments)
                 self._batchers[loop] = batcher
                 self.batchers.append(batcher)
+        self._last = (loop, batcher)
         return batcher
 
     async def submit(self, payload: Any, n: int) -> tuple[Any, int]:

@@ -44,6 +44,7 @@ from bray.bridge._slot import (
     proxy_address,
 )
 from bray.locations import PROXY_METRICS_ENV_VAR, Locations
+from bray.tree import TreeDef
 from bray.errors import BrayError, ProxyUnavailableError, WireError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -302,20 +303,20 @@ class NodeProxy:
                 raise ProxyUnavailableError("a call before the hello, or while one is in flight")
             conn.slot.follow(size)
             try:
-                payload = conn.slot.read(nbytes)
+                leaves, treedef = conn.slot.read_leaves(nbytes)
             except WireError as err:
                 self._send_error(conn, err)
                 return
             conn.busy = True
             self._expected.pop(conn.pid, None)
-            self._call(conn, payload, n, step)
+            self._call(conn, leaves, treedef, n, step)
         elif op == OP_STATS:
             body = json.dumps(self.stats()).encode()
             self._send(conn, HEADER.pack(ST_INLINE, 0, -1, len(body), size) + body)
         else:
             raise ProxyUnavailableError(f"unknown operation {op}")
 
-    def _call(self, conn: _CallerConn, payload: Any, n: int, min_step: int) -> None:
+    def _call(self, conn: _CallerConn, leaves: list[Any], treedef: TreeDef, n: int, min_step: int) -> None:
         """Hand one call to the batcher; :meth:`_done` answers it (a callback, not a task per call)."""
         started = time.perf_counter()
         try:
@@ -324,7 +325,8 @@ class NodeProxy:
                 assert self.transport is not None
                 transport = self._sets[conn.weight_set] = self.transport.sibling(conn.weight_set)
             transport.watermark.advance(min_step)  # a step the caller was answered with elsewhere
-            future = self._batcher.enqueue(payload, n, None if conn.weight_set is None else transport)
+            future = self._batcher.enqueue(treedef.unflatten(leaves), n, None if conn.weight_set is None else transport,
+                                           flat=(leaves, treedef))
         except Exception as err:
             assert self._loop is not None
             future = self._loop.create_future()

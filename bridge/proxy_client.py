@@ -448,8 +448,14 @@ class NodeProxyTransport(Transport):
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n)  # a header comes whole (32 bytes, one write): no buffer to assemble
+    if len(data) == n:
+        return data
+    if not data:
+        raise EOFError("the node proxy closed the connection")
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
+    buf[:len(data)] = data
+    view, got = memoryview(buf), len(data)
     while got < n:
         k = sock.recv_into(view[got:])
         if not k:

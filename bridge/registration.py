@@ -135,12 +135,14 @@ class Registration:
         from bray.torchserve.auth import TokenAuth
 
         nodes = self.locations.nodes
+        # The inference client refreshes a refused key (reading the file at once): the file
+        # is looked at every 0.1 s, not at every call.
         # A node without a reachable management API: its key file is re-read, never refreshed here.
         if len({(node.key_file, node.management_url) for node in nodes}) == 1:
-            return TokenAuth(nodes[0].key_file, management_url=nodes[0].management_url or "")
+            return TokenAuth(nodes[0].key_file, management_url=nodes[0].management_url or "", recheck_s=0.1)
         # Each TorchServe generates its own keys at start: one TokenAuth per node, refreshed
         # through that node's management API.
-        return {node.inference_url: TokenAuth(node.key_file, management_url=node.management_url or "")
+        return {node.inference_url: TokenAuth(node.key_file, management_url=node.management_url or "", recheck_s=0.1)
                 for node in nodes}
 
     def ensure(self, *, override: bool) -> Any:

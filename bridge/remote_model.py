@@ -73,6 +73,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from bray import tree
 from bray.bridge.registration import LIVE_VERSION, Registration
 from bray.bridge.session import current, init
@@ -123,6 +125,8 @@ def _add_batch(obj: Any) -> Any:
 
 
 def _drop_batch(obj: Any) -> Any:
+    if type(obj) is np.ndarray:  # the usual answer: one array, no tree to walk
+        return obj[0]
     return tree.map_leaves(lambda a: a[0], obj)
 
 
@@ -492,6 +496,12 @@ class RemoteModel:
         return self.transport.proxy_stats() if isinstance(self.transport, NodeProxyTransport) else None
 
     def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: bool) -> tuple[Any, int]:
+        if args and not kwargs and all(type(a) is np.ndarray for a in args):
+            # The usual call, arrays as arguments: what the general path below makes, without its walks.
+            if not batch:
+                return {"args": [a[None] for a in args]}, 1
+            if args[0].ndim:
+                return {"args": list(args)}, int(args[0].shape[0])
         payload: dict[str, Any] = {"args": [to_numpy(a) for a in args]}
         if kwargs:
             payload["kwargs"] = {k: to_numpy(v) for k, v in kwargs.items()}

@@ -17,12 +17,14 @@ from bray.bridge.batching import ForwardBatcher
 
 
 def _batcher(more_coming: Callable[[], bool] | None, *, max_inflight: int = 2,
-             max_wait_s: float = 0.05) -> tuple[ForwardBatcher, list[int]]:
+             max_wait_s: float = 0.05, wire_turns: int = 1) -> tuple[ForwardBatcher, list[int]]:
+    """A batcher whose requests are on the wire for ``wire_turns`` turns of the event loop."""
     sizes: list[int] = []
 
     async def send(payload: Any) -> tuple[Any, int]:
         sizes.append(len(payload["args"][0]))
-        await asyncio.sleep(0)
+        for _ in range(wire_turns):
+            await asyncio.sleep(0)
         return {"out": payload["args"][0] * 2}, 7
 
     return ForwardBatcher(send, max_batch_samples=64, max_inflight=max_inflight, more_coming=more_coming,
@@ -79,7 +81,9 @@ def test_the_wait_is_bounded_when_the_expected_callers_never_come() -> None:
 
 def test_without_a_hint_calls_never_wait() -> None:
     async def main() -> None:
-        batcher, sizes = _batcher(None, max_inflight=1)
+        # A lone call is sent from its caller's own coroutine, in the turn it is made: the
+        # others must come while it is still on the wire.
+        batcher, sizes = _batcher(None, max_inflight=1, wire_turns=3)
         first = asyncio.ensure_future(batcher.submit(_row(1), 1))
         await asyncio.sleep(0)
         rest = [asyncio.ensure_future(batcher.submit(_row(i), 1)) for i in (2, 3)]

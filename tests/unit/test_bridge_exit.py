@@ -32,3 +32,34 @@ def test_a_process_that_never_closes_its_client_exits_without_warnings(http_clie
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ServerUnreachableError"  # the session was really used
     assert "Unclosed" not in out.stderr and "destroyed" not in out.stderr, out.stderr
+
+
+def test_a_sync_call_on_the_bridge_loop_answers_raises_and_times_out() -> None:
+    import asyncio
+    import threading
+
+    from bray.bridge._loop import in_loop_thread, run_sync
+    from bray.errors import BrayTimeoutError
+
+    async def answer() -> bool:
+        await asyncio.sleep(0)
+        return in_loop_thread()
+
+    async def fail() -> None:
+        raise ValueError("the coroutine's own error")
+
+    cancelled = threading.Event()
+
+    async def hang() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    assert run_sync(answer(), timeout_s=10) is True  # ran on the loop's thread
+    with pytest.raises(ValueError, match="own error"):
+        run_sync(fail(), timeout_s=10)
+    with pytest.raises(BrayTimeoutError, match="within 0.1 s"):
+        run_sync(hang(), timeout_s=0.1)
+    assert cancelled.wait(10)  # not left running on the loop

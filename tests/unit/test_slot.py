@@ -148,7 +148,7 @@ def test_errors_cross_the_socket_as_their_own_class(err: Exception, cls: type) -
 
 
 def test_repeated_structures_reuse_their_layout_and_stay_exact() -> None:
-    """The cached layouts write what bray.wire writes and read what it reads, structure after structure."""
+    """Written and read again through bray.wire's kept layouts, structure after structure, exactly."""
     from bray import tree, wire
     from bray.errors import WireError
 
@@ -174,7 +174,7 @@ def test_repeated_structures_reuse_their_layout_and_stay_exact() -> None:
                     assert a.dtype == b.dtype and a.shape == b.shape
                     np.testing.assert_array_equal(a, b)
                 del got
-        assert caller._written and proxy._read
+        assert wire._ENCODED and wire._DECODED
         # A cached header with fewer bytes than its arrays need is checked in full again.
         obj = structures[0]()
         nbytes = caller.write(obj)

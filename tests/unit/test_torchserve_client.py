@@ -276,6 +276,21 @@ def test_inference_refreshes_a_refused_key_once_for_concurrent_callers(tmp_path:
     assert [s[1] for s in adapter.seen] == ["/token"] * 2
 
 
+def test_a_key_file_rewritten_by_another_process_costs_a_rechecking_client_one_refused_call(tmp_path: Path) -> None:
+    """recheck_s: the file is looked at every so often, and at once when its key is refused."""
+    key_file = tmp_path / "key_file.json"
+    write_keys(key_file, management="mk", inference="old")
+    auth = TokenAuth(key_file, management_url=MGMT, recheck_s=3600.0)
+    node = Node(lambda key: (200, b"ok", 3) if key == "new" else (*INVALID_KEY, -1))
+    client = client_for({NODE_A: node}, auth=auth)
+    assert auth.key("inference") == "old"
+    write_keys(key_file, management="mk", inference="new")  # a restarted server, or another process's refresh
+    assert auth.key("inference") == "old"  # not looked at again yet
+    assert asyncio.run(client.predict("policy", b"x")).step == 3
+    assert node.seen == ["old", "new"] and client.stats.auth_refreshes == 1  # read at the refusal, not regenerated
+    assert TokenAuth(key_file, management_url=MGMT).key("inference") == "new"  # recheck_s 0: at every use
+
+
 def test_a_refused_key_of_a_node_with_no_management_api_here_is_said_at_once(tmp_path: Path) -> None:
     """BRAY_MANAGEMENT_URL=none: no key can be regenerated from here. It looped, each node set aside
     0.25 s and asked again, until the caller's own timeout, never naming the key (a swapped key file)."""

@@ -357,6 +357,30 @@ def test_decode_limits_are_configurable() -> None:
     assert_same(decode(encode(deep, limits=WireLimits(max_depth=40)), limits=WireLimits(max_depth=40)), deep)
 
 
+def test_kept_layouts_stay_exact_and_checked() -> None:
+    """A structure met again reuses its layout: the same bytes and arrays, and the same refusals."""
+    obs = {"args": [np.arange(64, dtype=np.float32).reshape(1, 64)], "kwargs": {"m": np.ones((1, 2), bool)}}
+    body = encode(obs)
+    for _ in range(2):  # the second time from the kept layouts
+        assert encode(obs) == body and b"".join(encode_parts(obs)) == body
+        assert_same(decode(body), obs)
+        assert_same(decode(bytearray(body)), obs)
+    # Same dtypes and shapes in another byte order, or not contiguous: written as the full path writes them.
+    swapped = {"args": [obs["args"][0].astype(">f4")], "kwargs": obs["kwargs"]}
+    assert encode(swapped) == body and encode(swapped) == body
+    strided = np.arange(128, dtype=np.float32).reshape(1, 128)[:, ::2]
+    assert_same(decode(encode({"args": [strided], "kwargs": obs["kwargs"]})), {"args": [strided], "kwargs": obs["kwargs"]})
+    # The same header with another length, or under tighter limits, is checked in full.
+    with pytest.raises(WireError, match="follow the header"):
+        decode(body[:-1])
+    with pytest.raises(WireError, match="after the last array"):
+        decode(body + bytes(64))
+    with pytest.raises(WireError, match="over max_total_bytes=128"):
+        decode(body, limits=WireLimits(max_total_bytes=128))
+    with pytest.raises(WireError, match="over max_total_bytes=128"):
+        encode(obs, limits=WireLimits(max_total_bytes=128))
+
+
 def test_every_truncation_raises_wire_error() -> None:
     body = encode((np.arange(5, dtype=np.int16), {"k": [np.float32(1), np.zeros((0, 2))]}))
     for n in range(len(body)):
