@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -218,12 +219,9 @@ class InferenceClient:
             ServerUnreachableError: no node accepted a connection within ``reconnect_timeout_s``.
             ServerError: 5xx answers after ``max_retries`` retries.
         """
-        import aiohttp
-
-        from bray.torchserve.http1 import ConnectFailedError
-
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         session = self._get_session()
+        failed, never_reached = _connection_failures()  # after the session: an aiohttp one has loaded aiohttp
         attempts = 0
         refreshed: set[str] = set()
         tried: set[str] = set()
@@ -271,13 +269,11 @@ class InferenceClient:
                     seg_steps = resp.headers.get(wire.STEPS_HEADER) if segments else None
                     answered_by = resp.headers.get(wire.WEIGHTS_HEADER) if weights else None
                     ctype = resp.headers.get("Content-Type", "")
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError) as err:
+            except failed as err:
                 self.stats.connection_errors += 1
                 why[url] = connection_failure(err)
                 # Refused, or no answer to the connect (a cut link): never reached the server.
-                refused = isinstance(err, (ConnectFailedError, aiohttp.ClientConnectorError,
-                                          aiohttp.ConnectionTimeoutError))
-                if refused:
+                if isinstance(err, never_reached):
                     self._set_aside(url)
                     tried.add(url)
                     continue  # never reached the server: always safe to go elsewhere
@@ -335,6 +331,23 @@ class InferenceClient:
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(session.close(), loop)
         self._sessions = weakref.WeakKeyDictionary()
+
+
+def _connection_failures() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """What a session's ``post`` raises when its connection fails, and the part of those that
+    never reached the server (refused, or no answer to the connection attempt).
+
+    aiohttp's errors only where aiohttp is loaded: a session that raises them imported it,
+    and importing it here would cost a process using the default session ~130 ms at its
+    first call for nothing.
+    """
+    from bray.torchserve.http1 import ConnectFailedError
+
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is None:
+        return (ConnectionError, asyncio.TimeoutError), (ConnectFailedError,)
+    return ((aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError),
+            (ConnectFailedError, aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
 
 
 def _key_file_missing(auth: "TokenAuth") -> bool:
