@@ -73,14 +73,18 @@ def answer(body: bytes, *, status: str = "200 OK", extra: str = "") -> bytes:
     return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nX-Bray-Step: 7\r\n{extra}\r\n").encode() + body
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-    """Keep-alive: answers each request with its own body."""
-    while True:
-        req = await server.read_request(reader)
-        if req is None:
-            return
-        writer.write(answer(req[2]))
-        await writer.drain()
+def echo_after(delay_s: Callable[[bytes], float]) -> Handler:
+    """Keep-alive: answers each request with its own body, ``delay_s(body)`` seconds later."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while (req := await server.read_request(reader)) is not None:
+            if delay := delay_s(req[2]):
+                await asyncio.sleep(delay)
+            writer.write(answer(req[2]))
+            await writer.drain()
+    return serve
+
+
+echo = echo_after(lambda body: 0)
 
 
 def run(coro: Awaitable[object]) -> object:
@@ -244,15 +248,8 @@ def test_no_answer_to_a_connection_attempt_is_a_connect_timeout() -> None:
 
 
 def test_an_answer_later_than_the_timeout_closes_its_connection_and_never_reaches_the_next_request() -> None:
-    async def slow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while (req := await server.read_request(reader)) is not None:
-            if req[2] == b"slow":
-                await asyncio.sleep(0.5)
-            writer.write(answer(req[2]))
-            await writer.drain()
-
     async def main() -> None:
-        async with Server(slow_first) as srv:
+        async with Server(echo_after(lambda body: 0.5 if body == b"slow" else 0)) as srv:
             session = Http1Session(timeout_s=0.2)
             with pytest.raises(ReadTimeoutError) as err:
                 async with session.post(srv.url + "/p", data=b"slow"):
@@ -266,14 +263,8 @@ def test_an_answer_later_than_the_timeout_closes_its_connection_and_never_reache
 
 
 def test_a_cancelled_request_closes_its_connection() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while (req := await server.read_request(reader)) is not None:
-            await asyncio.sleep(0.3 if req[2] == b"slow" else 0)
-            writer.write(answer(req[2]))
-            await writer.drain()
-
     async def main() -> None:
-        async with Server(slow) as srv:
+        async with Server(echo_after(lambda body: 0.3 if body == b"slow" else 0)) as srv:
             session = Http1Session()
             task = asyncio.ensure_future(session.post(srv.url + "/p", data=b"slow"))
             await asyncio.sleep(0.05)
@@ -288,14 +279,8 @@ def test_a_cancelled_request_closes_its_connection() -> None:
 
 
 def test_connections_per_host_are_limited_and_the_rest_wait_their_turn() -> None:
-    async def slowish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while (req := await server.read_request(reader)) is not None:
-            await asyncio.sleep(0.02)
-            writer.write(answer(req[2]))
-            await writer.drain()
-
     async def main() -> None:
-        async with Server(slowish) as srv:
+        async with Server(echo_after(lambda body: 0.02)) as srv:
             session = Http1Session(limit_per_host=2)
 
             async def one(i: int) -> bytes:
