@@ -528,7 +528,7 @@ def decode_leaves(
     view = _as_byte_view(buf)
     total = view.nbytes
     if total >= _PREFIX.size:  # a structure decoded before: its checked layout (same header and length)
-        header_end = _PREFIX.size + int.from_bytes(view[5:9], "little")
+        header_end = _PREFIX.size + _PREFIX.unpack_from(view)[2]
         layout = _DECODED.get(bytes(view[:header_end])) if header_end <= total else None
         if layout is not None and layout.total == total and (layout.limits is limits or layout.limits == limits):
             data_start = len(layout.head)
