@@ -158,8 +158,10 @@ def test_a_proxy_killed_under_load_loses_no_call(env: dict[str, str], tmp_path: 
             return s if s and s["pid"] != first["pid"] else None
 
         second = wait_for(restarted, 120, "a new proxy to serve")
-        wait_for(lambda: (s := rm.proxy_stats()) and s["calls"] > second["calls"] + 30, 120,
-                 "the actors to call through the new proxy")
+        # Every actor back on the new proxy (this process's connection and one per actor), not
+        # just some: an actor whose retry fell after the others' can still be calling direct.
+        wait_for(lambda: (s := rm.proxy_stats()) and s["calls"] > second["calls"] + 30 and s["clients"] >= 4, 120,
+                 "every actor to call through the new proxy")
         stop.touch()
         results = [result(p) for p in procs]
     finally:
