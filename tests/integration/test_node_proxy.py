@@ -244,7 +244,7 @@ def test_clones_served_as_weight_sets_share_their_models_proxy(env: dict[str, st
         for i, opp in enumerate(opponents):
             opp.publish_weights(probe_weights(10 + i))
         assert {o.transport.proxy.address for o in opponents} == {learner.transport.proxy.address}
-        own = float(learner.get_model().lin.bias[0])  # StepProbe: every weight is one value
+        own = learner.get_model().lin.bias[0].detach().item()  # StepProbe: every weight is one value
         for _ in range(5):
             for i, opp in enumerate(opponents):
                 out, step = opp(X, return_step=True)
@@ -271,7 +271,7 @@ def test_the_node_proxy_is_on_by_default_started_by_the_first_call(env: dict[str
     rm = bray.RemoteModel(NAME)
     try:
         assert isinstance(rm.transport, NodeProxyTransport)
-        want = float(rm.get_model().lin.bias[0]) * (X.sum(-1, keepdims=True) + 1).repeat(2, -1)
+        want = rm.get_model().lin.bias[0].detach().item() * (X.sum(-1, keepdims=True) + 1).repeat(2, -1)
         np.testing.assert_allclose(rm(X), want)  # answered at once: directly while the proxy starts
         wait_for(lambda: rm(X) is not None and rm.proxy_stats(), 120, "the proxy the first call started")
         before = rm.batching_stats()[0] - rm.proxy_fallbacks
@@ -295,7 +295,7 @@ def test_a_killed_proxy_loses_no_opponents_call_and_answers_each_with_its_weight
     opponent = learner.clone(step=0, name="sigkill", node_proxy=True)
     try:
         opponent.publish_weights(probe_weights(21))
-        want = {learner.name: float(learner.get_model().lin.bias[0]), opponent.name: 21.0}
+        want = {learner.name: learner.get_model().lin.bias[0].detach().item(), opponent.name: 21.0}
         stats = learner.proxy_stats()
         assert stats is not None and opponent.transport.proxy.address == learner.transport.proxy.address
         os.kill(stats["pid"], signal.SIGKILL)
