@@ -198,6 +198,7 @@ class TorchRL:
 
     def __init__(self, model: Any, *, max_batch_size: int) -> None:
         self.model, self.max_batch_size = model, max_batch_size
+        self.cpu: CpuWindow | None = None  # the machine's CPU over the last point's calls
 
     def run(self, ctx: Any, procs: int, rows: int, duration_s: float, *, warm: bool = False) -> list[Any]:
         """``procs`` actors forked for this point; their ``("done", ...)`` answers (or ``("error", why)``)."""
@@ -224,7 +225,10 @@ class TorchRL:
                 start_at = time.monotonic() + 0.2
                 for parent, _ in pipes:
                     parent.send(("run", start_at, duration_s))
-                return [parent.recv() if parent.poll(duration_s + 120) else ("error", "no answer") for parent, _ in pipes]
+                window = CpuWindow(start_at)
+                answers = [parent.recv() if parent.poll(duration_s + 120) else ("error", "no answer") for parent, _ in pipes]
+                self.cpu = window.close()
+                return answers
             finally:
                 for proc in actors:
                     proc.join(10)
@@ -240,6 +244,7 @@ class Actors:
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__, *preload])
         self.procs: list[Any] = []
+        self.cpu: CpuWindow | None = None  # the machine's CPU over the last run's calls
         self.conns: list[Any] = []
 
     def grow(self, n: int) -> None:
@@ -269,11 +274,15 @@ class Actors:
         return f"{len(errors)} of {procs} actors could not call it: {errors[0]}" if errors else ""
 
     def run(self, procs: int, duration_s: float) -> list[Any]:
-        """Every prepared actor's ``("done", ...)`` answer after ``duration_s`` of calls."""
+        """Every prepared actor's ``("done", ...)`` answer after ``duration_s`` of calls
+        (the machine's CPU over the calls in :attr:`cpu`)."""
         start_at = time.monotonic() + 0.2
         for conn in self.conns[:procs]:
             conn.send(("run", start_at, duration_s))
-        return self._answers(self.conns[:procs], duration_s + 120)
+        window = CpuWindow(start_at)
+        answers = self._answers(self.conns[:procs], duration_s + 120)
+        self.cpu = window.close()
+        return answers
 
     def close(self) -> None:
         for conn in self.conns:
@@ -286,6 +295,32 @@ class Actors:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+def busy_cpu_s() -> float:
+    """Seconds of CPU the whole machine has spent busy since boot (``/proc/stat``: every
+    core's user, nice, system, irq, softirq and steal time; idle and iowait left out)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWindow:
+    """The machine's busy CPU from ``start_at`` (``time.monotonic``) to :meth:`close`:
+    ``cores`` busy on average, and ``seconds`` in all. Machine-wide: it shows whether a
+    point ran out of cores (all of them busy) or waited on something else, and, divided by
+    the forwards, what each forward cost every process on the machine together."""
+
+    def __init__(self, start_at: float) -> None:
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        self._wall, self._busy = time.monotonic(), busy_cpu_s()
+        self.cores = self.seconds = float("nan")
+
+    def close(self) -> "CpuWindow":
+        self.seconds = busy_cpu_s() - self._busy
+        self.cores = self.seconds / max(1e-9, time.monotonic() - self._wall)
+        return self
 
 
 def served_requests(metrics_url: str, name: str) -> float | None:
@@ -346,6 +381,8 @@ def measure(systems: list[dict[str, Any]], *, procs: tuple[int, ...], rows: tupl
                         before = served_requests(metrics_url, system["model"])
                         done = actors.run(p, duration_s)
                         after = served_requests(metrics_url, system["model"])
+                    cpu = system["server"].cpu if system["kind"] == "torchrl" else actors.cpu
+                    assert cpu is not None  # set by the run that answered
                     times = np.concatenate([d[1] for d in done]) if done else np.zeros(0)
                     calls = int(times.size)
                     sent = (after - before) if before is not None and after is not None else None
@@ -362,11 +399,15 @@ def measure(systems: list[dict[str, Any]], *, procs: tuple[int, ...], rows: tupl
                         # The node proxy's own count: a call it did not answer went direct.
                         "proxy": done[0][5] if done else None,
                         "loadavg_1min": os.getloadavg()[0],
+                        # The whole machine's CPU during the calls: cores busy, and per forward.
+                        "cpu_cores": cpu.cores,
+                        "cpu_us_per_forward": cpu.seconds / (calls * r) * 1e6 if calls else float("nan"),
                     }
                     points.append(point)
                     log(f"bench: P={p} x {r} obs, {system['label']}: {point['forwards_per_s']:.0f} forwards/s, "
                         f"median {point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.2f} ms, "
-                        f"{point['samples_per_request'] or float('nan'):.1f} samples/request, {point['errors']} errors")
+                        f"{point['samples_per_request'] or float('nan'):.1f} samples/request, {point['errors']} errors, "
+                        f"machine CPU {point['cpu_cores']:.2f} cores, {point['cpu_us_per_forward']:.0f} µs per forward")
     finally:
         actors.close()
     return {"procs": list(procs), "rows": list(rows), "duration_s": duration_s,
@@ -386,7 +427,9 @@ def markdown(res: dict[str, Any], head: str, stocks: list[str]) -> str:
              "Stock is the better of its two batch delays at each point. In the second table, calls via the "
              "proxy = the proxy's own count of calls answered during the point (read by one actor at its start and "
              "end) over the calls made, so a fallback to direct HTTP shows; load avg = the 1-minute load average "
-             "at the end of the point (2 cores).", "",
+             "at the end of the point; machine CPU = the cores the whole machine kept busy during the calls (of "
+             f"{os.cpu_count()}), and that CPU over the forwards answered: a point with every core busy ran out of "
+             "CPU, one with cores left waited on something else.", "",
              "| P processes x obs/call | stock best | " + " | ".join(others) + " | "
              + " | ".join(f"{o} vs stock" for o in others) + " |",
              "|---|" + "---:|" * (1 + 2 * len(others))]
@@ -402,14 +445,16 @@ def markdown(res: dict[str, Any], head: str, stocks: list[str]) -> str:
                 ratios.append(f"{x['forwards_per_s'] / best['forwards_per_s']:.1f}x" if x and best else "-")
             lines.append(f"| {p} x {r} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "| P x obs | system | forwards/s | calls/s | median ms | p99 ms | samples per TorchServe request "
-              "| calls via the proxy | errors | load avg |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| calls via the proxy | errors | load avg | machine CPU, cores | CPU µs per forward |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in res["points"]:
         spr = f"{x['samples_per_request']:.1f}" if x["samples_per_request"] else "-"
         via = f"{min(1.0, x['proxy']['calls'] / x['calls']):.0%}" if x.get("proxy") and x["calls"] else "-"
         load = f"{x['loadavg_1min']:.0f}" if "loadavg_1min" in x else "-"
+        cores = f"{x['cpu_cores']:.2f}" if "cpu_cores" in x else "-"
+        per = f"{x['cpu_us_per_forward']:,.0f}" if "cpu_us_per_forward" in x else "-"
         lines.append(f"| {x['procs']} x {x['rows']} | {x['system']} | {x['forwards_per_s']:,.0f} | {x['calls_per_s']:,.0f} | "
-                     f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {spr} | {via} | {x['errors']} | {load} |")
+                     f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {spr} | {via} | {x['errors']} | {load} | {cores} | {per} |")
     for label, why in res["skipped"].items():
         lines.append(f"\nNot measured: {label}: {why}.")
     return "\n".join(lines) + "\n"

@@ -93,6 +93,9 @@ def test_the_table_reports_what_happened(bench_procs: Any, locations: dict[str, 
         assert p["errors"] == 0, p["first_error"]
         assert p["calls"] > 0 and p["forwards_per_s"] == pytest.approx(p["calls_per_s"] * rows)
         assert p["p50_ms"] <= p["p99_ms"]
+        # The machine was busy during the calls (callers and server at least), within its cores.
+        assert 0 < p["cpu_cores"] <= (os.cpu_count() or 1) + 0.5, p
+        assert p["cpu_us_per_forward"] > 0, p
         if system == "direct":  # one request per call, counted by TorchServe itself
             assert p["requests"] == p["calls"]
             assert p["samples_per_request"] == pytest.approx(rows)
