@@ -11,7 +11,7 @@ On one TorchServe started from the bundled config (2 workers, batch 32, delay 0)
   and through the node proxy (``node_proxy=True``; the proxy process runs beside this one).
 
 Beside each median, the CPU time per call of this process (every thread: the bridge loop
-included) and, for the node proxy, of the proxy process (``/proc/<pid>/stat``, 10 ms ticks).
+included) and, for the node proxy, of the proxy process (``psutil``, 10 ms ticks).
 The rounds repeat, so a burst of load from elsewhere shows as a spread.
 
     .venv/bin/python scripts/bench_floor.py [--calls 600] [--rounds 2]
@@ -44,8 +44,10 @@ def _proc_cpu_s(pid: int | None) -> float:
     """User + system CPU seconds of process ``pid`` so far (0.0 for none)."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _median_ms(call: Callable[[], object], n: int, other_pid: int | None = None) -> tuple[float, float, float, float]:

@@ -298,12 +298,12 @@ class Actors:
 
 
 def busy_cpu_s() -> float:
-    """Seconds of CPU the whole machine has spent busy since boot (``/proc/stat``: every
-    core's user, nice, system, irq, softirq and steal time; idle and iowait left out)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """Seconds of CPU the whole machine has spent busy since boot (``psutil.cpu_times``, all
+    cores: user, nice, system, irq, softirq and steal time; idle and iowait left out)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
 
 
 class CpuWindow:
